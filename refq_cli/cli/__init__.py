@@ -1,0 +1,1 @@
+"""The ``refq`` command line. Thin: parsing and printing; the work happens in the library."""

@@ -1,0 +1,352 @@
+"""Quantization math on plain tensors: parameters, quantize, dequantize, fake-quantize.
+
+Notation: ``w`` float weight, ``s`` scale, ``z`` zero point, ``q`` integer code, ``rne`` round
+half to even, ``f32(x)`` and ``f64(x)`` rounding to float32 and float64, ``inv = f32(1 / s)``.
+
+refq reproduces, bit for bit, what PyTorch computes for reference-quantized weights. PyTorch's
+kernels do not all round the same way, so each path below names the kernel it reproduces. Every
+path clamps the codes to ``[quant_min, quant_max]`` afterwards.
+
+Quantize, default path (``torch.quantize_per_tensor`` / ``torch.quantize_per_channel``):
+
+* CPU, per-tensor, 8-bit and 4-bit: ``q = rne(f32(w * inv + z))`` with a single rounding of
+  ``w * inv + z``: FBGEMM's vectorised kernel uses a fused multiply-add.
+* CPU, per-tensor qint32, and CPU per-channel: ``q = rne(f32(f32(w * inv) + z))``.
+* CUDA (both schemes): ``q = rne(f64(w / s)) + z``, the division done in float64.
+
+Quantize, decomposed path (``torch.ops.quantized_decomposed``), on any device:
+
+* per-tensor: ``q = rne(f32(w * f32(f64(1 / s)))) + z`` (the op turns the scale into a Python
+  float, so the reciprocal is taken in float64);
+* per-channel: ``q = rne(f32(w * inv)) + z``.
+
+Dequantize: ``w = f32(f32(q - z) * s)`` with ``q - z`` taken exactly, except per-tensor on the
+decomposed path and on CUDA, which compute ``f32(f32(q) - f32(z)) * s``. The two differ only for
+qint32 codes beyond 2**24.
+
+Nothing here uses PyTorch's quantized dtypes or ``torch.quantize_per_*``, which PyTorch 2.13
+deprecates: codes live in ordinary integer tensors.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from refq_cli.errors import QParamsError
+
+__all__ = [
+    "DTYPES",
+    "QSCHEMES",
+    "QuantDType",
+    "QuantizedWeight",
+    "WeightQParams",
+    "dequantize",
+    "fake_quantize",
+    "quantize",
+]
+
+
+@dataclass(frozen=True)
+class QuantDType:
+    """A quantized integer type: its name, storage dtype and full range of codes."""
+
+    name: str
+    storage: torch.dtype
+    qmin: int
+    qmax: int
+
+
+DTYPES: dict[str, QuantDType] = {
+    d.name: d
+    for d in (
+        QuantDType("quint8", torch.uint8, 0, 255),
+        QuantDType("qint8", torch.int8, -128, 127),
+        QuantDType("qint32", torch.int32, -(2**31), 2**31 - 1),
+        QuantDType("int4", torch.int8, -8, 7),
+        QuantDType("uint4", torch.uint8, 0, 15),
+    )
+}
+
+# Symmetric schemes are affine schemes whose zero point sits in the middle of the code range.
+QSCHEMES: dict[str, tuple[str, bool]] = {
+    "per_tensor_affine": ("per_tensor_affine", False),
+    "per_channel_affine": ("per_channel_affine", False),
+    "per_tensor_symmetric": ("per_tensor_affine", True),
+    "per_channel_symmetric": ("per_channel_affine", True),
+}
+
+_FIELDS = ("qscheme", "dtype", "scale", "zero_point", "axis", "quant_min", "quant_max")
+
+
+def canonical_name(value: Any) -> str:
+    """``torch.qint8``, ``"torch.qint8"`` and ``"QINT8"`` all become ``"qint8"``.
+
+    None becomes ``"none"``, the qscheme of a weight kept in float.
+    """
+    if value is None:
+        return "none"
+    name = str(value).strip().lower()
+    return name.removeprefix("torch.")
+
+
+def _choice(kind: str, value: Any, choices: Mapping[str, Any], where: str) -> str:
+    name = canonical_name(value)
+    if name in choices:
+        return name
+    hint = difflib.get_close_matches(name, list(choices), n=1)
+    did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+    raise QParamsError(
+        f"{where}: unknown {kind} {value!r}{did_you_mean}; expected one of {', '.join(choices)}"
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class WeightQParams:
+    """How one weight is quantized. Build it with :meth:`create`, which validates.
+
+    ``scale`` is float32 and ``zero_point`` int32, both 0-d for per-tensor schemes and 1-d (one
+    entry per channel along ``axis``) for per-channel schemes. Symmetric schemes are stored as
+    their affine counterpart with the zero point in the middle of ``[quant_min, quant_max]``.
+    """
+
+    qscheme: str
+    dtype: str
+    scale: torch.Tensor
+    zero_point: torch.Tensor
+    axis: int
+    quant_min: int
+    quant_max: int
+
+    @property
+    def per_channel(self) -> bool:
+        return self.qscheme == "per_channel_affine"
+
+    @property
+    def storage(self) -> torch.dtype:
+        return DTYPES[self.dtype].storage
+
+    @classmethod
+    def create(
+        cls,
+        *,
+        qscheme: Any,
+        dtype: Any,
+        scale: Any,
+        zero_point: Any = None,
+        axis: Any = 0,
+        quant_min: int | None = None,
+        quant_max: int | None = None,
+        device: torch.device | str | None = None,
+        where: str = "weight",
+    ) -> WeightQParams:
+        """Validate and normalise quantization parameters; ``where`` names the weight in errors."""
+        qscheme, symmetric = QSCHEMES[_choice("qscheme", qscheme, QSCHEMES, where)]
+        qdtype = DTYPES[_choice("dtype", dtype, DTYPES, where)]
+        quant_min = qdtype.qmin if quant_min is None else _integer(quant_min, "quant_min", where)
+        quant_max = qdtype.qmax if quant_max is None else _integer(quant_max, "quant_max", where)
+        if not qdtype.qmin <= quant_min < quant_max <= qdtype.qmax:
+            raise QParamsError(
+                f"{where}: need {qdtype.qmin} <= quant_min < quant_max <= {qdtype.qmax} for "
+                f"{qdtype.name}, got quant_min={quant_min}, quant_max={quant_max}"
+            )
+        per_channel = qscheme == "per_channel_affine"
+        axis = _integer(axis.item() if isinstance(axis, torch.Tensor) else axis, "axis", where)
+
+        scale_t = _as_tensor(scale, torch.float32, device, "scale", where)
+        if not per_channel and scale_t.numel() != 1:
+            raise QParamsError(
+                f"{where}: {qscheme} takes one scale, got {scale_t.numel()}; "
+                "use per_channel_affine for one scale per channel"
+            )
+        scale_t = scale_t.reshape(-1) if per_channel else scale_t.reshape(())
+        if scale_t.numel() == 0:
+            raise QParamsError(f"{where}: scale is empty")
+        bad = ~(torch.isfinite(scale_t) & (scale_t > 0))
+        if bool(bad.any()):
+            first = scale_t.reshape(-1)[bad.reshape(-1)][0].item()
+            raise QParamsError(f"{where}: scale must be positive and finite, got {first}")
+
+        if zero_point is None:
+            if not symmetric:
+                raise QParamsError(f"{where}: zero_point is required for {qscheme}")
+            zero_point = (quant_min + quant_max + 1) // 2
+        zp_t = _as_tensor(zero_point, torch.int32, scale_t.device, "zero_point", where)
+        if zp_t.numel() == 1:
+            zp_t = zp_t.reshape(()).expand(scale_t.shape).clone()
+        if zp_t.shape != scale_t.shape and zp_t.reshape(-1).shape != scale_t.shape:
+            raise QParamsError(
+                f"{where}: zero_point has {zp_t.numel()} entries but scale has {scale_t.numel()}"
+            )
+        zp_t = zp_t.reshape(scale_t.shape)
+        lo, hi = int(zp_t.min()), int(zp_t.max())
+        if lo < quant_min or hi > quant_max:
+            raise QParamsError(
+                f"{where}: zero_point must lie in [{quant_min}, {quant_max}], "
+                f"got {lo if lo < quant_min else hi}"
+            )
+        if symmetric and bool((zp_t != (quant_min + quant_max + 1) // 2).any()):
+            raise QParamsError(
+                f"{where}: symmetric schemes need zero_point {(quant_min + quant_max + 1) // 2}"
+                f" for [{quant_min}, {quant_max}], got {zp_t.reshape(-1)[0].item()}; "
+                "use an affine scheme for another zero point"
+            )
+        return cls(qscheme, qdtype.name, scale_t, zp_t, axis, quant_min, quant_max)
+
+    @classmethod
+    def from_mapping(
+        cls, entry: Mapping[str, Any], *, device: torch.device | str | None = None, where: str
+    ) -> WeightQParams:
+        """Build from a PyTorch-style ``weight_qparams`` mapping; unknown keys are errors."""
+        unknown = sorted(set(entry) - set(_FIELDS))
+        if unknown:
+            hint = difflib.get_close_matches(unknown[0], _FIELDS, n=1)
+            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise QParamsError(
+                f"{where}: unknown key {unknown[0]!r}{did_you_mean}; "
+                f"expected keys are {', '.join(_FIELDS)}"
+            )
+        if "qscheme" not in entry or "dtype" not in entry or "scale" not in entry:
+            missing = [k for k in ("qscheme", "dtype", "scale") if k not in entry]
+            raise QParamsError(f"{where}: missing {', '.join(missing)}")
+        return cls.create(**entry, device=device, where=where)
+
+    def check_weight(self, weight: torch.Tensor, where: str = "weight") -> None:
+        """Check that ``axis`` exists in ``weight`` and that there is one scale per channel."""
+        if not self.per_channel:
+            return
+        if not -weight.dim() <= self.axis < weight.dim():
+            raise QParamsError(
+                f"{where}: axis {self.axis} is out of range for a {weight.dim()}-D weight"
+            )
+        channels = weight.shape[self.axis]
+        if self.scale.numel() != channels:
+            raise QParamsError(
+                f"{where}: per-channel scale has {self.scale.numel()} entries but the weight "
+                f"has {channels} channels along axis {self.axis} (shape {tuple(weight.shape)})"
+            )
+
+    def _along_axis(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
+        if not self.per_channel:
+            return t
+        shape = [1] * ndim
+        shape[self.axis] = -1
+        return t.reshape(shape)
+
+
+def _integer(value: Any, name: str, where: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise QParamsError(f"{where}: {name} must be an integer, got {value!r}")
+    return value
+
+
+def _as_tensor(value: Any, dtype: torch.dtype, device: Any, name: str, where: str) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        t = value.detach()
+    else:
+        try:
+            t = torch.tensor(value, dtype=torch.float64, device=device)
+        except (TypeError, ValueError, RuntimeError):
+            raise QParamsError(f"{where}: {name} must be a number or a list of numbers") from None
+    if not dtype.is_floating_point and t.is_floating_point() and not bool((t == t.round()).all()):
+        raise QParamsError(f"{where}: {name} must hold integers, got {t.tolist()}")
+    return t.to(device=t.device if device is None else device, dtype=dtype).clone()
+
+
+@dataclass(frozen=True, eq=False)
+class QuantizedWeight:
+    """Integer codes of a weight with the parameters that give them meaning.
+
+    Stands in for PyTorch's quantized tensors: ``int_repr`` is an ordinary int8, uint8 or int32
+    tensor. ``decomposed`` records which numerics path produced it, so :meth:`dequantize` gives
+    exactly the values the module computes with.
+    """
+
+    int_repr: torch.Tensor
+    qparams: WeightQParams
+    decomposed: bool = False
+
+    @property
+    def scale(self) -> torch.Tensor:
+        return self.qparams.scale
+
+    @property
+    def zero_point(self) -> torch.Tensor:
+        return self.qparams.zero_point
+
+    @property
+    def axis(self) -> int | None:
+        return self.qparams.axis if self.qparams.per_channel else None
+
+    @property
+    def qscheme(self) -> str:
+        return self.qparams.qscheme
+
+    @property
+    def dtype(self) -> str:
+        return self.qparams.dtype
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self.int_repr, self.qparams, decomposed=self.decomposed)
+
+
+def _fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    """``f32(a * b + c)`` with a single rounding, as a fused multiply-add gives it.
+
+    ``a * b`` of two float32 values is exact in float64. Adding ``c`` in float64 may round, and
+    rounding that result again to float32 goes wrong exactly when the float64 sum lands on a
+    float32 midpoint; the sign of the float64 sum's error (TwoSum) then breaks the tie.
+    """
+    p = a.double() * b.double()
+    c = c.double()
+    s = p + c
+    s_minus_p = s - p
+    err = (p - (s - s_minus_p)) + (c - s_minus_p)
+    f = s.float()
+    d = s - f.double()
+    other = f.double() + 2 * d
+    midpoint = (d != 0) & (other.float().double() == other)
+    g = other.float()
+    toward_err = torch.where(err > 0, torch.maximum(f, g), torch.minimum(f, g))
+    return torch.where(midpoint & (err != 0), toward_err, f)
+
+
+def _codes(w: torch.Tensor, qp: WeightQParams, decomposed: bool) -> torch.Tensor:
+    """Unclamped integer codes (int64), following the path table in the module docstring."""
+    s = qp._along_axis(qp.scale, w.dim())
+    z = qp._along_axis(qp.zero_point, w.dim())
+    if decomposed:
+        inv = (1.0 / s.double()).float() if not qp.per_channel else torch.reciprocal(s)
+        return (torch.round(w * inv) + z.float()).long()
+    if w.is_cuda:
+        return torch.round(w.double() / s.double()).long() + z
+    inv = torch.reciprocal(s)
+    if not qp.per_channel and qp.dtype != "qint32":
+        return torch.round(_fma_f32(w, inv, z)).long()
+    return torch.round(w * inv + z).long()
+
+
+def quantize(w: torch.Tensor, qp: WeightQParams, *, decomposed: bool = False) -> torch.Tensor:
+    """Integer codes of ``w`` in ``qp``'s storage dtype (int8, uint8 or int32)."""
+    qp.check_weight(w)
+    with torch.no_grad():
+        codes = _codes(w.detach().float(), qp, decomposed)
+        return codes.clamp_(qp.quant_min, qp.quant_max).to(qp.storage)
+
+
+def dequantize(q: torch.Tensor, qp: WeightQParams, *, decomposed: bool = False) -> torch.Tensor:
+    """Float32 values of integer codes ``q``."""
+    s = qp._along_axis(qp.scale, q.dim())
+    z = qp._along_axis(qp.zero_point, q.dim())
+    if not qp.per_channel and (decomposed or q.is_cuda):
+        return (q.float() - z.float()) * s
+    return (q.long() - z.long()).float() * s
+
+
+def fake_quantize(w: torch.Tensor, qp: WeightQParams, *, decomposed: bool = False) -> torch.Tensor:
+    """``dequantize(quantize(w))`` in ``w``'s dtype: the values a reference module computes with."""
+    return dequantize(quantize(w, qp, decomposed=decomposed), qp, decomposed=decomposed).to(w.dtype)

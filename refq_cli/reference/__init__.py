@@ -1,0 +1,12 @@
+"""Reference-quantized recurrent modules.
+
+Drop-in counterparts of ``torch.ao.nn.quantized.reference``'s RNN modules: same constructors,
+``from_float``, getters and ``_get_name()`` strings, with PyTorch's defects fixed (``LSTM`` keeps
+``proj_size``, ``RNN`` exists, ``quant_min``/``quant_max`` and ``is_decomposed`` are honoured) and
+the fake-quantized weights cached between forward calls.
+"""
+
+from refq_cli.reference.cells import GRUCell, LSTMCell, RNNCell, RNNCellBase
+from refq_cli.reference.sequence import GRU, LSTM, RNN, RNNBase
+
+__all__ = ["GRU", "LSTM", "RNN", "GRUCell", "LSTMCell", "RNNBase", "RNNCell", "RNNCellBase"]

@@ -1,0 +1,206 @@
+"""Weight quantization state shared by every reference module.
+
+Each quantized weight ``W`` of a module keeps PyTorch's layout: the float weight stays a
+parameter, and its quantization parameters live in buffers named ``W_scale``, ``W_zero_point``
+and ``W_axis`` (so they travel with ``state_dict`` and ``.to()``, and in-place edits take effect),
+with ``W_qscheme``, ``W_dtype``, ``W_quant_min`` and ``W_quant_max`` as plain attributes.
+
+The fake-quantized weights are computed once and reused until a weight or a quantization
+parameter changes: replaced, moved, or modified in place (PyTorch bumps a tensor's version
+counter on every in-place write, except writes through ``.data``; call ``invalidate_cache()``
+after those).
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from refq_cli.errors import QParamsError
+from refq_cli.quant import QuantizedWeight, WeightQParams, canonical_name, fake_quantize, quantize
+
+# PyTorch's reference modules quantize every weight this way when given no weight_qparams_dict.
+_TORCH_DEFAULT_QPARAMS = {
+    "qscheme": "per_tensor_affine",
+    "dtype": "quint8",
+    "scale": 1.0,
+    "zero_point": 0,
+}
+_QPARAM_BUFFERS = ("_scale", "_zero_point", "_axis")
+
+
+class QuantizedWeightsMixin:
+    """Registers per-weight quantization parameters and serves cached fake-quantized weights.
+
+    Mixed into ``nn.Module`` subclasses, which call :meth:`_init_weight_qparams` once their
+    float parameters exist and compute with the tensors :meth:`_computation_weights` returns.
+    """
+
+    is_decomposed: bool
+    _quantized_names: tuple[str, ...]
+
+    def _init_weight_qparams(
+        self,
+        weight_names: Sequence[str],
+        weight_qparams_dict: Mapping[str, Any] | None,
+        device: torch.device | str | None,
+    ) -> None:
+        if weight_qparams_dict is None:
+            weight_qparams_dict = dict.fromkeys(weight_names, _TORCH_DEFAULT_QPARAMS)
+        if not isinstance(weight_qparams_dict, Mapping):
+            raise QParamsError(
+                f"{self._get_name()}: weight_qparams_dict must be a dict, "
+                f"got {type(weight_qparams_dict).__name__}"
+            )
+        entries = {k: v for k, v in weight_qparams_dict.items() if k != "is_decomposed"}
+        _check_keys(self._get_name(), entries, weight_names)
+        self.is_decomposed = bool(weight_qparams_dict.get("is_decomposed", False))
+
+        quantized = []
+        for name in weight_names:
+            entry = entries[name]
+            where = f"{self._get_name()}.{name}"
+            if isinstance(entry, WeightQParams):
+                qparams: WeightQParams | None = entry
+            elif not isinstance(entry, Mapping):
+                raise QParamsError(f"{where}: expected a dict of quantization parameters")
+            elif canonical_name(entry.get("qscheme")) == "none":
+                qparams = None
+            else:
+                qparams = WeightQParams.from_mapping(entry, device=device, where=where)
+            if qparams is None:
+                setattr(self, name + "_qscheme", "none")
+                continue
+            qparams.check_weight(getattr(self, name), where)
+            self._set_qparams(name, qparams)
+            quantized.append(name)
+        self._quantized_names = tuple(quantized)
+        self.invalidate_cache()
+
+    def _set_qparams(self, name: str, qp: WeightQParams) -> None:
+        self.register_buffer(name + "_scale", qp.scale)
+        self.register_buffer(name + "_zero_point", qp.zero_point)
+        self.register_buffer(
+            name + "_axis", torch.tensor(qp.axis, dtype=torch.int32, device=qp.scale.device)
+        )
+        setattr(self, name + "_qscheme", qp.qscheme)
+        setattr(self, name + "_dtype", qp.dtype)
+        setattr(self, name + "_quant_min", qp.quant_min)
+        setattr(self, name + "_quant_max", qp.quant_max)
+
+    def weight_qparams(self, name: str) -> WeightQParams | None:
+        """The current quantization parameters of weight ``name``; None when it stays float."""
+        if name not in self._quantized_names:
+            if getattr(self, name + "_qscheme", None) == "none":
+                return None
+            raise QParamsError(f"{self._get_name()} has no quantized weight {name!r}")
+        qparams = WeightQParams.create(
+            qscheme=getattr(self, name + "_qscheme"),
+            dtype=getattr(self, name + "_dtype"),
+            scale=getattr(self, name + "_scale"),
+            zero_point=getattr(self, name + "_zero_point"),
+            axis=getattr(self, name + "_axis"),
+            quant_min=getattr(self, name + "_quant_min"),
+            quant_max=getattr(self, name + "_quant_max"),
+            where=f"{self._get_name()}.{name}",
+        )
+        qparams.check_weight(getattr(self, name), f"{self._get_name()}.{name}")
+        return qparams
+
+    def get_weight(self, name: str) -> torch.Tensor | None:
+        """Weight ``name`` as the module computes with it: fake-quantized, or float if kept so."""
+        return self._computation_weights()[self._computation_names().index(name)]
+
+    def get_quantized_weight(self, name: str) -> QuantizedWeight | torch.Tensor | None:
+        """Integer codes and parameters of weight ``name``; the float tensor if it stays float."""
+        weight = getattr(self, name, None)
+        qp = self.weight_qparams(name)
+        if weight is None or qp is None:
+            return weight
+        return QuantizedWeight(
+            quantize(weight, qp, decomposed=self.is_decomposed), qp, self.is_decomposed
+        )
+
+    def invalidate_cache(self) -> None:
+        """Forget the cached fake-quantized weights; the next forward recomputes them."""
+        self._cache_key: tuple = ()
+        self._cache: list[torch.Tensor | None] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Pickling a module (torch.save of a whole model) stores its parameters, not the cache.
+        state = dict(super().__getstate__())  # type: ignore[misc]
+        state["_cache_key"], state["_cache"] = (), []
+        return state
+
+    def _computation_names(self) -> Sequence[str]:
+        """Names of the tensors the forward computation takes, in its order."""
+        raise NotImplementedError
+
+    def _computation_weights(self) -> list[torch.Tensor | None]:
+        """The tensors named by ``_computation_names``, quantized weights fake-quantized."""
+        key = self._state_key()
+        if not _same_key(key, self._cache_key):
+            with torch.no_grad():
+                self._cache = [self._fake_quantized(n) for n in self._computation_names()]
+            self._cache_key = key
+        return self._cache
+
+    def _fake_quantized(self, name: str) -> torch.Tensor | None:
+        tensor = getattr(self, name, None)
+        if tensor is None or name not in self._quantized_names:
+            return tensor
+        return fake_quantize(tensor, self.weight_qparams(name), decomposed=self.is_decomposed)
+
+    def _state_key(self) -> tuple:
+        """What the cached weights depend on: each tensor's identity, storage and version.
+
+        The key holds the tensors themselves, so a tensor freed and replaced cannot be mistaken
+        for the one cached (its id and address stay taken while the key lives).
+        """
+        tensors = [getattr(self, n, None) for n in self._computation_names()]
+        for name in self._quantized_names:
+            tensors.extend(getattr(self, name + suffix) for suffix in _QPARAM_BUFFERS)
+        entries: list[Any] = [self.is_decomposed, torch.is_inference_mode_enabled()]
+        for t in tensors:
+            if t is None:
+                entries.append(None)
+            else:
+                entries.append((t, t._version, t.data_ptr(), t.dtype, t.shape))
+        for name in self._quantized_names:
+            entries.append(getattr(self, name + "_quant_min"))
+            entries.append(getattr(self, name + "_quant_max"))
+            entries.append(getattr(self, name + "_dtype"))
+            entries.append(getattr(self, name + "_qscheme"))
+        return tuple(entries)
+
+
+def _same_key(a: tuple, b: tuple) -> bool:
+    if len(a) != len(b):
+        return False
+    for x, y in zip(a, b, strict=True):
+        if isinstance(x, tuple) and isinstance(y, tuple):
+            if x[0] is not y[0] or x[1:] != y[1:]:
+                return False
+        elif x != y:
+            return False
+    return True
+
+
+def _check_keys(owner: str, entries: Mapping[str, Any], weight_names: Sequence[str]) -> None:
+    unknown = [k for k in entries if k not in weight_names]
+    if unknown:
+        hint = difflib.get_close_matches(str(unknown[0]), weight_names, n=1)
+        did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+        raise QParamsError(
+            f"{owner}: weight_qparams_dict has unknown weight {unknown[0]!r}{did_you_mean}; "
+            f"this module's weights are {', '.join(weight_names)}"
+        )
+    missing = [n for n in weight_names if n not in entries]
+    if missing:
+        raise QParamsError(
+            f"{owner}: weight_qparams_dict is missing {', '.join(missing)}; give every weight "
+            "its parameters, or qscheme None to keep it float"
+        )

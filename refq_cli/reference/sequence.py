@@ -1,0 +1,258 @@
+"""Reference-quantized multi-layer recurrent modules: RNN, LSTM, GRU.
+
+One forward serves the three; it calls the same kernels as ``torch.nn`` (``torch._VF.lstm``,
+``gru``, ``rnn_tanh``, ``rnn_relu``) with the fake-quantized weights in place of the float ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch import _VF, Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from refq_cli.errors import QParamsError
+from refq_cli.reference._weights import QuantizedWeightsMixin
+
+_KERNELS = {
+    "RNN_TANH": _VF.rnn_tanh,
+    "RNN_RELU": _VF.rnn_relu,
+    "LSTM": _VF.lstm,
+    "GRU": _VF.gru,
+}
+
+
+class RNNBase(QuantizedWeightsMixin, nn.RNNBase):
+    """Shared by RNN, LSTM and GRU: every ``weight_*`` quantized, biases float."""
+
+    _FLOAT_TYPE: ClassVar[type[nn.RNNBase]]
+    _NAME: ClassVar[str]
+
+    def __init__(
+        self,
+        mode: str,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        proj_size: int = 0,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        weight_qparams_dict: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(
+            mode,
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            proj_size,
+            device,
+            dtype,
+        )
+        weight_names = [n for n in self._flat_weights_names if n.startswith("weight")]
+        self._init_weight_qparams(weight_names, weight_qparams_dict, device)
+
+    def _get_name(self) -> str:
+        return self._NAME
+
+    def _computation_names(self) -> list[str]:
+        return self._flat_weights_names
+
+    def get_flat_weights(self) -> list[Tensor | None]:
+        """Weights (fake-quantized) and biases in the order the kernels take them."""
+        return list(self._computation_weights())
+
+    def get_quantized_weight_bias_dict(self) -> dict[str, Any]:
+        """Per flat weight name: a ``QuantizedWeight`` for weights, the float tensor for biases."""
+        return {name: self.get_quantized_weight(name) for name in self._flat_weights_names}
+
+    def forward(self, input: Any, hx: Any = None) -> tuple[Any, Any]:
+        is_lstm = self.mode == "LSTM"
+        packed = isinstance(input, PackedSequence)
+        if packed:
+            input, batch_sizes, sorted_indices, unsorted_indices = input
+            batch = int(batch_sizes[0])
+            batched = True
+        else:
+            batch_sizes = sorted_indices = unsorted_indices = None
+            if input.dim() not in (2, 3):
+                raise ValueError(
+                    f"{type(self).__name__}: Expected input to be 2D or 3D, "
+                    f"got {input.dim()}D tensor instead"
+                )
+            batched = input.dim() == 3
+            batch_dim = 0 if self.batch_first else 1
+            if not batched:
+                input = input.unsqueeze(batch_dim)
+            batch = input.size(batch_dim)
+
+        if hx is None:
+            hx = self._zero_state(batch, input)
+        else:
+            states = tuple(hx) if is_lstm else (hx,)
+            want = 3 if batched else 2
+            if any(s.dim() != want for s in states):
+                dims = ", ".join(f"{s.dim()}-D" for s in states)
+                raise RuntimeError(
+                    f"For {'batched 3-D' if batched else 'unbatched 2-D'} input, hx should "
+                    f"also be {want}-D but got ({dims}) tensors"
+                )
+            if not batched:
+                states = tuple(s.unsqueeze(1) for s in states)
+            hx = self.permute_hidden(states if is_lstm else states[0], sorted_indices)
+        self.check_forward_args(input, hx, batch_sizes)
+
+        weights = self._computation_weights()
+        config = (self.bias, self.num_layers, self.dropout, self.training, self.bidirectional)
+        kernel = _KERNELS[self.mode]
+        if packed:
+            result = kernel(input, batch_sizes, hx, weights, *config)
+        else:
+            result = kernel(input, hx, weights, *config, self.batch_first)
+        output, hidden = result[0], (tuple(result[1:]) if is_lstm else result[1])
+
+        if packed:
+            output = PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices)
+        elif not batched:
+            output = output.squeeze(batch_dim)
+            hidden = tuple(h.squeeze(1) for h in hidden) if is_lstm else hidden.squeeze(1)
+        return output, self.permute_hidden(hidden, unsorted_indices)
+
+    def _zero_state(self, batch: int, input: Tensor) -> Any:
+        layers = self.num_layers * (2 if self.bidirectional else 1)
+        h_size = self.proj_size if self.proj_size > 0 else self.hidden_size
+        h = torch.zeros(layers, batch, h_size, dtype=input.dtype, device=input.device)
+        if self.mode != "LSTM":
+            return h
+        c = torch.zeros(layers, batch, self.hidden_size, dtype=input.dtype, device=input.device)
+        return (h, c)
+
+    def check_forward_args(self, input: Tensor, hidden: Any, batch_sizes: Any) -> None:
+        self.check_input(input, batch_sizes)
+        if self.mode != "LSTM":
+            self.check_hidden_size(hidden, self.get_expected_hidden_size(input, batch_sizes))
+            return
+        expected_h = self.get_expected_hidden_size(input, batch_sizes)
+        expected_c = (*expected_h[:2], self.hidden_size)
+        self.check_hidden_size(hidden[0], expected_h, "Expected hidden[0] size {}, got {}")
+        self.check_hidden_size(hidden[1], expected_c, "Expected hidden[1] size {}, got {}")
+
+    def permute_hidden(self, hx: Any, permutation: Tensor | None) -> Any:
+        if permutation is None:
+            return hx
+        if isinstance(hx, tuple):
+            return tuple(h.index_select(1, permutation) for h in hx)
+        return hx.index_select(1, permutation)
+
+    @classmethod
+    def _config_of(cls, mod: nn.RNNBase) -> dict[str, Any]:
+        return {
+            "input_size": mod.input_size,
+            "hidden_size": mod.hidden_size,
+            "num_layers": mod.num_layers,
+            "bias": mod.bias,
+            "batch_first": mod.batch_first,
+            "dropout": mod.dropout,
+            "bidirectional": mod.bidirectional,
+        }
+
+    @classmethod
+    def from_float(
+        cls,
+        mod: nn.Module,
+        weight_qparams_dict: Mapping[str, Any] | None,
+        use_precomputed_fake_quant: bool = False,
+    ) -> RNNBase:
+        """A reference module sharing ``mod``'s parameters, quantized as the dict says."""
+        if not isinstance(mod, cls._FLOAT_TYPE):
+            raise QParamsError(
+                f"{cls.__name__}.from_float expects torch.nn.{cls._FLOAT_TYPE.__name__}, "
+                f"got {type(mod).__name__}"
+            )
+        first = getattr(mod, mod._flat_weights_names[0])
+        ref = cls(
+            **cls._config_of(mod),
+            device=first.device,
+            dtype=first.dtype,
+            weight_qparams_dict=weight_qparams_dict,
+        )
+        for name in mod._flat_weights_names:
+            setattr(ref, name, getattr(mod, name))
+        return ref
+
+
+class RNN(RNNBase):
+    """Reference-quantized ``torch.nn.RNN`` (tanh or relu), which PyTorch's reference set lacks."""
+
+    _FLOAT_TYPE = nn.RNN
+    _NAME = "QuantizedRNN(Reference)"
+
+    def __init__(
+        self,
+        input_size: int,
+        hidden_size: int,
+        num_layers: int = 1,
+        nonlinearity: str = "tanh",
+        bias: bool = True,
+        batch_first: bool = False,
+        dropout: float = 0.0,
+        bidirectional: bool = False,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+        weight_qparams_dict: Mapping[str, Any] | None = None,
+    ) -> None:
+        if nonlinearity not in ("tanh", "relu"):
+            raise ValueError(f"RNN: unknown nonlinearity {nonlinearity!r}; use tanh or relu")
+        super().__init__(
+            f"RNN_{nonlinearity.upper()}",
+            input_size,
+            hidden_size,
+            num_layers,
+            bias,
+            batch_first,
+            dropout,
+            bidirectional,
+            device=device,
+            dtype=dtype,
+            weight_qparams_dict=weight_qparams_dict,
+        )
+        self.nonlinearity = nonlinearity
+
+    @classmethod
+    def _config_of(cls, mod: nn.RNNBase) -> dict[str, Any]:
+        return {**super()._config_of(mod), "nonlinearity": mod.nonlinearity}
+
+
+class LSTM(RNNBase):
+    """Reference-quantized ``torch.nn.LSTM``, ``proj_size`` included."""
+
+    _FLOAT_TYPE = nn.LSTM
+    _NAME = "QuantizedLSTM(Reference)"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__("LSTM", *args, **kwargs)
+
+    @classmethod
+    def _config_of(cls, mod: nn.RNNBase) -> dict[str, Any]:
+        return {**super()._config_of(mod), "proj_size": mod.proj_size}
+
+
+class GRU(RNNBase):
+    """Reference-quantized ``torch.nn.GRU``."""
+
+    _FLOAT_TYPE = nn.GRU
+    _NAME = "QuantizedGRU(Reference)"
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        if "proj_size" in kwargs:
+            raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
+        super().__init__("GRU", *args, **kwargs)
