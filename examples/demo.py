@@ -47,7 +47,7 @@ def main() -> None:
     quantized.load_state_dict(model.state_dict())
 
     table = Table(title=f"refq demo: {CHECKPOINT.name}, int8 per-channel symmetric")
-    for column in ("module", "float type", "reference type", "weight", "scale min", "scale max"):
+    for column in ("module", "reference module", "weight", "scale min", "scale max"):
         table.add_column(column)
     for name, module in list(quantized.named_children()):
         ref_type = REFERENCE_TYPES.get(type(module))
@@ -61,7 +61,6 @@ def main() -> None:
             scale = ref.weight_qparams(n).scale
             table.add_row(
                 name,
-                type(module).__name__,
                 ref._get_name(),
                 n,
                 f"{scale.min():.3e}",

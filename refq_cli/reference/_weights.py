@@ -67,7 +67,7 @@ class QuantizedWeightsMixin:
                 qparams: WeightQParams | None = entry
             elif not isinstance(entry, Mapping):
                 raise QParamsError(f"{where}: expected a dict of quantization parameters")
-            elif canonical_name(entry.get("qscheme")) == "none":
+            elif "qscheme" in entry and canonical_name(entry["qscheme"]) == "none":
                 qparams = None
             else:
                 qparams = WeightQParams.from_mapping(entry, device=device, where=where)
@@ -92,11 +92,11 @@ class QuantizedWeightsMixin:
         setattr(self, name + "_quant_max", qp.quant_max)
 
     def weight_qparams(self, name: str) -> WeightQParams | None:
-        """The current quantization parameters of weight ``name``; None when it stays float."""
+        """The current quantization parameters of ``name``; None for biases and float weights."""
         if name not in self._quantized_names:
-            if getattr(self, name + "_qscheme", None) == "none":
+            if name in self._computation_names():
                 return None
-            raise QParamsError(f"{self._get_name()} has no quantized weight {name!r}")
+            raise QParamsError(f"{self._get_name()} has no weight {name!r}")
         qparams = WeightQParams.create(
             qscheme=getattr(self, name + "_qscheme"),
             dtype=getattr(self, name + "_dtype"),

@@ -1,0 +1,58 @@
+"""The root command: help, version, and staying light."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from refq_cli import __version__
+from refq_cli.cli.app import app
+
+REFQ = Path(sys.executable).with_name("refq")
+
+
+def test_help_lists_the_tool():
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "reference-quantized" in result.output
+
+
+def test_version():
+    result = CliRunner().invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"refq {__version__}"
+
+
+def test_installed_script_prints_version():
+    result = subprocess.run([REFQ, "--version"], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"refq {__version__}"
+
+
+def test_unknown_option_is_a_usage_error():
+    result = subprocess.run([REFQ, "--bogus"], capture_output=True, text=True, check=False)
+    assert result.returncode == 2
+    assert "--bogus" in result.stderr
+
+
+def test_help_and_version_do_not_import_torch():
+    code = (
+        "import sys\n"
+        "from refq_cli.cli.app import main\n"
+        "for argv in (['refq', '--help'], ['refq', '--version']):\n"
+        "    sys.argv = argv\n"
+        "    try:\n"
+        "        main()\n"
+        "    except SystemExit as exit:\n"
+        "        assert exit.code in (0, None), exit.code\n"
+        "print('torch' in sys.modules)\n"
+    )
+    env = {**os.environ, "COLUMNS": "100"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
+    )
+    assert result.stdout.strip().splitlines()[-1] == "False"
