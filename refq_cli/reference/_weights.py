@@ -30,6 +30,7 @@ _TORCH_DEFAULT_QPARAMS = {
     "zero_point": 0,
 }
 _QPARAM_BUFFERS = ("_scale", "_zero_point", "_axis")
+_QPARAM_ATTRIBUTES = ("_qscheme", "_dtype", "_quant_min", "_quant_max")
 
 
 class QuantizedWeightsMixin:
@@ -128,11 +129,12 @@ class QuantizedWeightsMixin:
         """Forget the cached fake-quantized weights; the next forward recomputes them."""
         self._cache_key: tuple = ()
         self._cache: list[torch.Tensor | None] = []
+        self._cache_pins: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickling a module (torch.save of a whole model) stores its parameters, not the cache.
         state = dict(super().__getstate__())  # type: ignore[misc]
-        state["_cache_key"], state["_cache"] = (), []
+        state["_cache_key"], state["_cache"], state["_cache_pins"] = (), [], []
         return state
 
     def _computation_names(self) -> Sequence[str]:
@@ -140,12 +142,27 @@ class QuantizedWeightsMixin:
         raise NotImplementedError
 
     def _computation_weights(self) -> list[torch.Tensor | None]:
-        """The tensors named by ``_computation_names``, quantized weights fake-quantized."""
-        key = self._state_key()
-        if not _same_key(key, self._cache_key):
+        """The tensors named by ``_computation_names``, quantized weights fake-quantized.
+
+        Checking the cache costs one pass over the module's tensors: the key records each
+        tensor's id, version counter and data pointer, plus the plain quantization attributes.
+        While a key is cached, the tensors it names and their storages are pinned, so neither an
+        id nor an address in it can be reused by another tensor.
+        """
+        params, buffers = self._parameters, self._buffers
+        tensors = [params.get(n) for n in self._computation_names()]
+        tensors += [buffers[n + s] for n in self._quantized_names for s in _QPARAM_BUFFERS]
+        key: list[Any] = [self.is_decomposed, torch.is_inference_mode_enabled()]
+        for t in tensors:
+            key += (None,) if t is None else (id(t), t._version, t.data_ptr())
+        for name in self._quantized_names:
+            key += (getattr(self, name + a) for a in _QPARAM_ATTRIBUTES)
+        key_tuple = tuple(key)
+        if key_tuple != self._cache_key:
             with torch.no_grad():
                 self._cache = [self._fake_quantized(n) for n in self._computation_names()]
-            self._cache_key = key
+            self._cache_pins = [(t, t.detach()) for t in tensors if t is not None]
+            self._cache_key = key_tuple
         return self._cache
 
     def _fake_quantized(self, name: str) -> torch.Tensor | None:
@@ -153,40 +170,6 @@ class QuantizedWeightsMixin:
         if tensor is None or name not in self._quantized_names:
             return tensor
         return fake_quantize(tensor, self.weight_qparams(name), decomposed=self.is_decomposed)
-
-    def _state_key(self) -> tuple:
-        """What the cached weights depend on: each tensor's identity, storage and version.
-
-        The key holds the tensors themselves, so a tensor freed and replaced cannot be mistaken
-        for the one cached (its id and address stay taken while the key lives).
-        """
-        tensors = [getattr(self, n, None) for n in self._computation_names()]
-        for name in self._quantized_names:
-            tensors.extend(getattr(self, name + suffix) for suffix in _QPARAM_BUFFERS)
-        entries: list[Any] = [self.is_decomposed, torch.is_inference_mode_enabled()]
-        for t in tensors:
-            if t is None:
-                entries.append(None)
-            else:
-                entries.append((t, t._version, t.data_ptr(), t.dtype, t.shape))
-        for name in self._quantized_names:
-            entries.append(getattr(self, name + "_quant_min"))
-            entries.append(getattr(self, name + "_quant_max"))
-            entries.append(getattr(self, name + "_dtype"))
-            entries.append(getattr(self, name + "_qscheme"))
-        return tuple(entries)
-
-
-def _same_key(a: tuple, b: tuple) -> bool:
-    if len(a) != len(b):
-        return False
-    for x, y in zip(a, b, strict=True):
-        if isinstance(x, tuple) and isinstance(y, tuple):
-            if x[0] is not y[0] or x[1:] != y[1:]:
-                return False
-        elif x != y:
-            return False
-    return True
 
 
 def _check_keys(owner: str, entries: Mapping[str, Any], weight_names: Sequence[str]) -> None:
