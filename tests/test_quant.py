@@ -56,6 +56,8 @@ def weights_with_ties(qp, rows, cols, gen):
 
 def torch_oracle(w, qp):
     """PyTorch's own quantized kernels (deprecated in 2.13, used here as the oracle only)."""
+    if not hasattr(torch, "quantize_per_channel") or not hasattr(torch, qp.dtype):
+        pytest.skip("this torch has no quantized tensors to compare with")
     qdtype = getattr(torch, qp.dtype)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

@@ -15,9 +15,10 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
 from refq_cli.errors import QParamsError
 from refq_cli.quant import QuantizedWeight, WeightQParams, canonical_name, fake_quantize, quantize
@@ -40,8 +41,45 @@ class QuantizedWeightsMixin:
     float parameters exist and compute with the tensors :meth:`_computation_weights` returns.
     """
 
+    _FLOAT_TYPE: ClassVar[type[nn.Module]]  # the float module type this class stands for
+    _NAME: ClassVar[str]  # what _get_name() returns, as PyTorch's reference modules name it
     is_decomposed: bool
     _quantized_names: tuple[str, ...]
+
+    def _get_name(self) -> str:
+        return self._NAME
+
+    @classmethod
+    def _config_of(cls, mod: nn.Module) -> dict[str, Any]:
+        """Constructor arguments that rebuild ``mod``'s structure."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_float(
+        cls,
+        mod: nn.Module,
+        weight_qparams_dict: Mapping[str, Any] | None,
+        use_precomputed_fake_quant: bool = False,
+    ) -> Any:
+        """A reference module sharing ``mod``'s parameters, quantized as the dict says.
+
+        ``use_precomputed_fake_quant`` is accepted for compatibility with PyTorch and ignored.
+        """
+        if not isinstance(mod, cls._FLOAT_TYPE):
+            raise QParamsError(
+                f"{cls.__name__}.from_float expects torch.nn.{cls._FLOAT_TYPE.__name__}, "
+                f"got {type(mod).__name__}"
+            )
+        first = next(mod.parameters())
+        ref = cls(
+            **cls._config_of(mod),
+            device=first.device,
+            dtype=first.dtype,
+            weight_qparams_dict=weight_qparams_dict,
+        )
+        for name in ref._computation_names():
+            setattr(ref, name, getattr(mod, name))
+        return ref
 
     def _init_weight_qparams(
         self,
@@ -58,7 +96,12 @@ class QuantizedWeightsMixin:
             )
         entries = {k: v for k, v in weight_qparams_dict.items() if k != "is_decomposed"}
         _check_keys(self._get_name(), entries, weight_names)
-        self.is_decomposed = bool(weight_qparams_dict.get("is_decomposed", False))
+        is_decomposed = weight_qparams_dict.get("is_decomposed", False)
+        if not isinstance(is_decomposed, bool):
+            raise QParamsError(
+                f"{self._get_name()}: is_decomposed must be true or false, got {is_decomposed!r}"
+            )
+        self.is_decomposed = is_decomposed
 
         quantized = []
         for name in weight_names:

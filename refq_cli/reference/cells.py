@@ -12,7 +12,6 @@ from typing import Any, ClassVar
 import torch
 from torch import _VF, Tensor, nn
 
-from refq_cli.errors import QParamsError
 from refq_cli.reference._weights import QuantizedWeightsMixin
 
 _CELL_KERNELS = {
@@ -21,20 +20,20 @@ _CELL_KERNELS = {
     "LSTM": _VF.lstm_cell,
     "GRU": _VF.gru_cell,
 }
-_GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
 _WEIGHT_NAMES = ("weight_ih", "weight_hh")
 
 
 class RNNCellBase(QuantizedWeightsMixin, nn.RNNCellBase):
-    """Shared by the three cells: quantized ``weight_ih`` and ``weight_hh``, float biases."""
+    """Shared by the three cells: quantized ``weight_ih`` and ``weight_hh``, float biases.
 
-    _FLOAT_TYPE: ClassVar[type[nn.RNNCellBase]]
-    _NAME: ClassVar[str]
+    A cell class names its gate count (``_GATES``) and its kernel (``mode``).
+    """
+
+    _GATES: ClassVar[int]
     mode: str
 
     def __init__(
         self,
-        mode: str,
         input_size: int,
         hidden_size: int,
         bias: bool = True,
@@ -42,12 +41,8 @@ class RNNCellBase(QuantizedWeightsMixin, nn.RNNCellBase):
         dtype: torch.dtype | None = None,
         weight_qparams_dict: Mapping[str, Any] | None = None,
     ) -> None:
-        super().__init__(input_size, hidden_size, bias, _GATES[mode], device=device, dtype=dtype)
-        self.mode = mode
+        super().__init__(input_size, hidden_size, bias, self._GATES, device=device, dtype=dtype)
         self._init_weight_qparams(_WEIGHT_NAMES, weight_qparams_dict, device)
-
-    def _get_name(self) -> str:
-        return self._NAME
 
     def _computation_names(self) -> tuple[str, ...]:
         return ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
@@ -86,31 +81,8 @@ class RNNCellBase(QuantizedWeightsMixin, nn.RNNCellBase):
         return out
 
     @classmethod
-    def _config_of(cls, mod: nn.RNNCellBase) -> dict[str, Any]:
+    def _config_of(cls, mod: nn.Module) -> dict[str, Any]:
         return {"input_size": mod.input_size, "hidden_size": mod.hidden_size, "bias": mod.bias}
-
-    @classmethod
-    def from_float(
-        cls,
-        mod: nn.Module,
-        weight_qparams_dict: Mapping[str, Any] | None,
-        use_precomputed_fake_quant: bool = False,
-    ) -> RNNCellBase:
-        """A reference cell sharing ``mod``'s parameters, quantized as the dict says."""
-        if not isinstance(mod, cls._FLOAT_TYPE):
-            raise QParamsError(
-                f"{cls.__name__}.from_float expects torch.nn.{cls._FLOAT_TYPE.__name__}, "
-                f"got {type(mod).__name__}"
-            )
-        ref = cls(
-            **cls._config_of(mod),
-            device=mod.weight_ih.device,
-            dtype=mod.weight_ih.dtype,
-            weight_qparams_dict=weight_qparams_dict,
-        )
-        for name in ref._computation_names():
-            setattr(ref, name, getattr(mod, name))
-        return ref
 
 
 class RNNCell(RNNCellBase):
@@ -118,6 +90,7 @@ class RNNCell(RNNCellBase):
 
     _FLOAT_TYPE = nn.RNNCell
     _NAME = "QuantizedRNNCell(Reference)"
+    _GATES = 1
 
     def __init__(
         self,
@@ -131,19 +104,15 @@ class RNNCell(RNNCellBase):
     ) -> None:
         if nonlinearity not in ("tanh", "relu"):
             raise ValueError(f"RNNCell: unknown nonlinearity {nonlinearity!r}; use tanh or relu")
-        super().__init__(
-            f"RNN_{nonlinearity.upper()}",
-            input_size,
-            hidden_size,
-            bias,
-            device,
-            dtype,
-            weight_qparams_dict,
-        )
+        super().__init__(input_size, hidden_size, bias, device, dtype, weight_qparams_dict)
         self.nonlinearity = nonlinearity
 
+    @property
+    def mode(self) -> str:  # type: ignore[override]
+        return f"RNN_{self.nonlinearity.upper()}"
+
     @classmethod
-    def _config_of(cls, mod: nn.RNNCellBase) -> dict[str, Any]:
+    def _config_of(cls, mod: nn.Module) -> dict[str, Any]:
         return {**super()._config_of(mod), "nonlinearity": mod.nonlinearity}
 
 
@@ -152,17 +121,8 @@ class LSTMCell(RNNCellBase):
 
     _FLOAT_TYPE = nn.LSTMCell
     _NAME = "QuantizedLSTMCell(Reference)"
-
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        bias: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        weight_qparams_dict: Mapping[str, Any] | None = None,
-    ) -> None:
-        super().__init__("LSTM", input_size, hidden_size, bias, device, dtype, weight_qparams_dict)
+    _GATES = 4
+    mode = "LSTM"
 
 
 class GRUCell(RNNCellBase):
@@ -170,14 +130,5 @@ class GRUCell(RNNCellBase):
 
     _FLOAT_TYPE = nn.GRUCell
     _NAME = "QuantizedGRUCell(Reference)"
-
-    def __init__(
-        self,
-        input_size: int,
-        hidden_size: int,
-        bias: bool = True,
-        device: torch.device | str | None = None,
-        dtype: torch.dtype | None = None,
-        weight_qparams_dict: Mapping[str, Any] | None = None,
-    ) -> None:
-        super().__init__("GRU", input_size, hidden_size, bias, device, dtype, weight_qparams_dict)
+    _GATES = 3
+    mode = "GRU"

@@ -7,13 +7,12 @@ One forward serves the three; it calls the same kernels as ``torch.nn`` (``torch
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import _VF, Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
-from refq_cli.errors import QParamsError
 from refq_cli.reference._weights import QuantizedWeightsMixin
 
 _KERNELS = {
@@ -26,9 +25,6 @@ _KERNELS = {
 
 class RNNBase(QuantizedWeightsMixin, nn.RNNBase):
     """Shared by RNN, LSTM and GRU: every ``weight_*`` quantized, biases float."""
-
-    _FLOAT_TYPE: ClassVar[type[nn.RNNBase]]
-    _NAME: ClassVar[str]
 
     def __init__(
         self,
@@ -60,9 +56,6 @@ class RNNBase(QuantizedWeightsMixin, nn.RNNBase):
         )
         weight_names = [n for n in self._flat_weights_names if n.startswith("weight")]
         self._init_weight_qparams(weight_names, weight_qparams_dict, device)
-
-    def _get_name(self) -> str:
-        return self._NAME
 
     def _computation_names(self) -> list[str]:
         return self._flat_weights_names
@@ -154,7 +147,7 @@ class RNNBase(QuantizedWeightsMixin, nn.RNNBase):
         return hx.index_select(1, permutation)
 
     @classmethod
-    def _config_of(cls, mod: nn.RNNBase) -> dict[str, Any]:
+    def _config_of(cls, mod: nn.Module) -> dict[str, Any]:
         return {
             "input_size": mod.input_size,
             "hidden_size": mod.hidden_size,
@@ -164,30 +157,6 @@ class RNNBase(QuantizedWeightsMixin, nn.RNNBase):
             "dropout": mod.dropout,
             "bidirectional": mod.bidirectional,
         }
-
-    @classmethod
-    def from_float(
-        cls,
-        mod: nn.Module,
-        weight_qparams_dict: Mapping[str, Any] | None,
-        use_precomputed_fake_quant: bool = False,
-    ) -> RNNBase:
-        """A reference module sharing ``mod``'s parameters, quantized as the dict says."""
-        if not isinstance(mod, cls._FLOAT_TYPE):
-            raise QParamsError(
-                f"{cls.__name__}.from_float expects torch.nn.{cls._FLOAT_TYPE.__name__}, "
-                f"got {type(mod).__name__}"
-            )
-        first = getattr(mod, mod._flat_weights_names[0])
-        ref = cls(
-            **cls._config_of(mod),
-            device=first.device,
-            dtype=first.dtype,
-            weight_qparams_dict=weight_qparams_dict,
-        )
-        for name in mod._flat_weights_names:
-            setattr(ref, name, getattr(mod, name))
-        return ref
 
 
 class RNN(RNNBase):
@@ -228,7 +197,7 @@ class RNN(RNNBase):
         self.nonlinearity = nonlinearity
 
     @classmethod
-    def _config_of(cls, mod: nn.RNNBase) -> dict[str, Any]:
+    def _config_of(cls, mod: nn.Module) -> dict[str, Any]:
         return {**super()._config_of(mod), "nonlinearity": mod.nonlinearity}
 
 
@@ -242,7 +211,7 @@ class LSTM(RNNBase):
         super().__init__("LSTM", *args, **kwargs)
 
     @classmethod
-    def _config_of(cls, mod: nn.RNNBase) -> dict[str, Any]:
+    def _config_of(cls, mod: nn.Module) -> dict[str, Any]:
         return {**super()._config_of(mod), "proj_size": mod.proj_size}
 
 

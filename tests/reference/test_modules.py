@@ -250,6 +250,10 @@ def entry():
         ({"weight_ih": entry(), "weight_hh": {"dtype": "qint8"}}, "missing qscheme, scale"),
         ({"weight_ih": entry(), "weight_hh": 0.1}, "expected a dict"),
         (
+            {"weight_ih": entry(), "weight_hh": entry(), "is_decomposed": "no"},
+            "is_decomposed must be true or false",
+        ),
+        (
             {
                 "weight_ih": entry(),
                 "weight_hh": {**entry(), "qscheme": "per_channel_affine", "scale": [0.1, 0.2]},
@@ -257,7 +261,16 @@ def entry():
             "per-channel scale has 2 entries but the weight has 32 channels",
         ),
     ],
-    ids=["missing", "extra", "misnamed", "bad-field", "incomplete", "not-a-dict", "wrong-length"],
+    ids=[
+        "missing",
+        "extra",
+        "misnamed",
+        "bad-field",
+        "incomplete",
+        "not-a-dict",
+        "decomposed",
+        "wrong-length",
+    ],
 )
 def test_bad_weight_qparams_dicts_are_clear_errors(qparams, message):
     with pytest.raises(QParamsError, match=message):
