@@ -1,4 +1,10 @@
-"""The error types refq raises for bad input. Plain Python: importing this does not import torch."""
+"""The error types refq raises for bad input. Plain Python: importing this does not import torch.
+
+Each carries a one-line message saying what is wrong, where, and how to fix it; the CLI prints
+that line and exits with ``exit_code``.
+"""
+
+from __future__ import annotations
 
 
 class RefqError(Exception):
@@ -8,4 +14,25 @@ class RefqError(Exception):
 
 
 class QParamsError(RefqError, ValueError):
-    """Quantization parameters that are missing, misnamed or impossible."""
+    """Quantization parameters that are missing, misnamed or impossible.
+
+    ``field`` names the offending parameter (``scale``, ``zero_point``, ...) when there is one.
+    """
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+class SpecError(RefqError):
+    """A spec file that cannot be read or does not fit the model."""
+
+
+class CheckpointError(RefqError):
+    """An input checkpoint that cannot be read, is refused, or holds inconsistent weights."""
+
+
+class ConversionError(RefqError):
+    """A conversion that failed or missed its quality gate."""
+
+    exit_code = 1

@@ -20,9 +20,14 @@ Quantize, decomposed path (``torch.ops.quantized_decomposed``), on any device:
   float, so the reciprocal is taken in float64);
 * per-channel: ``q = rne(f32(w * inv)) + z``.
 
-Dequantize: ``w = f32(f32(q - z) * s)`` with ``q - z`` taken exactly, except per-tensor on the
-decomposed path and on CUDA, which compute ``f32(f32(q) - f32(z)) * s``. The two differ only for
-qint32 codes beyond 2**24.
+Codes are clamped in floating point before they become integers, so values beyond the range
+(even infinite ones) saturate at ``quant_min`` / ``quant_max`` as PyTorch's kernels do.
+
+Dequantize: either ``f32(f32(q - z) * s)`` with ``q - z`` taken exactly, or
+``f32(f32(f32(q) - f32(z)) * s)``. The second is what PyTorch's CPU per-channel kernel, its CUDA
+per-tensor kernel and its decomposed per-tensor op compute; the other paths compute the first
+(where PyTorch's CPU per-tensor qint32 kernel lets ``q - z`` wrap around in int32, refq keeps it
+exact). The two differ only for qint32 codes beyond 2**24.
 
 Nothing here uses PyTorch's quantized dtypes or ``torch.quantize_per_*``, which PyTorch 2.13
 deprecates: codes live in ordinary integer tensors.
@@ -31,6 +36,7 @@ deprecates: codes live in ordinary integer tensors.
 from __future__ import annotations
 
 import difflib
+import operator
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -101,7 +107,8 @@ def _choice(kind: str, value: Any, choices: Mapping[str, Any], where: str) -> st
     hint = difflib.get_close_matches(name, list(choices), n=1)
     did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
     raise QParamsError(
-        f"{where}: unknown {kind} {value!r}{did_you_mean}; expected one of {', '.join(choices)}"
+        f"{where}: unknown {kind} {value!r}{did_you_mean}; expected one of {', '.join(choices)}",
+        field=kind,
     )
 
 
@@ -152,49 +159,69 @@ class WeightQParams:
         if not qdtype.qmin <= quant_min < quant_max <= qdtype.qmax:
             raise QParamsError(
                 f"{where}: need {qdtype.qmin} <= quant_min < quant_max <= {qdtype.qmax} for "
-                f"{qdtype.name}, got quant_min={quant_min}, quant_max={quant_max}"
+                f"{qdtype.name}, got quant_min={quant_min}, quant_max={quant_max}",
+                field="quant_min"
+                if quant_min < qdtype.qmin or quant_min >= quant_max
+                else "quant_max",
             )
         per_channel = qscheme == "per_channel_affine"
-        axis = _integer(axis.item() if isinstance(axis, torch.Tensor) else axis, "axis", where)
+        axis = 0 if axis is None and not per_channel else _integer(axis, "axis", where)
 
         scale_t = _as_tensor(scale, torch.float32, device, "scale", where)
         if not per_channel and scale_t.numel() != 1:
             raise QParamsError(
                 f"{where}: {qscheme} takes one scale, got {scale_t.numel()}; "
-                "use per_channel_affine for one scale per channel"
+                "use per_channel_affine for one scale per channel",
+                field="scale",
+            )
+        if scale_t.dim() > 1:
+            raise QParamsError(
+                f"{where}: scale must be a number or a 1-D list, got shape {tuple(scale_t.shape)}",
+                field="scale",
             )
         scale_t = scale_t.reshape(-1) if per_channel else scale_t.reshape(())
         if scale_t.numel() == 0:
-            raise QParamsError(f"{where}: scale is empty")
-        bad = ~(torch.isfinite(scale_t) & (scale_t > 0))
+            raise QParamsError(f"{where}: scale is empty", field="scale")
+        bad = ~(torch.isfinite(scale_t) & (scale_t > 0) & torch.isfinite(1 / scale_t))
         if bool(bad.any()):
             first = scale_t.reshape(-1)[bad.reshape(-1)][0].item()
-            raise QParamsError(f"{where}: scale must be positive and finite, got {first}")
+            raise QParamsError(
+                f"{where}: scale must be positive and finite (and so must 1/scale), got {first}",
+                field="scale",
+            )
 
         if zero_point is None:
             if not symmetric:
-                raise QParamsError(f"{where}: zero_point is required for {qscheme}")
-            zero_point = (quant_min + quant_max + 1) // 2
-        zp_t = _as_tensor(zero_point, torch.int32, scale_t.device, "zero_point", where)
+                raise QParamsError(
+                    f"{where}: zero_point is required for {qscheme}", field="zero_point"
+                )
+            zero_point = symmetric_zero_point(qdtype, quant_min, quant_max)
+        zp_t = _as_tensor(zero_point, torch.int64, scale_t.device, "zero_point", where)
         if zp_t.numel() == 1:
             zp_t = zp_t.reshape(()).expand(scale_t.shape).clone()
         if zp_t.shape != scale_t.shape and zp_t.reshape(-1).shape != scale_t.shape:
             raise QParamsError(
-                f"{where}: zero_point has {zp_t.numel()} entries but scale has {scale_t.numel()}"
+                f"{where}: zero_point has {zp_t.numel()} entries but scale has {scale_t.numel()}",
+                field="zero_point",
             )
         zp_t = zp_t.reshape(scale_t.shape)
         lo, hi = int(zp_t.min()), int(zp_t.max())
         if lo < quant_min or hi > quant_max:
             raise QParamsError(
                 f"{where}: zero_point must lie in [{quant_min}, {quant_max}], "
-                f"got {lo if lo < quant_min else hi}"
+                f"got {lo if lo < quant_min else hi}",
+                field="zero_point",
             )
-        if symmetric and bool((zp_t != (quant_min + quant_max + 1) // 2).any()):
+        middle = symmetric_zero_point(qdtype, quant_min, quant_max)
+        wrong = zp_t.reshape(-1)[zp_t.reshape(-1) != middle]
+        if symmetric and wrong.numel():
             raise QParamsError(
-                f"{where}: symmetric schemes need zero_point {(quant_min + quant_max + 1) // 2}"
-                f" for [{quant_min}, {quant_max}], got {zp_t.reshape(-1)[0].item()}; "
-                "use an affine scheme for another zero point"
+                f"{where}: symmetric schemes need zero_point {middle} for "
+                f"[{quant_min}, {quant_max}], got {wrong[0].item()}; "
+                "use an affine scheme for another zero point",
+                field="zero_point",
             )
+        zp_t = zp_t.to(torch.int32)
         return cls(qscheme, qdtype.name, scale_t, zp_t, axis, quant_min, quant_max)
 
     @classmethod
@@ -221,13 +248,15 @@ class WeightQParams:
             return
         if not -weight.dim() <= self.axis < weight.dim():
             raise QParamsError(
-                f"{where}: axis {self.axis} is out of range for a {weight.dim()}-D weight"
+                f"{where}: axis {self.axis} is out of range for a {weight.dim()}-D weight",
+                field="axis",
             )
         channels = weight.shape[self.axis]
         if self.scale.numel() != channels:
             raise QParamsError(
                 f"{where}: per-channel scale has {self.scale.numel()} entries but the weight "
-                f"has {channels} channels along axis {self.axis} (shape {tuple(weight.shape)})"
+                f"has {channels} channels along axis {self.axis} (shape {tuple(weight.shape)})",
+                field="scale",
             )
 
     def _along_axis(self, t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -238,10 +267,30 @@ class WeightQParams:
         return t.reshape(shape)
 
 
+def symmetric_zero_point(qdtype: QuantDType, quant_min: int, quant_max: int) -> int:
+    """Where symmetric schemes put the zero point, as PyTorch's observers do.
+
+    0 for signed types; for unsigned types the middle of the full range (128 for quint8), or
+    ``(quant_min + quant_max) // 2`` when the range is narrowed.
+    """
+    if qdtype.qmin < 0:
+        return 0
+    if (quant_min, quant_max) == (qdtype.qmin, qdtype.qmax):
+        return (qdtype.qmin + qdtype.qmax + 1) // 2
+    return (quant_min + quant_max) // 2
+
+
 def _integer(value: Any, name: str, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise QParamsError(f"{where}: {name} must be an integer, got {value!r}")
-    return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        value = value.item()
+    try:
+        if isinstance(value, bool):
+            raise TypeError
+        return operator.index(value)
+    except TypeError:
+        raise QParamsError(
+            f"{where}: {name} must be an integer, got {value!r}", field=name
+        ) from None
 
 
 def _as_tensor(value: Any, dtype: torch.dtype, device: Any, name: str, where: str) -> torch.Tensor:
@@ -251,9 +300,11 @@ def _as_tensor(value: Any, dtype: torch.dtype, device: Any, name: str, where: st
         try:
             t = torch.tensor(value, dtype=torch.float64, device=device)
         except (TypeError, ValueError, RuntimeError):
-            raise QParamsError(f"{where}: {name} must be a number or a list of numbers") from None
+            raise QParamsError(
+                f"{where}: {name} must be a number or a list of numbers", field=name
+            ) from None
     if not dtype.is_floating_point and t.is_floating_point() and not bool((t == t.round()).all()):
-        raise QParamsError(f"{where}: {name} must hold integers, got {t.tolist()}")
+        raise QParamsError(f"{where}: {name} must hold integers, got {t.tolist()}", field=name)
     return t.to(device=t.device if device is None else device, dtype=dtype).clone()
 
 
@@ -315,34 +366,37 @@ def _fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return torch.where(midpoint & (err != 0), toward_err, f)
 
 
-def _codes(w: torch.Tensor, qp: WeightQParams, decomposed: bool) -> torch.Tensor:
-    """Unclamped integer codes (int64), following the path table in the module docstring."""
+def _rounded(w: torch.Tensor, qp: WeightQParams, decomposed: bool) -> torch.Tensor:
+    """Codes before clamping, as floats, following the path table in the module docstring."""
     s = qp._along_axis(qp.scale, w.dim())
     z = qp._along_axis(qp.zero_point, w.dim())
     if decomposed:
         inv = (1.0 / s.double()).float() if not qp.per_channel else torch.reciprocal(s)
-        return (torch.round(w * inv) + z.float()).long()
+        return torch.round(w * inv) + z.float()
     if w.is_cuda:
-        return torch.round(w.double() / s.double()).long() + z
+        return torch.round(w.double() / s.double()) + z.double()
     inv = torch.reciprocal(s)
     if not qp.per_channel and qp.dtype != "qint32":
-        return torch.round(_fma_f32(w, inv, z)).long()
-    return torch.round(w * inv + z).long()
+        return torch.round(_fma_f32(w, inv, z))
+    return torch.round(w * inv + z)
 
 
 def quantize(w: torch.Tensor, qp: WeightQParams, *, decomposed: bool = False) -> torch.Tensor:
     """Integer codes of ``w`` in ``qp``'s storage dtype (int8, uint8 or int32)."""
     qp.check_weight(w)
     with torch.no_grad():
-        codes = _codes(w.detach().float(), qp, decomposed)
-        return codes.clamp_(qp.quant_min, qp.quant_max).to(qp.storage)
+        codes = _rounded(w.detach().float(), qp, decomposed).clamp_(qp.quant_min, qp.quant_max)
+        return codes.long().clamp_(qp.quant_min, qp.quant_max).to(qp.storage)
 
 
 def dequantize(q: torch.Tensor, qp: WeightQParams, *, decomposed: bool = False) -> torch.Tensor:
     """Float32 values of integer codes ``q``."""
     s = qp._along_axis(qp.scale, q.dim())
     z = qp._along_axis(qp.zero_point, q.dim())
-    if not qp.per_channel and (decomposed or q.is_cuda):
+    float_subtract = (
+        qp.per_channel if q.device.type == "cpu" and not decomposed else not qp.per_channel
+    )
+    if float_subtract:
         return (q.float() - z.float()) * s
     return (q.long() - z.long()).float() * s
 

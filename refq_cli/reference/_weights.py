@@ -134,24 +134,32 @@ class QuantizedWeightsMixin:
         setattr(self, name + "_dtype", qp.dtype)
         setattr(self, name + "_quant_min", qp.quant_min)
         setattr(self, name + "_quant_max", qp.quant_max)
+        setattr(self, name + "_axis_int", qp.axis)
 
-    def weight_qparams(self, name: str) -> WeightQParams | None:
-        """The current quantization parameters of ``name``; None for biases and float weights."""
+    def weight_qparams(self, name: str, *, validate: bool = True) -> WeightQParams | None:
+        """The current quantization parameters of ``name``; None for biases and float weights.
+
+        Read from the buffers and attributes, so edits to them take effect. ``validate=False``
+        skips the checks (which read tensor values), for tracing and compilation.
+        """
         if name not in self._quantized_names:
             if name in self._computation_names():
                 return None
             raise QParamsError(f"{self._get_name()} has no weight {name!r}")
-        qparams = WeightQParams.create(
-            qscheme=getattr(self, name + "_qscheme"),
-            dtype=getattr(self, name + "_dtype"),
-            scale=getattr(self, name + "_scale"),
-            zero_point=getattr(self, name + "_zero_point"),
-            axis=getattr(self, name + "_axis"),
-            quant_min=getattr(self, name + "_quant_min"),
-            quant_max=getattr(self, name + "_quant_max"),
-            where=f"{self._get_name()}.{name}",
-        )
-        qparams.check_weight(getattr(self, name), f"{self._get_name()}.{name}")
+        fields = {
+            "qscheme": getattr(self, name + "_qscheme"),
+            "dtype": getattr(self, name + "_dtype"),
+            "scale": getattr(self, name + "_scale"),
+            "zero_point": getattr(self, name + "_zero_point"),
+            "quant_min": getattr(self, name + "_quant_min"),
+            "quant_max": getattr(self, name + "_quant_max"),
+        }
+        if not validate:
+            return WeightQParams(axis=getattr(self, name + "_axis_int"), **fields)
+        where = f"{self._get_name()}.{name}"
+        qparams = WeightQParams.create(**fields, axis=getattr(self, name + "_axis"), where=where)
+        qparams.check_weight(getattr(self, name), where)
+        setattr(self, name + "_axis_int", qparams.axis)
         return qparams
 
     def get_weight(self, name: str) -> torch.Tensor | None:
@@ -192,8 +200,14 @@ class QuantizedWeightsMixin:
         While a key is cached, the tensors it names and their storages are pinned, so neither an
         id nor an address in it can be reused by another tensor.
         """
+        names = self._computation_names()
+        if torch.compiler.is_compiling():
+            # Traced code cannot key a cache on tensor identity; quantize inline, as PyTorch does.
+            return [self._fake_quantized(n, validate=False) for n in names]
         params, buffers = self._parameters, self._buffers
-        tensors = [params.get(n) for n in self._computation_names()]
+        # Parametrized or plain-tensor weights live outside _parameters; getattr returns a new
+        # tensor for a parametrized one on every call, so the cache then always refreshes.
+        tensors = [params[n] if n in params else getattr(self, n, None) for n in names]
         tensors += [buffers[n + s] for n in self._quantized_names for s in _QPARAM_BUFFERS]
         key: list[Any] = [self.is_decomposed, torch.is_inference_mode_enabled()]
         for t in tensors:
@@ -203,16 +217,22 @@ class QuantizedWeightsMixin:
         key_tuple = tuple(key)
         if key_tuple != self._cache_key:
             with torch.no_grad():
-                self._cache = [self._fake_quantized(n) for n in self._computation_names()]
+                self._cache = [self._fake_quantized(n) for n in names]
             self._cache_pins = [(t, t.detach()) for t in tensors if t is not None]
             self._cache_key = key_tuple
         return self._cache
 
-    def _fake_quantized(self, name: str) -> torch.Tensor | None:
+    def _fake_quantized(self, name: str, validate: bool = True) -> torch.Tensor | None:
         tensor = getattr(self, name, None)
         if tensor is None or name not in self._quantized_names:
             return tensor
-        return fake_quantize(tensor, self.weight_qparams(name), decomposed=self.is_decomposed)
+        qparams = self.weight_qparams(name, validate=validate)
+        return fake_quantize(tensor, qparams, decomposed=self.is_decomposed)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        # .to(), .cuda(), .double() and friends: drop the cache so the old copies are freed now.
+        self.invalidate_cache()
+        return super()._apply(fn, recurse)  # type: ignore[misc]
 
 
 def _check_keys(owner: str, entries: Mapping[str, Any], weight_names: Sequence[str]) -> None:

@@ -346,14 +346,89 @@ def test_cache_follows_every_change(change):
     assert_equal(after, fresh_output(ref, x))
 
 
+def test_axis_buffer_edited_in_place_takes_effect():
+    float_mod = nn.RNNCell(8, 8)
+    qparams = {
+        name: {
+            "qscheme": "per_channel_symmetric",
+            "dtype": "qint8",
+            "axis": 0,
+            "scale": torch.linspace(0.001, 0.01, 8),
+        }
+        for name in ("weight_ih", "weight_hh")
+    }
+    ref = reference.RNNCell.from_float(float_mod, qparams)
+    along_rows = ref.get_weight_hh()
+    with torch.no_grad():
+        ref.weight_hh_axis.fill_(1)
+    qp = WeightQParams.create(**{**qparams["weight_hh"], "axis": 1})
+    assert torch.equal(ref.get_weight_hh(), fake_quantize(float_mod.weight_hh, qp))
+    assert not torch.equal(ref.get_weight_hh(), along_rows)
+
+
 def test_moving_the_module_refreshes_the_cache():
     ref, _ = convert(nn.GRUCell(6, 8))
     x = torch.randn(2, 6)
     run(ref, x)
     ref.double()
+    assert ref._cache == []  # the float32 copies are dropped at once
     out = run(ref, x.double())
     assert out.dtype == torch.float64
-    assert ref.get_weight_ih().dtype == torch.float64
+    assert_equal(out, fresh_output(ref, x.double()))
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda m: setattr(m, "weight_hh_quant_min", 50),
+        lambda m: setattr(m, "weight_hh_quant_max", 200),
+        lambda m: setattr(m, "is_decomposed", not m.is_decomposed),
+    ],
+    ids=["quant_min", "quant_max", "is_decomposed"],
+)
+def test_cache_follows_quantization_attributes(change):
+    ref, _ = convert(nn.GRUCell(6, 8), per_channel=False, dtype="quint8")
+    before = ref.get_weight_hh()
+    change(ref)
+    after = ref.get_weight_hh()
+    assert not torch.equal(after, before)
+    assert torch.equal(after, fresh_output_weight(ref, "weight_hh"))
+
+
+def fresh_output_weight(ref, name):
+    rebuilt = copy.deepcopy(ref)
+    rebuilt.invalidate_cache()
+    return rebuilt.get_weight(name)
+
+
+def test_parametrized_weights_are_never_served_stale():
+    from torch.nn.utils import parametrize
+
+    class Scaled(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.factor = nn.Parameter(torch.tensor(1.0))
+
+        def forward(self, w):
+            return w * self.factor
+
+    ref, _ = convert(nn.GRUCell(6, 8), per_channel=False, dtype="qint8")
+    parametrize.register_parametrization(ref, "weight_hh", Scaled())
+    x, h = torch.randn(2, 6), torch.randn(2, 8)  # weight_hh acts on h: zeros would hide it
+    before = run(ref, x, hx=h)
+    with torch.no_grad():
+        ref.parametrizations.weight_hh[0].factor.fill_(0.5)
+    assert not torch.equal(run(ref, x, hx=h), before)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRUCell"])
+def test_torch_export_traces_the_reference_modules(kind):
+    ref, _ = convert(ALL_FLOAT[kind]())
+    ref.eval()
+    x = torch.randn(5, 2, 6) if kind == "LSTM" else torch.randn(2, 6)
+    exported = torch.export.export(ref, (x,)).module()
+    # Exported recurrent kernels are decomposed into other ops: equal up to float rounding.
+    torch.testing.assert_close(flat(exported(x)), flat(run(ref, x)), rtol=0, atol=1e-6)
 
 
 def test_writes_through_data_need_invalidate_cache():

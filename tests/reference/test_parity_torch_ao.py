@@ -26,6 +26,8 @@ def assert_same(a, b):
     elif hasattr(a, "data") and hasattr(a, "batch_sizes"):  # PackedSequence
         assert torch.equal(a.data, b.data)
         assert torch.equal(a.batch_sizes, b.batch_sizes)
+        assert torch.equal(a.sorted_indices, b.sorted_indices)
+        assert torch.equal(a.unsorted_indices, b.unsorted_indices)
     else:
         assert len(a) == len(b)
         for x, y in zip(a, b, strict=True):
