@@ -18,8 +18,13 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install -e ".[dev]"
 	touch $@
 
+DEMO_OUT := out/demo
+
 demo: install
-	$(BIN)/python examples/demo.py
+	mkdir -p $(DEMO_OUT)
+	$(BIN)/refq convert examples/models/example.pt --qconfig configs/int8-per-channel-symmetric.yaml \
+		--output $(DEMO_OUT)/example.refq.safetensors --force
+	cat $(DEMO_OUT)/example.refq.report.md
 
 test: install lint
 	$(BIN)/pytest

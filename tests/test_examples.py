@@ -17,9 +17,9 @@ def test_bundled_checkpoint_is_a_plain_state_dict():
     assert {"encoder.weight_ih_l1", "decoder.weight_hh", "head.weight"} <= set(state)
 
 
-def test_demo_converts_and_stays_close_to_float():
+def test_python_api_example_converts_and_stays_close_to_float():
     result = subprocess.run(
-        [sys.executable, str(EXAMPLES / "demo.py")],
+        [sys.executable, str(EXAMPLES / "python_api.py")],
         capture_output=True,
         text=True,
         check=True,

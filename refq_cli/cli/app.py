@@ -1,15 +1,23 @@
-"""The root ``refq`` app. Commands are wired here, one module each.
+"""The root ``refq`` app. Commands are wired here, one module each, and errors are mapped here.
 
 Nothing imported at module level may import torch: ``refq --help`` must stay instant.
 """
 
 from __future__ import annotations
 
-from typing import Annotated
+import functools
+import os
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 
 from refq_cli import __version__
+from refq_cli.cli.convert import convert_command
+from refq_cli.cli.converters import converters_command
+from refq_cli.cli.init_config import init_config_command
+from refq_cli.cli.schema import schema_command
+from refq_cli.errors import RefqError
 
 app = typer.Typer(
     name="refq",
@@ -18,6 +26,36 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+def reporting_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Map refq's errors to one line on stderr and their exit code (2 bad input, 1 failed).
+
+    Any other exception is a bug: one line too, and the traceback with REFQ_DEBUG=1.
+    """
+
+    @functools.wraps(command)
+    def run(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except RefqError as exc:
+            if os.environ.get("REFQ_DEBUG") == "1":
+                raise
+            typer.echo(f"refq: error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            if os.environ.get("REFQ_DEBUG") == "1":
+                raise
+            typer.echo(
+                f"refq: internal error: {type(exc).__name__}: {exc} "
+                "(rerun with REFQ_DEBUG=1 for the traceback)",
+                err=True,
+            )
+            raise typer.Exit(1) from None
+
+    return run
 
 
 def _print_version(value: bool) -> None:
@@ -39,6 +77,15 @@ def root(
     ] = False,
 ) -> None:
     """Turn float PyTorch recurrent models into reference-quantized models."""
+
+
+for _name, _command in {
+    "convert": convert_command,
+    "init-config": init_config_command,
+    "schema": schema_command,
+    "converters": converters_command,
+}.items():
+    app.command(_name)(reporting_errors(_command))
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""Convert the bundled example model in Python and compare it with the float model.
+"""Convert the bundled example model with the Python API and compare it with the float model.
 
 Every recurrent weight gets int8 per-channel symmetric parameters from its min/max; the float
 LSTM and GRUCell are swapped for refq's reference modules; both models run on the same input.

@@ -1,0 +1,219 @@
+"""The artifact, format 1: a safetensors file of integer weights, their parameters and metadata.
+
+For each converted module at path ``P`` and quantized weight ``W``: ``P.W`` (integer codes, the
+float weight's shape), ``P.W_scale`` (float32, 0-d or 1-d) and ``P.W_zero_point`` (int32, same
+shape). Biases, weights kept float and every other tensor are stored as they were. Metadata
+(strings): ``format``, ``refq.format_version``, ``refq.modules``, ``refq.spec``,
+``refq.source``, ``refq.producer``, the last four as JSON. No timestamps: the same input and spec
+give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from refq_cli.errors import RefqError
+
+FORMAT = "refq"
+FORMAT_VERSION = 1
+
+
+class ArtifactError(RefqError):
+    """An artifact that cannot be written or read back."""
+
+
+def write_atomic(
+    path: Path, write: Any, *, force: bool = False, inputs: tuple[Path, ...] = ()
+) -> None:
+    """Write a file through ``write(tmp_path)`` beside ``path``, then move it into place.
+
+    Never overwrites without ``force``, never writes over one of ``inputs``, and never leaves a
+    partial file at ``path``: a failure removes the temporary file and keeps any old one.
+    """
+    for source in inputs:
+        if _same_file(path, source):
+            raise ArtifactError(
+                f"{path}: the output would overwrite the input {source}; pick another -o"
+            )
+    if path.exists() and not force:
+        raise ArtifactError(f"{path}: already exists; pass --force to overwrite it")
+    if path.is_dir():
+        raise ArtifactError(f"{path}: is a directory")
+    if not path.parent.is_dir():
+        raise ArtifactError(f"{path}: the folder {path.parent} does not exist")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot write: {exc.strerror or exc}") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve() or (a.exists() and os.path.samefile(a, b))
+    except OSError:
+        return False
+
+
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+def save_artifact(
+    path: Path,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, Any],
+    *,
+    force: bool = False,
+    inputs: tuple[Path, ...] = (),
+) -> None:
+    """Write tensors and metadata (JSON-encoded where not text) as a refq artifact."""
+    header = {"format": FORMAT, "refq.format_version": str(FORMAT_VERSION)}
+    for key, value in metadata.items():
+        header[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    write_atomic(
+        path, lambda tmp: write_safetensors(tmp, tensors, header), force=force, inputs=inputs
+    )
+
+
+def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict) -> None:
+    """The safetensors layout, written in a fixed order (metadata keys sorted, then tensors by
+    name) so that equal inputs give equal bytes; the safetensors library orders metadata by
+    hash. Tensors are written one at a time, never all copied at once.
+    """
+    entries: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name]
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise ArtifactError(
+                f"{path}: tensor {name!r} has dtype {t.dtype}, which safetensors cannot store"
+            )
+        size = t.numel() * t.element_size()
+        entries[name] = {
+            "dtype": _SAFETENSORS_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)
+    with open(path, "wb") as f:
+        f.write(len(header).to_bytes(8, "little"))
+        f.write(header)
+        for name in sorted(tensors):
+            t = tensors[name].detach().to("cpu").contiguous()
+            if t.numel():
+                f.write(ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()))
+        f.flush()
+        os.fsync(f.fileno())
+
+
+@dataclass
+class Artifact:
+    """An artifact read back: runnable reference modules and every other tensor."""
+
+    path: Path
+    modules: dict[str, nn.Module]
+    tensors: dict[str, torch.Tensor]
+    metadata: dict[str, Any]
+
+    def apply_to(self, model: nn.Module) -> nn.Module:
+        """Swap the reference modules into ``model`` and load every other tensor into it.
+
+        Returns the model (or the reference module itself when the artifact's module is the root).
+        Raises ArtifactError where the model's modules do not match the artifact's.
+        """
+        from refq_cli.convert import check_module_matches
+
+        infos = self.metadata["refq.modules"]
+        root = model
+        for path, ref in self.modules.items():
+            try:
+                current = model.get_submodule(path) if path else model
+            except AttributeError:
+                raise ArtifactError(f"{self.path}: the model has no module at {path!r}") from None
+            problems = check_module_matches(current, infos[path])
+            if problems:
+                raise ArtifactError(
+                    f"{self.path}: {path or '<root>'} differs from the artifact: "
+                    + "; ".join(problems)
+                )
+            if not path:
+                root = ref
+                continue
+            parent_path, _, name = path.rpartition(".")
+            setattr(model.get_submodule(parent_path) if parent_path else model, name, ref)
+        if root is model and self.tensors:
+            result = model.load_state_dict(self.tensors, strict=False)
+            if result.unexpected_keys:
+                raise ArtifactError(
+                    f"{self.path}: the model has no place for "
+                    f"{', '.join(sorted(result.unexpected_keys)[:5])}"
+                )
+        return root
+
+
+def read_header(path: Path) -> dict[str, str]:
+    """The metadata of a refq artifact, without reading its tensors."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+    except (SafetensorError, OSError) as exc:
+        raise ArtifactError(f"{path}: not a safetensors file: {exc}") from None
+    if metadata.get("format") != FORMAT:
+        raise ArtifactError(
+            f"{path}: a safetensors file, but not a refq artifact (no format: refq)"
+        )
+    version = metadata.get("refq.format_version", "")
+    if not version.isdigit() or int(version) > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path}: artifact format version {version!r} is newer than this refq reads "
+            f"({FORMAT_VERSION}); upgrade refq"
+        )
+    return metadata
+
+
+def load_artifact(path: str | Path) -> Artifact:
+    """Read an artifact written by ``refq convert`` into runnable reference modules."""
+    from safetensors.torch import load_file
+
+    from refq_cli.convert import reference_from_artifact
+
+    path = Path(path)
+    header = read_header(path)
+    metadata: dict[str, Any] = dict(header)
+    for key in ("refq.modules", "refq.spec", "refq.source", "refq.producer"):
+        try:
+            metadata[key] = json.loads(header[key])
+        except (KeyError, json.JSONDecodeError):
+            raise ArtifactError(f"{path}: metadata {key} is missing or not JSON") from None
+    tensors = load_file(str(path))
+    modules = {}
+    for module_path, info in metadata["refq.modules"].items():
+        modules[module_path] = reference_from_artifact(module_path, info, tensors, path)
+    return Artifact(path, modules, tensors, metadata)

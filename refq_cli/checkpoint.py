@@ -1,0 +1,350 @@
+"""Reading checkpoints and finding the recurrent modules in them.
+
+Accepted inputs: a ``state_dict`` saved with ``torch.save`` (also nested under ``state_dict`` or
+``model``), a ``.safetensors`` file, a TorchScript archive, and, only when trusted, a pickled
+``nn.Module``. Files are recognised by their bytes, not their names. ``torch.save`` files are
+always read with ``weights_only=True`` unless trust is given, so no code from the file runs.
+
+Recurrent modules are found from key patterns and shapes: ``P.weight_ih`` / ``P.weight_hh`` is a
+cell, ``P.weight_ih_l{k}[_reverse]`` a multi-layer module; the gate count (rows of ``weight_hh``
+over the hidden size) tells RNN (1), GRU (3) and LSTM (4) apart, and ``weight_hr_l{k}`` means an
+LSTM with ``proj_size``. Every other tensor is carried through unchanged.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import pickle
+import re
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from refq_cli.errors import CheckpointError
+
+_CELL_TYPES = {1: "RNNCell", 3: "GRUCell", 4: "LSTMCell"}
+_SEQUENCE_TYPES = {1: "RNN", 3: "GRU", 4: "LSTM"}
+_LAYER_KEY = re.compile(r"^(weight|bias)_(ih|hh|hr)_l(\d+)(_reverse)?$")
+_CELL_KEYS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+
+@dataclass(frozen=True)
+class RecurrentModule:
+    """A recurrent module found in a checkpoint: its float type and constructor config."""
+
+    path: str
+    float_type: str  # RNNCell | LSTMCell | GRUCell | RNN | LSTM | GRU
+    config: dict[str, Any]
+    tensor_names: tuple[str, ...]  # local names, in the float module's order
+
+    @property
+    def weight_names(self) -> list[str]:
+        return [n for n in self.tensor_names if n.startswith("weight")]
+
+    def key(self, name: str) -> str:
+        return f"{self.path}.{name}" if self.path else name
+
+    def describe(self) -> str:
+        args = ", ".join(f"{k}={v}" for k, v in self.config.items())
+        return f"{self.float_type}({args})"
+
+    def build(self, tensors: Mapping[str, torch.Tensor], facts: Mapping[str, Any]) -> nn.Module:
+        """The float module with ``tensors``' weights, constructed with the spec's ``facts``."""
+        config = dict(self.config)
+        for key, value in facts.items():
+            if key == "nonlinearity" and self.float_type not in ("RNN", "RNNCell"):
+                raise CheckpointError(
+                    f"{self.path or '<root>'}: nonlinearity applies to RNN and RNNCell, "
+                    f"not {self.float_type}"
+                )
+            if key in ("batch_first", "dropout") and self.float_type.endswith("Cell"):
+                raise CheckpointError(
+                    f"{self.path or '<root>'}: {key} does not apply to a {self.float_type}"
+                )
+            config[key] = value
+        first = tensors[self.key(self.tensor_names[0])]
+        module = getattr(nn, self.float_type)(**config, device="meta", dtype=first.dtype)
+        local = {name: tensors[self.key(name)] for name in self.tensor_names}
+        expected = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        actual = {k: tuple(v.shape) for k, v in local.items()}
+        if expected != actual:
+            diff = [
+                f"{k}: expected {expected.get(k, 'nothing')}, got {actual.get(k, 'nothing')}"
+                for k in sorted(set(expected) | set(actual))
+                if expected.get(k) != actual.get(k)
+            ]
+            raise CheckpointError(
+                f"{self.path or '<root>'}: weights do not fit {self.describe()}: " + "; ".join(diff)
+            )
+        module.load_state_dict(local, strict=True, assign=True)
+        return module.train(False)
+
+
+@dataclass
+class Checkpoint:
+    """Everything read from one input file."""
+
+    path: Path
+    format: str  # state_dict | safetensors | torchscript | pickle
+    sha256: str
+    tensors: dict[str, torch.Tensor]
+    modules: dict[str, RecurrentModule] = field(default_factory=dict)
+
+    @property
+    def other_tensor_names(self) -> list[str]:
+        owned = {m.key(n) for m in self.modules.values() for n in m.tensor_names}
+        return [k for k in self.tensors if k not in owned]
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoint:
+    """Read ``path`` and find its recurrent modules; CheckpointError for anything unreadable."""
+    fmt, digest, tensors = read_tensors(path, trust_pickle=trust_pickle)
+    path = Path(path)
+    return Checkpoint(path, fmt, digest, tensors, find_recurrent_modules(tensors, str(path)))
+
+
+def read_tensors(
+    path: str | Path, *, trust_pickle: bool = False
+) -> tuple[str, str, dict[str, torch.Tensor]]:
+    """(format, sha256, name -> tensor) of a checkpoint or calibration file."""
+    path = Path(path)
+    name = str(path)
+    if not path.exists():
+        raise CheckpointError(f"{name}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{name}: is a directory, not a checkpoint")
+    try:
+        with path.open("rb") as f:
+            head = f.read(16)
+        digest = sha256_of(path)
+    except OSError as exc:
+        raise CheckpointError(f"{name}: cannot read: {exc.strerror or exc}") from None
+    if not head:
+        raise CheckpointError(f"{name}: the file is empty")
+
+    if head.startswith(b"PK\x03\x04") and _is_torchscript(path):
+        fmt, tensors = "torchscript", _load_torchscript(path)
+    elif head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        fmt, tensors = _load_torch_save(path, trust_pickle)
+    elif len(head) >= 9 and head[8:9] == b"{":
+        fmt, tensors = "safetensors", _load_safetensors(path)
+    else:
+        raise CheckpointError(
+            f"{name}: not a checkpoint refq can read (expected a torch.save file, a "
+            ".safetensors file or a TorchScript archive)"
+        )
+    return fmt, digest, tensors
+
+
+def _is_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(n.split("/", 1)[-1].startswith("code/") for n in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
+def _load_torchscript(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        module = torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:  # TorchScript raises many types for bad archives
+        raise CheckpointError(
+            f"{path}: cannot read the TorchScript archive: {_first_line(exc)}"
+        ) from None
+    return _state_dict_of(module, path)
+
+
+def _load_torch_save(path: Path, trust_pickle: bool) -> tuple[str, dict[str, torch.Tensor]]:
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+        fmt = "state_dict"
+    except pickle.UnpicklingError as exc:
+        if not trust_pickle:
+            raise CheckpointError(
+                f"{path}: refused to unpickle Python objects ({_refused_globals(exc)}); "
+                "a state_dict or .safetensors file needs no trust; pass --trust-pickle only "
+                "for a file you trust, since unpickling can run code"
+            ) from None
+        obj = _load_trusted_pickle(path)
+        fmt = "pickle"
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read the checkpoint: {_first_line(exc)}") from None
+    return fmt, _state_dict_of(obj, path)
+
+
+def _load_trusted_pickle(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read the checkpoint: {_first_line(exc)}") from None
+
+
+def _is_zip(path: Path) -> bool:
+    with path.open("rb") as f:
+        return f.read(4) == b"PK\x03\x04"
+
+
+def _refused_globals(exc: Exception) -> str:
+    names = sorted(set(re.findall(r"GLOBAL ([\w.]+)", str(exc))))
+    return "globals " + ", ".join(names) if names else _first_line(exc)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(
+            f"{path}: not a valid .safetensors file: {_first_line(exc)}"
+        ) from None
+
+
+def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
+    """The flat name -> tensor mapping inside whatever the file held."""
+    if isinstance(obj, (nn.Module, torch.jit.ScriptModule)):
+        obj = obj.state_dict()
+    if isinstance(obj, Mapping) and not _all_tensors(obj):
+        for key in ("state_dict", "model"):
+            inner = obj.get(key)
+            if isinstance(inner, nn.Module):
+                inner = inner.state_dict()
+            if isinstance(inner, Mapping) and _all_tensors(inner):
+                obj = inner
+                break
+    if not isinstance(obj, Mapping) or not _all_tensors(obj) or not obj:
+        raise CheckpointError(
+            f"{path}: holds no state_dict (a mapping of names to tensors, possibly under "
+            "'state_dict' or 'model')"
+        )
+    return {str(k): v for k, v in obj.items()}
+
+
+def _all_tensors(mapping: Mapping) -> bool:
+    return all(isinstance(v, torch.Tensor) for v in mapping.values())
+
+
+# --- finding recurrent modules ----------------------------------------------------------------
+
+
+def find_recurrent_modules(
+    tensors: Mapping[str, torch.Tensor], source: str = "checkpoint"
+) -> dict[str, RecurrentModule]:
+    """Recurrent modules by path, inferred from key patterns and shapes."""
+    groups: dict[str, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        prefix, _, local = key.rpartition(".")
+        groups.setdefault(prefix, {})[local] = tensor
+    found = {}
+    for prefix, local in groups.items():
+        if "weight_hh" in local or "weight_ih" in local:
+            found[prefix] = _cell(prefix, local, source)
+        elif any(_LAYER_KEY.match(k) for k in local):
+            found[prefix] = _sequence(prefix, local, source)
+    return found
+
+
+def _where(prefix: str, source: str) -> str:
+    return f"{source}: {prefix or '<root>'}"
+
+
+def _gates(prefix: str, weight_hh: torch.Tensor, hidden: int, source: str, key: str) -> int:
+    if weight_hh.dim() != 2 or hidden == 0 or weight_hh.shape[0] % hidden:
+        raise CheckpointError(
+            f"{_where(prefix, source)}: {key} has shape {tuple(weight_hh.shape)}, which is no "
+            "whole number of gates of the hidden size"
+        )
+    gates = weight_hh.shape[0] // hidden
+    if gates not in _CELL_TYPES:
+        raise CheckpointError(
+            f"{_where(prefix, source)}: {key} has {gates} gates (shape "
+            f"{tuple(weight_hh.shape)}); recurrent weights have 1 (RNN), 3 (GRU) or 4 (LSTM)"
+        )
+    return gates
+
+
+def _cell(prefix: str, local: Mapping[str, torch.Tensor], source: str) -> RecurrentModule:
+    missing = [k for k in ("weight_ih", "weight_hh") if k not in local]
+    biases = [k for k in ("bias_ih", "bias_hh") if k in local]
+    if missing or len(biases) == 1:
+        absent = missing + [k for k in ("bias_ih", "bias_hh") if k not in local and biases]
+        raise CheckpointError(
+            f"{_where(prefix, source)}: looks like a recurrent cell but lacks "
+            f"{', '.join(absent)} (has {', '.join(sorted(local))})"
+        )
+    weight_ih, weight_hh = local["weight_ih"], local["weight_hh"]
+    if weight_ih.dim() != 2:
+        raise CheckpointError(
+            f"{_where(prefix, source)}: weight_ih must be 2-D, got shape {tuple(weight_ih.shape)}"
+        )
+    hidden = weight_hh.shape[1] if weight_hh.dim() == 2 else 0
+    gates = _gates(prefix, weight_hh, hidden, source, "weight_hh")
+    config = {"input_size": weight_ih.shape[1], "hidden_size": hidden, "bias": bool(biases)}
+    names = tuple(k for k in _CELL_KEYS if k in local)
+    return RecurrentModule(prefix, _CELL_TYPES[gates], config, names)
+
+
+def _sequence(prefix: str, local: Mapping[str, torch.Tensor], source: str) -> RecurrentModule:
+    layers = sorted({int(m.group(3)) for k in local if (m := _LAYER_KEY.match(k))})
+    num_layers = layers[-1] + 1
+    bidirectional = any(k.endswith("_reverse") for k in local if _LAYER_KEY.match(k))
+    has_bias = "bias_ih_l0" in local
+    has_proj = "weight_hr_l0" in local
+    suffixes = ["", "_reverse"] if bidirectional else [""]
+    expected = []
+    for layer in range(num_layers):
+        for suffix in suffixes:
+            names = ["weight_ih", "weight_hh"] + (["bias_ih", "bias_hh"] if has_bias else [])
+            names += ["weight_hr"] if has_proj else []
+            expected += [f"{n}_l{layer}{suffix}" for n in names]
+    present = {k for k in local if _LAYER_KEY.match(k)}
+    if set(expected) != present:
+        missing = sorted(set(expected) - present)
+        extra = sorted(present - set(expected))
+        parts = ([f"missing {', '.join(missing)}"] if missing else []) + (
+            [f"unexpected {', '.join(extra)}"] if extra else []
+        )
+        raise CheckpointError(
+            f"{_where(prefix, source)}: inconsistent recurrent weights: {'; '.join(parts)}"
+        )
+    weight_ih, weight_hh = local["weight_ih_l0"], local["weight_hh_l0"]
+    if weight_ih.dim() != 2 or weight_hh.dim() != 2:
+        raise CheckpointError(
+            f"{_where(prefix, source)}: weight_ih_l0 and weight_hh_l0 must be 2-D"
+        )
+    hidden = local["weight_hr_l0"].shape[1] if has_proj else weight_hh.shape[1]
+    gates = _gates(prefix, weight_hh, hidden, source, "weight_hh_l0")
+    if has_proj and gates != 4:
+        raise CheckpointError(
+            f"{_where(prefix, source)}: weight_hr (projections) belongs to an LSTM, but "
+            f"weight_hh_l0 has {gates} gates"
+        )
+    config: dict[str, Any] = {
+        "input_size": weight_ih.shape[1],
+        "hidden_size": hidden,
+        "num_layers": num_layers,
+        "bias": has_bias,
+        "bidirectional": bidirectional,
+    }
+    if has_proj:
+        config["proj_size"] = weight_hh.shape[1]
+    return RecurrentModule(prefix, _SEQUENCE_TYPES[gates], config, tuple(expected))

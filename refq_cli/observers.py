@@ -1,0 +1,135 @@
+"""Observers: the scale and zero point of a weight, from the weight and its QParamSpec.
+
+* ``minmax``: the weight's range (PyTorch's MinMaxObserver formulas, range widened to hold 0);
+* ``percentile``: the range between the (100 - p)th and pth percentiles, clipping outliers;
+* ``mse``: the clipping of the min/max range that minimises the squared quantization error,
+  searched per tensor or per channel;
+* ``fixed``: the numbers written in the spec.
+
+Symmetric schemes use ``max(|lo|, |hi|)`` around the middle code, affine schemes ``[lo, hi]``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+
+from refq_cli.errors import QParamsError
+from refq_cli.quant import DTYPES, QSCHEMES, WeightQParams, fake_quantize
+from refq_cli.spec import QParamSpec
+
+_EPS = torch.finfo(torch.float32).eps
+MSE_CANDIDATES = 100  # clipping ratios searched by the mse observer, from 1.0 down to 0.01
+
+
+def observe(weight: torch.Tensor, spec: QParamSpec, where: str) -> WeightQParams:
+    """Quantization parameters for ``weight``; SpecError at the spec setting that is wrong."""
+    try:
+        if spec.observer == "fixed":
+            qp = WeightQParams.create(
+                qscheme=spec.qscheme,
+                dtype=spec.dtype,
+                scale=spec.scale,
+                zero_point=spec.zero_point,
+                axis=spec.axis,
+                quant_min=spec.quant_min,
+                quant_max=spec.quant_max,
+                device=weight.device,
+                where=where,
+            )
+        else:
+            qp = _OBSERVERS[spec.observer](weight.detach().float(), spec, where)
+        qp.check_weight(weight, where)
+    except QParamsError as exc:
+        raise spec.error(exc, where) from None
+    return qp
+
+
+def _channels(w: torch.Tensor, spec: QParamSpec, per_channel: bool, where: str) -> torch.Tensor:
+    """The weight as (channels, values): one row per channel, or a single row."""
+    if not per_channel:
+        return w.reshape(1, -1)
+    if not -w.dim() <= spec.axis < w.dim():
+        raise QParamsError(
+            f"{where}: axis {spec.axis} is out of range for a {w.dim()}-D weight", field="axis"
+        )
+    return w.movedim(spec.axis, 0).reshape(w.shape[spec.axis], -1)
+
+
+def _from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QParamSpec, where: str) -> WeightQParams:
+    """PyTorch's observer formulas: scale and zero point for the range [lo, hi] per row."""
+    affine, symmetric = QSCHEMES[spec.qscheme]
+    d = DTYPES[spec.dtype]
+    qmin = d.qmin if spec.quant_min is None else spec.quant_min
+    qmax = d.qmax if spec.quant_max is None else spec.quant_max
+    # float32 arithmetic in PyTorch's order, so scales match its observers bit for bit
+    lo = torch.clamp(lo.float(), max=0.0)
+    hi = torch.clamp(hi.float(), min=0.0)
+    if symmetric:
+        scale = torch.maximum(-lo, hi) / (float(qmax - qmin) / 2)
+        scale = torch.clamp(scale, min=_EPS)
+        zero_point: torch.Tensor | None = None
+    else:
+        scale = torch.clamp((hi - lo) / float(qmax - qmin), min=_EPS)
+        zero_point = (qmin - torch.round(lo / scale).to(torch.int32)).clamp(qmin, qmax)
+    per_channel = affine == "per_channel_affine"
+    return WeightQParams.create(
+        qscheme=spec.qscheme,
+        dtype=spec.dtype,
+        scale=scale if per_channel else scale.reshape(()),
+        zero_point=None
+        if zero_point is None
+        else (zero_point if per_channel else zero_point.reshape(())),
+        axis=spec.axis,
+        quant_min=qmin,
+        quant_max=qmax,
+        device=scale.device,
+        where=where,
+    )
+
+
+def _per_channel(spec: QParamSpec) -> bool:
+    return QSCHEMES[spec.qscheme][0] == "per_channel_affine"
+
+
+def minmax(w: torch.Tensor, spec: QParamSpec, where: str) -> WeightQParams:
+    rows = _channels(w, spec, _per_channel(spec), where)
+    lo, hi = torch.aminmax(rows, dim=1)
+    return _from_range(lo, hi, spec, where)
+
+
+def percentile(w: torch.Tensor, spec: QParamSpec, where: str) -> WeightQParams:
+    rows = _channels(w, spec, _per_channel(spec), where)
+    n = rows.shape[1]
+    k_hi = max(1, min(n, round(spec.percentile / 100 * n)))
+    k_lo = max(1, n + 1 - k_hi)
+    lo = rows.kthvalue(k_lo, dim=1).values
+    hi = rows.kthvalue(k_hi, dim=1).values
+    return _from_range(lo, hi, spec, where)
+
+
+def mse(w: torch.Tensor, spec: QParamSpec, where: str) -> WeightQParams:
+    """Search clipping ratios r of the min/max range; keep, per row, the r with least error."""
+    per_channel = _per_channel(spec)
+    rows = _channels(w, spec, per_channel, where)
+    lo, hi = torch.aminmax(rows, dim=1)
+    best_err = torch.full_like(lo, float("inf"), dtype=torch.float64)
+    best_lo, best_hi = lo.clone(), hi.clone()
+    flat_spec = replace(spec, axis=0)  # rows are channels along axis 0
+    for r in torch.linspace(1.0, 0.01, MSE_CANDIDATES).tolist():
+        qp = _from_range(lo * r, hi * r, flat_spec, where)
+        err = (fake_quantize(rows, qp).double() - rows.double()).pow(2).sum(dim=1)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo = torch.where(better, lo * r, best_lo)
+        best_hi = torch.where(better, hi * r, best_hi)
+    return _from_range(best_lo, best_hi, spec, where)
+
+
+_OBSERVERS: dict[str, Callable[[torch.Tensor, QParamSpec, str], WeightQParams]] = {
+    "minmax": minmax,
+    "percentile": percentile,
+    "mse": mse,
+}

@@ -1,0 +1,163 @@
+"""The conversion report: per-weight error, per-module output error on a probe, totals.
+
+``weight_stats`` and ``probe_module`` compute; ``to_markdown`` renders. The JSON report is the
+plain data; both are deterministic for the same input, spec and probe.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from refq_cli.quant import WeightQParams, fake_quantize
+
+PROBE_STEPS = 16
+PROBE_BATCH = 4
+
+
+def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB; inf when equal, -inf when the signal is 0."""
+    signal = reference.double().pow(2).sum().item()
+    noise = (reference.double() - test.double()).pow(2).sum().item()
+    if noise == 0:
+        return math.inf
+    if signal == 0:
+        return -math.inf
+    return 10 * math.log10(signal / noise)
+
+
+def weight_stats(weight: torch.Tensor, qp: WeightQParams, decomposed: bool) -> dict[str, Any]:
+    """SQNR, error and clipping of one weight under its quantization parameters."""
+    w = weight.detach().float()
+    fq = fake_quantize(w, qp, decomposed=decomposed)
+    shape = [1] * w.dim()
+    if qp.per_channel:
+        shape[qp.axis] = -1
+    step = qp.scale.double().reshape(shape)
+    # Clipped: the error exceeds the half step that rounding alone can cause.
+    error = (w.double() - fq.double()).abs()
+    clipped = (error > step * 0.5 + w.double().abs() * 1e-6).double().mean().item()
+    return {
+        "shape": list(w.shape),
+        "qscheme": qp.qscheme,
+        "dtype": qp.dtype,
+        "axis": qp.axis if qp.per_channel else None,
+        "quant_min": qp.quant_min,
+        "quant_max": qp.quant_max,
+        "scale_min": qp.scale.min().item(),
+        "scale_max": qp.scale.max().item(),
+        "zero_point_min": int(qp.zero_point.min()),
+        "zero_point_max": int(qp.zero_point.max()),
+        "sqnr_db": _finite(sqnr_db(w, fq)),
+        "max_abs_error": (w - fq).abs().max().item() if w.numel() else 0.0,
+        "clipped_fraction": clipped,
+    }
+
+
+def _finite(x: float) -> float | None:
+    """JSON has no infinity: an exact (error-free) result is reported as null."""
+    return x if math.isfinite(x) else None
+
+
+def probe_input(module: nn.Module, seed: int = 0) -> torch.Tensor:
+    """A seeded normal input for ``module``: (steps, batch, features) in its layout."""
+    gen = torch.Generator().manual_seed(seed)
+    weight = next(module.parameters())
+    x = torch.randn(PROBE_STEPS, PROBE_BATCH, module.input_size, generator=gen)
+    if getattr(module, "batch_first", False):
+        x = x.transpose(0, 1)
+    return x.to(device=weight.device, dtype=weight.dtype)
+
+
+def probe_module(float_mod: nn.Module, ref_mod: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    """Output error of the reference module against the float one, and its drift over time.
+
+    ``x`` is (steps, batch, features), or (batch, steps, features) for batch_first modules;
+    cells are run step by step over its first axis, feeding back their own hidden state.
+    """
+    with torch.no_grad():
+        if isinstance(float_mod, nn.RNNCellBase):
+            expected = _unroll(float_mod, x)
+            got = _unroll(ref_mod, x)
+        else:
+            expected, got = float_mod(x)[0], ref_mod(x)[0]
+            if getattr(float_mod, "batch_first", False):
+                expected, got = expected.transpose(0, 1), got.transpose(0, 1)
+    per_step = (expected - got).abs().flatten(1).amax(dim=1)
+    return {
+        "probe_shape": list(x.shape),
+        "output_sqnr_db": _finite(sqnr_db(expected, got)),
+        "output_max_abs_error": per_step.max().item(),
+        "hidden_error_per_step": [round(v, 9) for v in per_step.tolist()],
+    }
+
+
+def _unroll(cell: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    hx = None
+    outputs = []
+    for step in x:
+        hx = cell(step, hx)
+        outputs.append(hx[0] if isinstance(hx, tuple) else hx)
+    return torch.stack(outputs)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "exact"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def to_markdown(report: dict[str, Any]) -> str:
+    """The report for people and CI step summaries."""
+    source = report["source"]
+    totals = report["totals"]
+    lines = [
+        f"# refq conversion report: {source['name']}",
+        "",
+        f"- source sha256: `{source['sha256']}` ({source['format']})",
+        f"- spec: `{report['spec']}`",
+        f"- bytes: {totals['float_bytes']:,} float -> {totals['quantized_bytes']:,} quantized "
+        f"({totals['compression_ratio']:.2f}x smaller)",
+        f"- worst weight SQNR: {_fmt(totals['worst_sqnr_db'])} dB over "
+        f"{totals['weights_quantized']} quantized weights",
+        "",
+        "## Weights",
+        "",
+        "| module | weight | shape | qscheme | dtype | scale | zero point | SQNR dB | "
+        "max abs err | clipped |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for w in report["weights"]:
+        scale = _range(w["scale_min"], w["scale_max"])
+        zp = _range(w["zero_point_min"], w["zero_point_max"])
+        lines.append(
+            f"| {w['module'] or '<root>'} | {w['weight']} | {'x'.join(map(str, w['shape']))} | "
+            f"{w['qscheme']} | {w['dtype']} | {scale} | {zp} | {_fmt(w['sqnr_db'])} | "
+            f"{_fmt(w['max_abs_error'])} | {w['clipped_fraction']:.2%} |"
+        )
+    lines += [
+        "",
+        "## Modules (probe input)",
+        "",
+        "| module | float | reference | output SQNR dB | max abs err | error at last step |",
+        "|---|---|---|---|---|---|",
+    ]
+    for m in report["modules"]:
+        if m["skipped"]:
+            lines.append(f"| {m['path'] or '<root>'} | {m['float_type']} | kept float | | | |")
+            continue
+        lines.append(
+            f"| {m['path'] or '<root>'} | {m['float_type']} | {m['reference_type']} | "
+            f"{_fmt(m['output_sqnr_db'])} | {_fmt(m['output_max_abs_error'])} | "
+            f"{_fmt(m['hidden_error_per_step'][-1])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def _range(lo: Any, hi: Any) -> str:
+    return _fmt(lo) if lo == hi else f"{_fmt(lo)} .. {_fmt(hi)}"

@@ -1,0 +1,88 @@
+"""Small float models and the checkpoint files refq reads, written into a test's tmp_path."""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+
+class Speech(nn.Module):
+    """One of each recurrent family, in the layouts users ship."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.frontend = nn.Conv1d(4, 6, 3)
+        self.encoder = nn.LSTM(6, 8, num_layers=2, bidirectional=True, proj_size=3)
+        self.context = nn.GRU(6, 5, bias=False, batch_first=True)
+        self.aux = nn.RNN(6, 4, nonlinearity="relu")
+        self.decoder = nn.Module()
+        self.decoder.cell = nn.LSTMCell(6, 7)
+        self.gate = nn.GRUCell(6, 5)
+        self.tanh_cell = nn.RNNCell(6, 4, bias=False)
+        self.head = nn.Linear(7, 2)
+
+
+class Nested(nn.Module):
+    """A TorchScript-friendly model whose LSTMCell sits at _model.decoder.rnn."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._model = nn.Module()
+        self._model.decoder = nn.Module()
+        self._model.decoder.rnn = nn.LSTMCell(5, 6)
+        self._model.conv = nn.Conv1d(5, 5, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._model.decoder.rnn(x)[0]
+
+
+def speech_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return Speech().state_dict()
+
+
+def write(tmp_path: Path, kind: str, seed: int = 0) -> Path:
+    """Write the Speech model (or Nested, for torchscript) in one of the accepted formats."""
+    state = speech_state(seed)
+    if kind in ("pt", "pth", "bin"):
+        path = tmp_path / f"model.{kind}"
+        torch.save(state, path)
+    elif kind == "nested-state_dict":
+        path = tmp_path / "nested.pt"
+        torch.save({"state_dict": state, "epoch": 3}, path)
+    elif kind == "nested-model":
+        path = tmp_path / "nested_model.pt"
+        torch.save({"model": state, "step": 10}, path)
+    elif kind == "safetensors":
+        path = tmp_path / "model.safetensors"
+        save_file({k: v.contiguous() for k, v in state.items()}, path)
+    elif kind == "torchscript":
+        torch.manual_seed(seed)
+        path = tmp_path / "scripted.pt"
+        torch.jit.save(torch.jit.script(Nested()), path)
+    elif kind == "pickle":
+        torch.manual_seed(seed)
+        path = tmp_path / "module.pt"
+        torch.save(Speech(), path)
+    else:
+        raise ValueError(kind)
+    return path
+
+
+FORMATS = ["pt", "pth", "bin", "nested-state_dict", "nested-model", "safetensors", "torchscript"]
+
+
+def silero_file(name: str) -> Path:
+    """A file of the silero-vad package: a trained model with an LSTMCell."""
+    try:
+        path = Path(str(files("silero_vad") / "data" / name))
+    except ModuleNotFoundError:
+        pytest.skip("silero-vad is not installed")
+    if not path.exists():
+        pytest.skip(f"silero-vad has no {name}")
+    return path

@@ -1,0 +1,194 @@
+"""Reading checkpoints and finding their recurrent modules."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from refq_cli.checkpoint import find_recurrent_modules, load_checkpoint
+from refq_cli.errors import CheckpointError
+from tests.checkpoints import FORMATS, silero_file, speech_state, write
+
+SPEECH_MODULES = {
+    "encoder": (
+        "LSTM",
+        {
+            "input_size": 6,
+            "hidden_size": 8,
+            "num_layers": 2,
+            "bias": True,
+            "bidirectional": True,
+            "proj_size": 3,
+        },
+    ),
+    "context": (
+        "GRU",
+        {"input_size": 6, "hidden_size": 5, "num_layers": 1, "bias": False, "bidirectional": False},
+    ),
+    "aux": (
+        "RNN",
+        {"input_size": 6, "hidden_size": 4, "num_layers": 1, "bias": True, "bidirectional": False},
+    ),
+    "decoder.cell": ("LSTMCell", {"input_size": 6, "hidden_size": 7, "bias": True}),
+    "gate": ("GRUCell", {"input_size": 6, "hidden_size": 5, "bias": True}),
+    "tanh_cell": ("RNNCell", {"input_size": 6, "hidden_size": 4, "bias": False}),
+}
+
+
+@pytest.mark.parametrize("kind", [k for k in FORMATS if k != "torchscript"])
+def test_state_dict_formats_find_every_recurrent_module(tmp_path, kind):
+    ckpt = load_checkpoint(write(tmp_path, kind))
+    assert ckpt.format == ("safetensors" if kind == "safetensors" else "state_dict")
+    found = {p: (m.float_type, m.config) for p, m in ckpt.modules.items()}
+    assert found == SPEECH_MODULES
+    assert sorted(ckpt.other_tensor_names) == [
+        "frontend.bias",
+        "frontend.weight",
+        "head.bias",
+        "head.weight",
+    ]
+    assert len(ckpt.sha256) == 64
+
+
+def test_built_modules_carry_the_checkpoint_weights(tmp_path):
+    ckpt = load_checkpoint(write(tmp_path, "pt"))
+    lstm = ckpt.modules["encoder"].build(ckpt.tensors, {})
+    assert isinstance(lstm, nn.LSTM) and lstm.proj_size == 3
+    assert torch.equal(lstm.weight_hr_l1_reverse, ckpt.tensors["encoder.weight_hr_l1_reverse"])
+    rnn = ckpt.modules["aux"].build(ckpt.tensors, {"nonlinearity": "relu"})
+    assert rnn.nonlinearity == "relu"
+    with pytest.raises(CheckpointError, match="nonlinearity applies to RNN and RNNCell"):
+        ckpt.modules["encoder"].build(ckpt.tensors, {"nonlinearity": "relu"})
+
+
+def test_torchscript_archive_with_a_nested_module(tmp_path):
+    ckpt = load_checkpoint(write(tmp_path, "torchscript"))
+    assert ckpt.format == "torchscript"
+    assert {p: m.float_type for p, m in ckpt.modules.items()} == {"_model.decoder.rnn": "LSTMCell"}
+
+
+def test_pickled_modules_need_trust(tmp_path):
+    path = write(tmp_path, "pickle")
+    with pytest.raises(CheckpointError, match=r"refused to unpickle .*pass --trust-pickle"):
+        load_checkpoint(path)
+    ckpt = load_checkpoint(path, trust_pickle=True)
+    assert ckpt.format == "pickle" and set(ckpt.modules) == set(SPEECH_MODULES)
+
+
+class RunsCode:
+    def __reduce__(self):
+        return (os.system, ("touch PWNED",))
+
+
+@pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
+def test_pickles_that_would_run_code_are_refused_and_never_run(tmp_path, monkeypatch, zip_format):
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "evil.pt"
+    torch.save(
+        {"weight_ih": torch.zeros(4, 1), "x": RunsCode()},
+        path,
+        _use_new_zipfile_serialization=zip_format,
+    )
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(
+        CheckpointError, match=r"refused to unpickle Python objects \(globals (posix|os)\.system\)"
+    ):
+        load_checkpoint(path)
+    assert not (tmp_path / "PWNED").exists()
+
+
+def test_real_trained_lstm_cell_in_safetensors():
+    ckpt = load_checkpoint(silero_file("silero_vad_16k.safetensors"))
+    assert {p: m.describe() for p, m in ckpt.modules.items()} == {
+        "lstm_cell": "LSTMCell(input_size=128, hidden_size=128, bias=True)"
+    }
+
+
+def test_real_torchscript_archive_with_nested_rnn():
+    ckpt = load_checkpoint(silero_file("silero_vad.jit"))
+    assert "_model.decoder.rnn" in ckpt.modules
+    assert ckpt.modules["_model.decoder.rnn"].float_type == "LSTMCell"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "the file is empty"),
+        (b"hello world, not a model", "not a checkpoint refq can read"),
+        (b"PK\x03\x04garbage", "cannot read the checkpoint"),
+    ],
+    ids=["empty", "text", "broken-zip"],
+)
+def test_unreadable_files(tmp_path, content, message):
+    path = tmp_path / "bad.pt"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path)
+
+
+def test_missing_and_directory_paths(tmp_path):
+    with pytest.raises(CheckpointError, match="no such file"):
+        load_checkpoint(tmp_path / "nope.pt")
+    with pytest.raises(CheckpointError, match="is a directory"):
+        load_checkpoint(tmp_path)
+
+
+def test_a_file_without_a_state_dict(tmp_path):
+    path = tmp_path / "list.pt"
+    torch.save([1, 2, 3], path)
+    with pytest.raises(CheckpointError, match="holds no state_dict"):
+        load_checkpoint(path)
+
+
+def drop(state, key):
+    return {k: v for k, v in state.items() if k != key}
+
+
+@pytest.mark.parametrize(
+    ("mutate", "message"),
+    [
+        (lambda s: drop(s, "encoder.weight_hh_l1"), "missing weight_hh_l1"),
+        (
+            lambda s: {**s, "context.weight_hh_l0": torch.zeros(10, 5)},
+            r"weight_hh_l0 has 2 gates \(shape \(10, 5\)\)",
+        ),
+        (lambda s: {**s, "context.weight_hh_l0": torch.zeros(7, 5)}, "no whole number of gates"),
+        (
+            lambda s: {
+                **drop(s, "context.weight_ih_l0"),
+                "context.weight_hr_l0": torch.zeros(5, 5),
+                "context.weight_ih_l0": torch.zeros(15, 6),
+            },
+            "weight_hr .projections. belongs to an LSTM",
+        ),
+        (lambda s: drop(s, "gate.bias_hh"), "lacks bias_hh"),
+        (lambda s: drop(s, "gate.weight_ih"), "lacks weight_ih"),
+        (
+            lambda s: {**s, "encoder.weight_ih_l0_reverse": torch.zeros(32, 5)},
+            r"weight_ih_l0_reverse: expected \(32, 6\), got \(32, 5\)",
+        ),
+    ],
+    ids=[
+        "missing-layer-weight",
+        "two-gates",
+        "fractional-gates",
+        "hr-without-lstm",
+        "half-the-biases",
+        "cell-without-weight_ih",
+        "reverse-shape",
+    ],
+)
+def test_inconsistent_recurrent_keys_are_named(mutate, message):
+    state = mutate(speech_state())
+    with pytest.raises(CheckpointError, match=message):
+        for module in find_recurrent_modules(state, "m.pt").values():
+            module.build(state, {})
+
+
+def test_a_bare_module_state_dict_sits_at_the_root():
+    found = find_recurrent_modules(nn.GRU(3, 4, num_layers=3).state_dict())
+    assert list(found) == [""] and found[""].config["num_layers"] == 3
+    assert found[""].key("weight_ih_l0") == "weight_ih_l0"
