@@ -68,6 +68,12 @@ def test_artifact_round_trip_is_bit_identical(tmp_path, preset):
     ]
 
 
+def test_load_artifact_is_on_the_package():
+    import refq_cli
+
+    assert refq_cli.load_artifact is load_artifact
+
+
 def test_artifact_layout_and_metadata(tmp_path):
     conversion = convert(write(tmp_path, "pt"), spec_file(tmp_path))
     path = tmp_path / "a.safetensors"
@@ -216,3 +222,42 @@ def test_is_decomposed_reaches_the_modules(tmp_path):
     spec.write_text("version: 1\nis_decomposed: true\nmodules:\n  aux: {nonlinearity: relu}\n")
     conversion = convert(write(tmp_path, "pt"), spec)
     assert all(m.reference.is_decomposed for m in conversion.modules.values())
+
+
+def test_reading_files_that_are_not_refq_artifacts(tmp_path):
+    from safetensors.torch import save_file
+
+    from refq_cli.artifact import write_safetensors
+
+    text = tmp_path / "text.safetensors"
+    text.write_text("hello")
+    with pytest.raises(ArtifactError, match="not a safetensors file"):
+        load_artifact(text)
+    plain = tmp_path / "plain.safetensors"
+    save_file({"w": torch.zeros(2)}, str(plain))
+    with pytest.raises(ArtifactError, match="not a refq artifact"):
+        load_artifact(plain)
+    newer = tmp_path / "newer.safetensors"
+    write_safetensors(newer, {"w": torch.zeros(2)}, {"format": "refq", "refq.format_version": "2"})
+    with pytest.raises(ArtifactError, match="format version '2' is newer than this refq reads"):
+        load_artifact(newer)
+
+
+def test_our_safetensors_writer_reads_back_with_the_library(tmp_path):
+    from safetensors.torch import load_file
+
+    from refq_cli.artifact import write_safetensors
+
+    tensors = {
+        "b": torch.arange(5, dtype=torch.int8),
+        "a": torch.randn(3, 2).t(),
+        "s": torch.tensor(1.5),
+        "e": torch.zeros(0, 4),
+        "h": torch.ones(3).half(),
+    }
+    path = tmp_path / "t.safetensors"
+    write_safetensors(path, tensors, {"k": "v"})
+    loaded = load_file(str(path))
+    assert set(loaded) == set(tensors)
+    for name, t in tensors.items():
+        assert torch.equal(loaded[name], t)

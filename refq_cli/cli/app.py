@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from collections.abc import Callable
 from typing import Annotated, Any
 
@@ -28,6 +29,13 @@ app = typer.Typer(
 )
 
 
+# Warnings torch prints that say nothing to a refq user.
+_TORCH_NOISE = (
+    "Failed to initialize NumPy",
+    "LSTM with projections is not supported with oneDNN",
+)
+
+
 def reporting_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Map refq's errors to one line on stderr and their exit code (2 bad input, 1 failed).
 
@@ -37,7 +45,10 @@ def reporting_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
-            return command(*args, **kwargs)
+            with warnings.catch_warnings():
+                for message in _TORCH_NOISE:
+                    warnings.filterwarnings("ignore", message=message)
+                return command(*args, **kwargs)
         except RefqError as exc:
             if os.environ.get("REFQ_DEBUG") == "1":
                 raise

@@ -1,0 +1,241 @@
+"""refq convert, init-config, schema and converters, through CliRunner and the installed script."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from refq_cli.cli.app import app
+from refq_cli.spec import load_spec
+from tests.checkpoints import FORMATS, silero_file, write
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+PRESETS = sorted(p.name for p in CONFIGS.glob("*.yaml"))
+REFQ = Path(sys.executable).with_name("refq")
+FACTS = "modules:\n  aux: {nonlinearity: relu}\n  context: {batch_first: true}\n"
+
+
+def spec(tmp_path, body="", facts=FACTS):
+    path = tmp_path / "q.yaml"
+    path.write_text("version: 1\n" + body + facts)
+    return path
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def script(*args, env=None):
+    return subprocess.run(
+        [REFQ, *map(str, args)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+@pytest.mark.parametrize("kind", FORMATS)
+def test_every_input_format_through_the_installed_script(tmp_path, kind):
+    source = write(tmp_path, kind)
+    q = spec(tmp_path, facts="" if kind == "torchscript" else FACTS)
+    result = script("convert", source, "-q", q)
+    assert result.returncode == 0, result.stderr
+    artifact = source.with_name(source.stem + ".refq.safetensors")
+    assert artifact.exists()
+    assert artifact.with_name(source.stem + ".refq.report.json").exists()
+    assert artifact.with_name(source.stem + ".refq.report.md").exists()
+    assert "weights quantized" in result.stdout
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_on_a_real_trained_model(tmp_path, preset):
+    out = tmp_path / "vad.refq.safetensors"
+    result = invoke(
+        "convert",
+        silero_file("silero_vad_16k.safetensors"),
+        "-q",
+        CONFIGS / preset,
+        "-o",
+        out,
+        "--json",
+    )
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["output"] == str(out) and summary["totals"]["weights_quantized"] == 2
+
+
+@pytest.mark.parametrize("observer", ["minmax", "mse", "percentile", "fixed"])
+def test_every_observer(tmp_path, observer):
+    body = f"defaults: {{observer: {observer}}}\n"
+    if observer == "fixed":
+        body = "defaults: {observer: fixed, qscheme: per_tensor_symmetric, scale: 0.01}\n"
+    result = invoke("convert", write(tmp_path, "pt"), "-q", spec(tmp_path, body), "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(Path(json.loads(result.stdout)["report_json"]).read_text())
+    assert {w["observer"] for w in report["weights"]} == {observer}
+
+
+def test_the_torchscript_real_case(tmp_path):
+    out = tmp_path / "vad.refq.safetensors"
+    result = invoke(
+        "convert",
+        silero_file("silero_vad.jit"),
+        "-q",
+        CONFIGS / "int8-per-channel-symmetric.yaml",
+        "-o",
+        out,
+        "--quiet",
+    )
+    assert result.exit_code == 0, result.output
+    assert result.output == ""
+    report = json.loads(out.with_name("vad.refq.report.json").read_text())
+    assert {m["path"] for m in report["modules"]} == {"_model.decoder.rnn", "_model_8k.decoder.rnn"}
+
+
+SPEC_ERRORS = {
+    "unknown-key": ("defualts: {}\n", "q.yaml:2:1: unknown key 'defualts'"),
+    "bad-value": ("defaults: {dtype: int3}\n", "q.yaml:2:19: dtype must be one of"),
+    "rule-matches-nothing": ("rules:\n  - match: nothing\n", "q.yaml:3:12: rule match"),
+    "fixed-wrong-length": (
+        "rules:\n  - match: gate\n    observer: fixed\n    scale: [0.1, 0.2]\n",
+        "q.yaml:5:12: gate.weight_ih: per-channel scale has 2 entries",
+    ),
+    "zero-point-out-of-range": (
+        "defaults: {observer: fixed, qscheme: per_tensor_affine, dtype: quint8, scale: 0.1, "
+        "zero_point: 300}\n",
+        "q.yaml:2:96: .*zero_point must lie in \\[0, 255\\]",
+    ),
+    "quant-range": (
+        "defaults: {quant_min: 10, quant_max: 5}\n",
+        "q.yaml:2:23: .*quant_min < quant_max",
+    ),
+    "python-tag": (
+        "defaults: !!python/object/apply:os.system ['true']\n",
+        "q.yaml:2:11: defaults must be a mapping",
+    ),
+}
+
+
+@pytest.mark.parametrize(("body", "message"), SPEC_ERRORS.values(), ids=SPEC_ERRORS.keys())
+def test_spec_errors_exit_2_with_one_line(tmp_path, body, message):
+    source = write(tmp_path, "pt")
+    result = script("convert", source, "-q", spec(tmp_path, body))
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr
+    assert lines[0].startswith("refq: error: ")
+    assert re.search(message, lines[0].replace(str(tmp_path) + "/", "")), lines[0]
+    assert not source.with_name("model.refq.safetensors").exists()
+
+
+def test_outputs_are_never_overwritten_without_force(tmp_path):
+    source, q = write(tmp_path, "pt"), spec(tmp_path)
+    assert invoke("convert", source, "-q", q).exit_code == 0
+    artifact = source.with_name("model.refq.safetensors")
+    before = artifact.read_bytes()
+    result = invoke("convert", source, "-q", q)
+    assert result.exit_code == 2 and "already exists; pass --force" in result.output
+    assert invoke("convert", source, "-q", q, "--force").exit_code == 0
+    assert artifact.read_bytes() == before
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]
+    assert leftovers == []
+
+
+def test_the_output_may_not_be_the_input(tmp_path):
+    source, q = write(tmp_path, "pt"), spec(tmp_path)
+    original = source.read_bytes()
+    result = invoke("convert", source, "-q", q, "-o", source, "--force")
+    assert result.exit_code == 2 and "would overwrite the input" in result.output
+    assert source.read_bytes() == original
+    link = tmp_path / "link.safetensors"
+    link.symlink_to(source)
+    result = invoke("convert", source, "-q", q, "-o", link, "--force")
+    assert result.exit_code == 2 and "would overwrite the input" in result.output
+
+
+def test_quality_gate_exits_1_after_writing_the_report(tmp_path):
+    source, q = write(tmp_path, "pt"), spec(tmp_path)
+    result = script("convert", source, "-q", q, "--min-sqnr", "200")
+    assert result.returncode == 1
+    assert "quality gate" in result.stderr and "below --min-sqnr 200 dB" in result.stderr
+    assert source.with_name("model.refq.report.md").exists()
+    assert invoke("convert", source, "-q", q, "--min-sqnr", "10", "--force").exit_code == 0
+
+
+def test_report_path_option(tmp_path):
+    report = tmp_path / "reports" / "r.json"
+    report.parent.mkdir()
+    result = invoke("convert", write(tmp_path, "pt"), "-q", spec(tmp_path), "--report", report)
+    assert result.exit_code == 0, result.output
+    assert json.loads(report.read_text())["totals"]["weights_quantized"] == 22
+    assert report.with_suffix(".md").read_text().startswith("# refq conversion report")
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_when_absent(tmp_path):
+    result = invoke("convert", write(tmp_path, "pt"), "-q", spec(tmp_path), "--device", "cuda")
+    assert result.exit_code == 2
+    assert "--device cuda: CUDA is not available on this machine" in result.output
+
+
+def test_pickled_module_is_refused_with_the_flag_to_use(tmp_path):
+    source = write(tmp_path, "pickle")
+    result = invoke("convert", source, "-q", spec(tmp_path))
+    assert result.exit_code == 2 and "--trust-pickle" in result.output
+    assert invoke("convert", source, "-q", spec(tmp_path), "--trust-pickle").exit_code == 0
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    result = script(
+        "convert", tmp_path / "missing.pt", "-q", spec(tmp_path), env={"REFQ_DEBUG": "1"}
+    )
+    assert result.returncode != 0 and "Traceback" in result.stderr
+
+
+def test_init_config_writes_a_spec_that_converts(tmp_path):
+    source = write(tmp_path, "pt")
+    skeleton = tmp_path / "skeleton.yaml"
+    result = invoke("init-config", source, "-o", skeleton)
+    assert result.exit_code == 0, result.output
+    text = skeleton.read_text()
+    for path in ("encoder", "context", "aux", "decoder.cell", "gate", "tanh_cell"):
+        assert f"- match: {path}" in text
+    assert "weight_hr_l1_reverse 3x8" in text and "nonlinearity: tanh" in text
+    load_spec(skeleton)
+    result = invoke("convert", source, "-q", skeleton)
+    assert result.exit_code == 0, result.output
+
+
+def test_schema_command_prints_the_schema():
+    result = invoke("schema")
+    assert result.exit_code == 0
+    schema = json.loads(result.stdout)
+    assert schema["title"] == "refq spec" and "rules" in schema["properties"]
+
+
+def test_converters_command_lists_the_builtins():
+    result = invoke("converters")
+    assert result.exit_code == 0
+    assert "torch.nn.modules.rnn.LSTM -> refq_cli.reference.sequence.LSTM.from_float" in (
+        result.stdout
+    )
+    assert len(result.stdout.strip().splitlines()) == 6
+
+
+def test_generated_spec_round_trips_through_yaml(tmp_path):
+    spec_path = spec(
+        tmp_path, "rules:\n  - {match: gate, dtype: quint8, qscheme: per_tensor_affine}\n"
+    )
+    loaded = load_spec(spec_path)
+    again = tmp_path / "again.yaml"
+    again.write_text(yaml.safe_dump(loaded.to_dict()))
+    assert load_spec(again).to_dict() == loaded.to_dict()
