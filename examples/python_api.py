@@ -22,11 +22,6 @@ from model import CHECKPOINT, ExampleModel  # noqa: E402
 from refq_cli import reference  # noqa: E402
 from refq_cli.quant import DTYPES  # noqa: E402
 
-REFERENCE_TYPES = {
-    torch.nn.LSTM: reference.LSTM,
-    torch.nn.GRUCell: reference.GRUCell,
-}
-
 
 def int8_symmetric_per_channel(weight: torch.Tensor) -> dict:
     qmax = DTYPES["qint8"].qmax
@@ -50,7 +45,7 @@ def main() -> None:
     for column in ("module", "reference module", "weight", "scale min", "scale max"):
         table.add_column(column)
     for name, module in list(quantized.named_children()):
-        ref_type = REFERENCE_TYPES.get(type(module))
+        ref_type = reference.REFERENCE_TYPES.get(type(module))
         if ref_type is None:
             continue
         weight_names = [n for n, _ in module.named_parameters() if n.startswith("weight")]

@@ -88,12 +88,5 @@ def _load_entry_points() -> None:
             ) from exc
 
 
-for _float_type, _reference_type in {
-    nn.RNNCell: reference.RNNCell,
-    nn.LSTMCell: reference.LSTMCell,
-    nn.GRUCell: reference.GRUCell,
-    nn.RNN: reference.RNN,
-    nn.LSTM: reference.LSTM,
-    nn.GRU: reference.GRU,
-}.items():
+for _float_type, _reference_type in reference.REFERENCE_TYPES.items():
     register(_float_type)(_reference_type.from_float)

@@ -9,4 +9,17 @@ the fake-quantized weights cached between forward calls.
 from refq_cli.reference.cells import GRUCell, LSTMCell, RNNCell, RNNCellBase
 from refq_cli.reference.sequence import GRU, LSTM, RNN, RNNBase
 
-__all__ = ["GRU", "LSTM", "RNN", "GRUCell", "LSTMCell", "RNNBase", "RNNCell", "RNNCellBase"]
+# The float module type each reference module stands for.
+REFERENCE_TYPES = {cls._FLOAT_TYPE: cls for cls in (RNNCell, LSTMCell, GRUCell, RNN, LSTM, GRU)}
+
+__all__ = [
+    "GRU",
+    "LSTM",
+    "REFERENCE_TYPES",
+    "RNN",
+    "GRUCell",
+    "LSTMCell",
+    "RNNBase",
+    "RNNCell",
+    "RNNCellBase",
+]

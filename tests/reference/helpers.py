@@ -13,14 +13,7 @@ FLOAT_CELLS = {
     "LSTMCell": lambda i, h, bias: nn.LSTMCell(i, h, bias),
     "GRUCell": lambda i, h, bias: nn.GRUCell(i, h, bias),
 }
-REFERENCE_TYPE = {
-    nn.RNNCell: reference.RNNCell,
-    nn.LSTMCell: reference.LSTMCell,
-    nn.GRUCell: reference.GRUCell,
-    nn.RNN: reference.RNN,
-    nn.LSTM: reference.LSTM,
-    nn.GRU: reference.GRU,
-}
+REFERENCE_TYPE = reference.REFERENCE_TYPES
 
 
 def weight_names(mod: nn.Module) -> list[str]:
