@@ -25,6 +25,7 @@ demo: install
 	$(BIN)/refq convert examples/models/example.pt --qconfig configs/int8-per-channel-symmetric.yaml \
 		--output $(DEMO_OUT)/example.refq.safetensors --force
 	cat $(DEMO_OUT)/example.refq.report.md
+	$(BIN)/refq inspect $(DEMO_OUT)/example.refq.safetensors
 
 test: install lint
 	$(BIN)/pytest

@@ -21,7 +21,7 @@ from refq_cli.errors import CheckpointError, RefqError
 from refq_cli.observers import observe
 from refq_cli.quant import WeightQParams, dequantize, quantize
 from refq_cli.registry import converter_for
-from refq_cli.report import probe_input, probe_module, weight_stats
+from refq_cli.report import probe_for, probe_module, weight_stats
 from refq_cli.spec import ModulePlan, Spec, load_spec, resolve
 
 
@@ -187,7 +187,7 @@ def convert(
                 {"module": path, "weight": name, "observer": wspec.observer, **stats}
             )
         converted.reference = converter_for(float_module)(float_module, qdict)
-        x = _probe(float_module, calibration_inputs.get(path or "<root>"), path)
+        x = probe_for(float_module, calibration_inputs.get(path or "<root>"), path)
         row["reference_type"] = converted.reference._get_name()
         row["probe"] = "calibration" if (path or "<root>") in calibration_inputs else "random"
         row.update(probe_module(float_module, converted.reference, x))
@@ -195,18 +195,6 @@ def convert(
     conversion = Conversion(checkpoint, spec, modules, {})
     conversion.report = _report(conversion, weight_rows, module_rows, spec_path)
     return conversion
-
-
-def _probe(module: nn.Module, given: torch.Tensor | None, path: str) -> torch.Tensor:
-    if given is None:
-        return probe_input(module)
-    weight = next(module.parameters())
-    if given.dim() != 3 or given.shape[-1] != module.input_size:
-        raise RefqError(
-            f"--calibration: input for {path or '<root>'} must be 3-D with "
-            f"{module.input_size} features, got shape {tuple(given.shape)}"
-        )
-    return given.to(device=weight.device, dtype=weight.dtype)
 
 
 def _report(

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from refq_cli.errors import RefqError
 from refq_cli.quant import WeightQParams, fake_quantize
 
 PROBE_STEPS = 16
@@ -70,6 +71,19 @@ def probe_input(module: nn.Module, seed: int = 0) -> torch.Tensor:
     if getattr(module, "batch_first", False):
         x = x.transpose(0, 1)
     return x.to(device=weight.device, dtype=weight.dtype)
+
+
+def probe_for(module: nn.Module, given: torch.Tensor | None, path: str) -> torch.Tensor:
+    """The calibration input given for ``module``, checked, or else the seeded random probe."""
+    if given is None:
+        return probe_input(module)
+    if given.dim() != 3 or given.shape[-1] != module.input_size:
+        raise RefqError(
+            f"--calibration: input for {path or '<root>'} must be 3-D with "
+            f"{module.input_size} features, got shape {tuple(given.shape)}"
+        )
+    weight = next(module.parameters())
+    return given.to(device=weight.device, dtype=weight.dtype)
 
 
 def probe_module(float_mod: nn.Module, ref_mod: nn.Module, x: torch.Tensor) -> dict[str, Any]:

@@ -17,7 +17,9 @@ from refq_cli import __version__
 from refq_cli.cli.convert import convert_command
 from refq_cli.cli.converters import converters_command
 from refq_cli.cli.init_config import init_config_command
+from refq_cli.cli.inspect import inspect_command
 from refq_cli.cli.schema import schema_command
+from refq_cli.cli.verify import verify_command
 from refq_cli.errors import RefqError
 
 app = typer.Typer(
@@ -92,6 +94,8 @@ def root(
 
 for _name, _command in {
     "convert": convert_command,
+    "inspect": inspect_command,
+    "verify": verify_command,
     "init-config": init_config_command,
     "schema": schema_command,
     "converters": converters_command,

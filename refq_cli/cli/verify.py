@@ -1,0 +1,86 @@
+"""``refq verify``: rerun an artifact against its float checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from refq_cli.cli.options import JsonOutput, TrustPickle
+from refq_cli.errors import ConversionError
+
+
+def verify_command(
+    artifact: Annotated[Path, typer.Argument(help="The artifact.", show_default=False)],
+    against: Annotated[
+        Path,
+        typer.Option(
+            "--against", help="The float checkpoint it was converted from.", show_default=False
+        ),
+    ],
+    calibration: Annotated[
+        Path | None,
+        typer.Option(
+            "--calibration", help="Probe inputs, as for refq convert.", show_default=False
+        ),
+    ] = None,
+    min_sqnr: Annotated[
+        float | None,
+        typer.Option(
+            "--min-sqnr",
+            help="Gate: exit 1 when a module's output SQNR (dB) is below this.",
+            show_default=False,
+        ),
+    ] = None,
+    trust_pickle: TrustPickle = False,
+    json_output: JsonOutput = False,
+) -> None:
+    """Reload an artifact, rerun its modules and the float ones on a probe, print the error."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from refq_cli.verify import verify
+
+    result = verify(artifact, against, calibration=calibration, trust_pickle=trust_pickle)
+    failing = [
+        f"{m['path'] or '<root>'} ({m['output_sqnr_db']:.2f} dB)"
+        for m in result["modules"]
+        if min_sqnr is not None
+        and m["output_sqnr_db"] is not None
+        and m["output_sqnr_db"] < min_sqnr
+    ]
+    if json_output:
+        typer.echo(json.dumps({**result, "below_min_sqnr": failing}, indent=2))
+    else:
+        table = Table(title=f"{artifact} against {against}", title_justify="left")
+        for column in (
+            "module",
+            "type",
+            "probe",
+            "output SQNR dB",
+            "max abs err",
+            "error at last step",
+        ):
+            table.add_column(column)
+        for m in result["modules"]:
+            sqnr = m["output_sqnr_db"]
+            table.add_row(
+                m["path"] or "<root>",
+                m["float_type"],
+                m["probe"],
+                "exact" if sqnr is None else f"{sqnr:.2f}",
+                f"{m['output_max_abs_error']:.4g}",
+                f"{m['hidden_error_per_step'][-1]:.4g}",
+            )
+        Console().print(table)
+    if not result["source_matches"]:
+        raise ConversionError(
+            f"{against} is not the checkpoint {artifact} was converted from (sha256 differs)"
+        )
+    if failing:
+        raise ConversionError(
+            f"quality gate: {len(failing)} module(s) below --min-sqnr "
+            f"{min_sqnr:g} dB: " + ", ".join(failing)
+        )

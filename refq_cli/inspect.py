@@ -1,0 +1,165 @@
+"""Reading artifacts back without running them: per-weight parameters, diffs, verification.
+
+``describe_artifact`` reads the header and only the small ``_scale`` / ``_zero_point`` tensors
+(through safetensors' lazy ``safe_open``), never the integer codes or float tensors.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from refq_cli.artifact import ArtifactError, read_header
+
+_QUANTIZED_SUFFIXES = ("_scale", "_zero_point")
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {"min": min(values), "median": statistics.median(values), "max": max(values)}
+
+
+def describe_artifact(
+    path: str | Path, *, module: str = "*", weight: str = "*", channels: bool = False
+) -> dict[str, Any]:
+    """Everything ``refq inspect`` shows, as plain data; filters are globs."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    header = read_header(path)
+    try:
+        modules = json.loads(header["refq.modules"])
+        source = json.loads(header.get("refq.source", "{}"))
+        producer = json.loads(header.get("refq.producer", "{}"))
+    except (KeyError, json.JSONDecodeError):
+        raise ArtifactError(f"{path}: metadata refq.modules is missing or not JSON") from None
+    weights = []
+    try:
+        with safe_open(str(path), "pt") as f:
+            names = set(f.keys())
+            shapes = {n: f.get_slice(n).get_shape() for n in names}
+            dtypes = {n: f.get_slice(n).get_dtype() for n in names}
+            owned = set()
+            for module_path, info in modules.items():
+                for weight_name, w in info["weights"].items():
+                    key = f"{module_path}.{weight_name}" if module_path else weight_name
+                    owned.add(key)
+                    if w["qscheme"] == "none":
+                        continue
+                    owned.update(key + s for s in _QUANTIZED_SUFFIXES)
+                    if not (
+                        fnmatch.fnmatchcase(module_path, module)
+                        and fnmatch.fnmatchcase(weight_name, weight)
+                    ):
+                        continue
+                    for needed in (key, key + "_scale", key + "_zero_point"):
+                        if needed not in names:
+                            raise ArtifactError(f"{path}: tensor {needed!r} is missing")
+                    scale = f.get_tensor(key + "_scale").reshape(-1).tolist()
+                    zero_point = f.get_tensor(key + "_zero_point").reshape(-1).tolist()
+                    row = {
+                        "module": module_path,
+                        "module_type": info["float_type"],
+                        "weight": weight_name,
+                        "shape": shapes[key],
+                        "dtype": w["dtype"],
+                        "qscheme": w["qscheme"],
+                        "axis": w["axis"],
+                        "quant_min": w["quant_min"],
+                        "quant_max": w["quant_max"],
+                        "sqnr_db": w.get("sqnr_db"),
+                        "scale": _summary(scale),
+                        "zero_point": _summary(zero_point),
+                    }
+                    if channels:
+                        row["scales"], row["zero_points"] = scale, zero_point
+                    weights.append(row)
+    except SafetensorError as exc:
+        raise ArtifactError(f"{path}: corrupt or truncated artifact: {exc}") from None
+    floats = sorted(n for n in names if n not in owned)
+    tensor_bytes = sum(_nbytes(shapes[n], dtypes[n]) for n in names)
+    return {
+        "path": str(path),
+        "source": source,
+        "producer": producer,
+        "format_version": int(header["refq.format_version"]),
+        "totals": {
+            "modules": len(modules),
+            "quantized_weights": sum(
+                w["qscheme"] != "none" for m in modules.values() for w in m["weights"].values()
+            ),
+            "float_tensors": len(floats),
+            "tensor_bytes": tensor_bytes,
+            "file_bytes": path.stat().st_size,
+        },
+        "weights": weights,
+        "float_tensors": [{"name": n, "shape": shapes[n], "dtype": dtypes[n]} for n in floats],
+    }
+
+
+_DTYPE_BYTES = {
+    "F64": 8,
+    "I64": 8,
+    "F32": 4,
+    "I32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+}
+
+
+def _nbytes(shape: list[int], dtype: str) -> int:
+    count = 1
+    for d in shape:
+        count *= d
+    return count * _DTYPE_BYTES.get(dtype, 0)
+
+
+def diff_artifacts(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:
+    """Weight-by-weight differences between two ``describe_artifact(..., channels=True)``."""
+
+    def index(desc: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
+        return {(w["module"], w["weight"]): w for w in desc["weights"]}
+
+    left, right = index(a), index(b)
+    changes = []
+    for key in sorted(set(left) | set(right)):
+        name = ".".join(p for p in key if p)
+        if key not in right:
+            changes.append({"weight": name, "change": "removed"})
+        elif key not in left:
+            changes.append({"weight": name, "change": "added"})
+        else:
+            x, y = left[key], right[key]
+            for field in (
+                "shape",
+                "dtype",
+                "qscheme",
+                "axis",
+                "quant_min",
+                "quant_max",
+                "scales",
+                "zero_points",
+                "sqnr_db",
+            ):
+                if x.get(field) != y.get(field):
+                    changes.append(
+                        {
+                            "weight": name,
+                            "change": f"{field} changed",
+                            "before": _brief(x.get(field)),
+                            "after": _brief(y.get(field)),
+                        }
+                    )
+    return changes
+
+
+def _brief(value: Any) -> Any:
+    if isinstance(value, list) and len(value) > 4:
+        return _summary(value)
+    return value

@@ -1,0 +1,59 @@
+"""``refq verify``: rerun an artifact's modules against the float checkpoint they came from."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from refq_cli.artifact import ArtifactError, load_artifact
+from refq_cli.checkpoint import load_checkpoint, read_tensors
+from refq_cli.convert import check_module_matches
+from refq_cli.report import probe_for, probe_module
+
+_FACTS = ("batch_first", "dropout", "nonlinearity")
+
+
+def verify(
+    artifact_path: str | Path,
+    checkpoint_path: str | Path,
+    *,
+    calibration: str | Path | None = None,
+    trust_pickle: bool = False,
+) -> dict[str, Any]:
+    """Per-module output error of the artifact's reference modules against the float ones."""
+    artifact = load_artifact(artifact_path)
+    checkpoint = load_checkpoint(checkpoint_path, trust_pickle=trust_pickle)
+    inputs = read_tensors(Path(calibration))[2] if calibration else {}
+    rows = []
+    for path, ref in artifact.modules.items():
+        info = artifact.metadata["refq.modules"][path]
+        found = checkpoint.modules.get(path)
+        if found is None:
+            raise ArtifactError(
+                f"{checkpoint_path}: no recurrent module at {path or '<root>'}, which the "
+                f"artifact holds; found: {', '.join(checkpoint.modules) or 'none'}"
+            )
+        facts = {k: v for k, v in info["config"].items() if k in _FACTS}
+        float_module = found.build(checkpoint.tensors, facts)
+        problems = check_module_matches(float_module, info)
+        if problems:
+            raise ArtifactError(
+                f"{checkpoint_path}: {path or '<root>'} differs from the artifact: "
+                + "; ".join(problems)
+            )
+        x = probe_for(float_module, inputs.get(path or "<root>"), path)
+        rows.append(
+            {
+                "path": path,
+                "float_type": info["float_type"],
+                "probe": "calibration" if (path or "<root>") in inputs else "random",
+                **probe_module(float_module, ref, x),
+            }
+        )
+    expected = artifact.metadata["refq.source"].get("sha256")
+    return {
+        "artifact": str(artifact_path),
+        "checkpoint": str(checkpoint_path),
+        "source_matches": expected == checkpoint.sha256,
+        "modules": rows,
+    }
