@@ -31,25 +31,39 @@ class ArtifactError(RefqError):
     """An artifact that cannot be written or read back."""
 
 
-def write_atomic(
-    path: Path, write: Any, *, force: bool = False, inputs: tuple[Path, ...] = ()
+def check_outputs(
+    outputs: Mapping[str, Path], inputs: Mapping[str, Path], *, force: bool = False
 ) -> None:
+    """Refuse output paths that collide with each other or with an input, sit in a missing
+    folder, or exist without ``force``. Keys name the flag or file each path came from."""
+    checked: dict[str, Path] = {}
+    for flag, path in outputs.items():
+        for other_flag, other in checked.items():
+            if path.resolve() == other.resolve() or _same_file(path, other):
+                raise ArtifactError(
+                    f"{flag} {path}: the same file as {other_flag}; give each output its own path"
+                )
+        for input_name, source in inputs.items():
+            if _same_file(path, source):
+                raise ArtifactError(
+                    f"{flag} {path}: would overwrite the {input_name} {source}; pick another path"
+                )
+        if path.is_dir():
+            raise ArtifactError(f"{flag} {path}: is a directory")
+        if not path.parent.is_dir():
+            raise ArtifactError(f"{flag} {path}: the folder {path.parent} does not exist")
+        if path.exists() and not force:
+            raise ArtifactError(f"{flag} {path}: already exists; pass --force to overwrite it")
+        checked[flag] = path
+
+
+def write_atomic(path: Path, write: Any, *, force: bool = False) -> None:
     """Write a file through ``write(tmp_path)`` beside ``path``, then move it into place.
 
-    Never overwrites without ``force``, never writes over one of ``inputs``, and never leaves a
-    partial file at ``path``: a failure removes the temporary file and keeps any old one.
+    Never overwrites without ``force`` and never leaves a partial file at ``path``: a failure
+    removes the temporary file and keeps any old one.
     """
-    for source in inputs:
-        if _same_file(path, source):
-            raise ArtifactError(
-                f"{path}: the output would overwrite the input {source}; pick another -o"
-            )
-    if path.exists() and not force:
-        raise ArtifactError(f"{path}: already exists; pass --force to overwrite it")
-    if path.is_dir():
-        raise ArtifactError(f"{path}: is a directory")
-    if not path.parent.is_dir():
-        raise ArtifactError(f"{path}: the folder {path.parent} does not exist")
+    check_outputs({"output": path}, {}, force=force)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
@@ -78,6 +92,17 @@ _SAFETENSORS_DTYPES = {
     torch.int8: "I8",
     torch.uint8: "U8",
     torch.bool: "BOOL",
+    **{
+        getattr(torch, name): code
+        for name, code in (
+            ("uint16", "U16"),
+            ("uint32", "U32"),
+            ("uint64", "U64"),
+            ("float8_e4m3fn", "F8_E4M3"),
+            ("float8_e5m2", "F8_E5M2"),
+        )
+        if hasattr(torch, name)
+    },
 }
 
 
@@ -87,15 +112,18 @@ def save_artifact(
     metadata: Mapping[str, Any],
     *,
     force: bool = False,
-    inputs: tuple[Path, ...] = (),
 ) -> None:
     """Write tensors and metadata (JSON-encoded where not text) as a refq artifact."""
+    for name, t in tensors.items():
+        if t.dtype not in _SAFETENSORS_DTYPES:
+            raise ArtifactError(
+                f"{path}: tensor {name!r} has dtype {str(t.dtype).removeprefix('torch.')}, "
+                "which safetensors cannot store"
+            )
     header = {"format": FORMAT, "refq.format_version": str(FORMAT_VERSION)}
     for key, value in metadata.items():
         header[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    write_atomic(
-        path, lambda tmp: write_safetensors(tmp, tensors, header), force=force, inputs=inputs
-    )
+    write_atomic(path, lambda tmp: write_safetensors(tmp, tensors, header), force=force)
 
 
 def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict) -> None:
@@ -107,10 +135,6 @@ def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata:
     offset = 0
     for name in sorted(tensors):
         t = tensors[name]
-        if t.dtype not in _SAFETENSORS_DTYPES:
-            raise ArtifactError(
-                f"{path}: tensor {name!r} has dtype {t.dtype}, which safetensors cannot store"
-            )
         size = t.numel() * t.element_size()
         entries[name] = {
             "dtype": _SAFETENSORS_DTYPES[t.dtype],
@@ -143,14 +167,15 @@ class Artifact:
     def apply_to(self, model: nn.Module) -> nn.Module:
         """Swap the reference modules into ``model`` and load every other tensor into it.
 
-        Returns the model (or the reference module itself when the artifact's module is the root).
-        Raises ArtifactError where the model's modules do not match the artifact's.
+        Everything is checked before anything changes: where the model's modules or tensors do
+        not match the artifact's, ArtifactError says how, and the model is left as it was.
+        Returns the model (or the reference module itself when the artifact's module is the
+        root).
         """
         from refq_cli.convert import check_module_matches
 
         infos = self.metadata["refq.modules"]
-        root = model
-        for path, ref in self.modules.items():
+        for path in self.modules:
             try:
                 current = model.get_submodule(path) if path else model
             except AttributeError:
@@ -161,19 +186,22 @@ class Artifact:
                     f"{self.path}: {path or '<root>'} differs from the artifact: "
                     + "; ".join(problems)
                 )
-            if not path:
-                root = ref
-                continue
+        if "" in self.modules:
+            return self.modules[""]
+        own = model.state_dict()
+        for name, tensor in self.tensors.items():
+            if name not in own:
+                raise ArtifactError(f"{self.path}: the model has no place for tensor {name!r}")
+            if own[name].shape != tensor.shape:
+                raise ArtifactError(
+                    f"{self.path}: tensor {name!r} has shape {tuple(tensor.shape)}, the model's "
+                    f"{tuple(own[name].shape)}"
+                )
+        for path, ref in self.modules.items():
             parent_path, _, name = path.rpartition(".")
             setattr(model.get_submodule(parent_path) if parent_path else model, name, ref)
-        if root is model and self.tensors:
-            result = model.load_state_dict(self.tensors, strict=False)
-            if result.unexpected_keys:
-                raise ArtifactError(
-                    f"{self.path}: the model has no place for "
-                    f"{', '.join(sorted(result.unexpected_keys)[:5])}"
-                )
-        return root
+        model.load_state_dict(self.tensors, strict=False)
+        return model
 
 
 def read_header(path: Path) -> dict[str, str]:

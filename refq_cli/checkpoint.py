@@ -55,18 +55,7 @@ class RecurrentModule:
 
     def build(self, tensors: Mapping[str, torch.Tensor], facts: Mapping[str, Any]) -> nn.Module:
         """The float module with ``tensors``' weights, constructed with the spec's ``facts``."""
-        config = dict(self.config)
-        for key, value in facts.items():
-            if key == "nonlinearity" and self.float_type not in ("RNN", "RNNCell"):
-                raise CheckpointError(
-                    f"{self.path or '<root>'}: nonlinearity applies to RNN and RNNCell, "
-                    f"not {self.float_type}"
-                )
-            if key in ("batch_first", "dropout") and self.float_type.endswith("Cell"):
-                raise CheckpointError(
-                    f"{self.path or '<root>'}: {key} does not apply to a {self.float_type}"
-                )
-            config[key] = value
+        config = {**self.config, **facts}
         first = tensors[self.key(self.tensor_names[0])]
         module = getattr(nn, self.float_type)(**config, device="meta", dtype=first.dtype)
         local = {name: tensors[self.key(name)] for name in self.tensor_names}
@@ -141,6 +130,10 @@ def read_tensors(
         fmt, tensors = _load_torch_save(path, trust_pickle)
     elif len(head) >= 9 and head[8:9] == b"{":
         fmt, tensors = "safetensors", _load_safetensors(path)
+        if _is_refq_artifact(path):
+            raise CheckpointError(
+                f"{name}: is already a refq artifact; convert the float checkpoint it came from"
+            )
     else:
         raise CheckpointError(
             f"{name}: not a checkpoint refq can read (expected a torch.save file, a "
@@ -219,6 +212,13 @@ def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
         ) from None
 
 
+def _is_refq_artifact(path: Path) -> bool:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return (f.metadata() or {}).get("format") == "refq"
+
+
 def _state_dict_of(obj: Any, path: Path) -> dict[str, torch.Tensor]:
     """The flat name -> tensor mapping inside whatever the file held."""
     if isinstance(obj, (nn.Module, torch.jit.ScriptModule)):
@@ -256,10 +256,23 @@ def find_recurrent_modules(
         groups.setdefault(prefix, {})[local] = tensor
     found = {}
     for prefix, local in groups.items():
-        if "weight_hh" in local or "weight_ih" in local:
-            found[prefix] = _cell(prefix, local, source)
-        elif any(_LAYER_KEY.match(k) for k in local):
-            found[prefix] = _sequence(prefix, local, source)
+        is_cell = "weight_hh" in local or "weight_ih" in local
+        is_sequence = any(_LAYER_KEY.match(k) for k in local)
+        if is_cell and is_sequence:
+            raise CheckpointError(
+                f"{_where(prefix, source)}: holds both cell keys (weight_ih) and layer keys "
+                "(weight_ih_l0); one module cannot be both"
+            )
+        if is_cell or is_sequence:
+            module = (_cell if is_cell else _sequence)(prefix, local, source)
+            for name in module.tensor_names:
+                if not local[name].is_floating_point():
+                    raise CheckpointError(
+                        f"{_where(prefix, source)}: {name} has dtype "
+                        f"{str(local[name].dtype).removeprefix('torch.')}; recurrent weights "
+                        "must be floating point (is this file already quantized?)"
+                    )
+            found[prefix] = module
     return found
 
 

@@ -7,6 +7,7 @@ before any weight is observed.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,7 +23,7 @@ from refq_cli.observers import observe
 from refq_cli.quant import WeightQParams, dequantize, quantize
 from refq_cli.registry import converter_for
 from refq_cli.report import probe_for, probe_module, weight_stats
-from refq_cli.spec import ModulePlan, Spec, load_spec, resolve
+from refq_cli.spec import ModulePlan, Spec, display_path, load_spec, resolve
 
 
 @dataclass
@@ -144,26 +145,40 @@ def convert(
     device: str = "cpu",
     trust_pickle: bool = False,
     calibration: str | Path | None = None,
-    progress: Callable[[str], None] | None = None,
+    progress: Callable[[str, int, int | None], None] | None = None,
 ) -> Conversion:
-    """Convert one checkpoint as the spec says. Raises a RefqError subclass on bad input."""
-    step = progress or (lambda _: None)
+    """Convert one checkpoint as the spec says. Raises a RefqError subclass on bad input.
+
+    ``progress(what, done, total)`` hears of each module as its conversion starts.
+    """
+    started = time.perf_counter()
+    step = progress or (lambda what, done, total: None)
     spec = load_spec(spec_path)
     dev = resolve_device(device)
     calibration_inputs = read_tensors(Path(calibration))[2] if calibration else {}
-    step("loading checkpoint")
+    step("loading the checkpoint", 0, None)
     checkpoint = load_checkpoint(input_path, trust_pickle=trust_pickle)
     if not checkpoint.modules:
         raise CheckpointError(
             f"{input_path}: no recurrent module found (looked for weight_ih/weight_hh keys)"
         )
-    plans = resolve(spec, {p: m.weight_names for p, m in checkpoint.modules.items()})
+    plans = resolve(
+        spec,
+        {p: m.weight_names for p, m in checkpoint.modules.items()},
+        {p: m.float_type for p, m in checkpoint.modules.items()},
+    )
+    unknown = set(calibration_inputs) - {display_path(p) for p in checkpoint.modules}
+    if unknown:
+        raise RefqError(
+            f"--calibration {calibration}: {', '.join(sorted(unknown))} is no recurrent module; "
+            f"modules: {', '.join(display_path(p) for p in checkpoint.modules)}"
+        )
 
     modules: dict[str, ConvertedModule] = {}
     weight_rows: list[dict[str, Any]] = []
     module_rows: list[dict[str, Any]] = []
-    for path, info in checkpoint.modules.items():
-        step(f"converting {path or '<root>'}")
+    for done, (path, info) in enumerate(checkpoint.modules.items()):
+        step(f"converting {display_path(path)}", done, len(checkpoint.modules))
         plan = plans[path]
         facts = {k: s.value for k, s in plan.facts.items()}
         float_module = info.build(checkpoint.tensors, facts).to(dev)
@@ -180,20 +195,25 @@ def convert(
                 qdict[name] = {"qscheme": None}
                 continue
             weight = getattr(float_module, name)
-            qp = observe(weight, wspec, f"{path or '<root>'}.{name}")
+            if not bool(torch.isfinite(weight).all()):
+                raise CheckpointError(
+                    f"{input_path}: {display_path(path)}.{name} holds NaN or infinite values"
+                )
+            qp = observe(weight, wspec, f"{display_path(path)}.{name}")
             converted.qparams[name] = qdict[name] = qp
             stats = weight_stats(weight, qp, spec.is_decomposed)
             weight_rows.append(
                 {"module": path, "weight": name, "observer": wspec.observer, **stats}
             )
         converted.reference = converter_for(float_module)(float_module, qdict)
-        x = probe_for(float_module, calibration_inputs.get(path or "<root>"), path)
+        x = probe_for(float_module, calibration_inputs.get(display_path(path)), path)
         row["reference_type"] = converted.reference._get_name()
-        row["probe"] = "calibration" if (path or "<root>") in calibration_inputs else "random"
+        row["probe"] = "calibration" if display_path(path) in calibration_inputs else "random"
         row.update(probe_module(float_module, converted.reference, x))
 
     conversion = Conversion(checkpoint, spec, modules, {})
     conversion.report = _report(conversion, weight_rows, module_rows, spec_path)
+    conversion.report["totals"]["seconds"] = round(time.perf_counter() - started, 3)
     return conversion
 
 
@@ -283,4 +303,8 @@ def check_module_matches(module: nn.Module, info: Mapping[str, Any]) -> list[str
         mine = getattr(module, k, None)
         if mine != v:
             problems.append(f"{k}: model has {mine}, artifact has {v}")
+    param = next(module.parameters(), None)
+    dtype = str(param.dtype).removeprefix("torch.") if param is not None else None
+    if dtype is not None and dtype != info["float_dtype"]:
+        problems.append(f"dtype: model has {dtype}, artifact has {info['float_dtype']}")
     return problems

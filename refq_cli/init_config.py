@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
+
 from refq_cli.checkpoint import Checkpoint
-from refq_cli.spec import BUILTIN_DEFAULTS
+from refq_cli.spec import BUILTIN_DEFAULTS, display_path
 
 
 def skeleton(checkpoint: Checkpoint) -> str:
@@ -37,9 +39,14 @@ def skeleton(checkpoint: Checkpoint) -> str:
     facts = [p for p, m in checkpoint.modules.items() if m.float_type in ("RNN", "RNNCell")]
     lines.append("modules:" if facts else "modules: {}")
     for path in facts:
-        lines += [f"  {_quote(path)}:", "    nonlinearity: tanh  # or relu: weights cannot tell"]
+        lines += [
+            f"  {json.dumps(display_path(path))}:",
+            "    nonlinearity: tanh  # or relu: weights cannot tell",
+        ]
     return "\n".join(lines) + "\n"
 
 
 def _quote(path: str) -> str:
-    return f'"{path}"' if not path or not path.replace(".", "").replace("_", "").isalnum() else path
+    """The path as a YAML string and glob that matches exactly it."""
+    glob = "".join(f"[{c}]" if c in "*?[" else c for c in display_path(path))
+    return json.dumps(glob)

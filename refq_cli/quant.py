@@ -303,8 +303,11 @@ def _as_tensor(value: Any, dtype: torch.dtype, device: Any, name: str, where: st
             raise QParamsError(
                 f"{where}: {name} must be a number or a list of numbers", field=name
             ) from None
-    if not dtype.is_floating_point and t.is_floating_point() and not bool((t == t.round()).all()):
-        raise QParamsError(f"{where}: {name} must hold integers, got {t.tolist()}", field=name)
+    if not dtype.is_floating_point and t.is_floating_point():
+        if not bool((t == t.round()).all()):
+            raise QParamsError(f"{where}: {name} must hold integers, got {t.tolist()}", field=name)
+        if bool((t.abs() > 2**62).any()):
+            raise QParamsError(f"{where}: {name} is out of range, got {t.tolist()}", field=name)
     return t.to(device=t.device if device is None else device, dtype=dtype).clone()
 
 

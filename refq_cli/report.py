@@ -77,10 +77,19 @@ def probe_for(module: nn.Module, given: torch.Tensor | None, path: str) -> torch
     """The calibration input given for ``module``, checked, or else the seeded random probe."""
     if given is None:
         return probe_input(module)
-    if given.dim() != 3 or given.shape[-1] != module.input_size:
+    layout = (
+        "(batch, time, features)"
+        if getattr(module, "batch_first", False)
+        else ("(time, batch, features)")
+    )
+    if given.dim() != 3 or given.shape[-1] != module.input_size or 0 in given.shape:
         raise RefqError(
-            f"--calibration: input for {path or '<root>'} must be 3-D with "
-            f"{module.input_size} features, got shape {tuple(given.shape)}"
+            f"--calibration: input for {path or '<root>'} must be a non-empty {layout} tensor "
+            f"with {module.input_size} features, got shape {tuple(given.shape)}"
+        )
+    if not given.is_floating_point() or not bool(torch.isfinite(given).all()):
+        raise RefqError(
+            f"--calibration: input for {path or '<root>'} must hold finite floating-point values"
         )
     weight = next(module.parameters())
     return given.to(device=weight.device, dtype=weight.dtype)
@@ -139,6 +148,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"({totals['compression_ratio']:.2f}x smaller)",
         f"- worst weight SQNR: {_fmt(totals['worst_sqnr_db'])} dB over "
         f"{totals['weights_quantized']} quantized weights",
+        f"- conversion time: {totals['seconds']:.2f} s",
         "",
         "## Weights",
         "",

@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import math
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -119,7 +120,7 @@ Settings = dict[str, Setting]
 class Rule:
     match: str
     loc: Loc
-    skip: bool = False
+    skip: bool | None = None  # None: this rule does not say
     fields: Settings = field(default_factory=dict)
     weights: dict[str, tuple[Loc, Settings]] = field(default_factory=dict)
 
@@ -141,8 +142,8 @@ class Spec:
         rules = []
         for rule in self.rules:
             entry: dict[str, Any] = {"match": rule.match, **plain(rule.fields)}
-            if rule.skip:
-                entry["skip"] = True
+            if rule.skip is not None:
+                entry["skip"] = rule.skip
             if rule.weights:
                 entry["weights"] = {k: plain(v) for k, (_, v) in rule.weights.items()}
             rules.append(entry)
@@ -185,6 +186,17 @@ class QParamSpec:
 # --- reading ----------------------------------------------------------------------------------
 
 
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` as a float as YAML 1.2 (and editors) do."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def load_spec(path: str | Path) -> Spec:
     """Read and validate a spec file; raises SpecError naming file:line:column."""
     path = Path(path)
@@ -215,13 +227,15 @@ def parse_spec(data: bytes | str, name: str = "<spec>") -> Spec:
     else:
         text = data
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_Loader)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
         raise SpecError(f"{where}: YAML syntax error: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
         raise SpecError(f"{name}: YAML error: {exc}") from None
+    except RecursionError:
+        raise SpecError(f"{name}: the spec is nested too deeply") from None
     if root is None:
         raise SpecError(f"{name}:1:1: the spec is empty; it needs at least 'version: 1'")
     return _SpecReader(name).read(root)
@@ -357,7 +371,7 @@ class _SpecReader:
             raise self.fail(root, "missing 'version: 1' at the top of the spec")
         version_node = top["version"][1]
         version = self.scalar(version_node)
-        if version != SPEC_VERSION:
+        if type(version) is not int or version != SPEC_VERSION:
             raise self.fail(
                 version_node,
                 f"spec version {version!r} is not supported; this refq reads version "
@@ -393,7 +407,7 @@ class _SpecReader:
         if "match" not in items:
             raise self.fail(node, "a rule needs 'match: <glob over module paths>'")
         match = self.value(items["match"][1], "match", Field("str", ""))
-        skip = False
+        skip = None
         if "skip" in items:
             skip = self.value(items["skip"][1], "skip", Field("bool", ""))
         fields = {
@@ -425,24 +439,52 @@ class ModulePlan:
     weights: dict[str, QParamSpec]
 
 
-def resolve(spec: Spec, modules: Mapping[str, Sequence[str]]) -> dict[str, ModulePlan]:
+ROOT = "<root>"  # how specs, reports and calibration files name a module at the root
+
+
+def display_path(path: str) -> str:
+    return path or ROOT
+
+
+_FACT_TYPES = {
+    "nonlinearity": ("RNN", "RNNCell"),
+    "batch_first": ("RNN", "LSTM", "GRU"),
+    "dropout": ("RNN", "LSTM", "GRU"),
+}
+
+
+def resolve(
+    spec: Spec,
+    modules: Mapping[str, Sequence[str]],
+    types: Mapping[str, str] | None = None,
+) -> dict[str, ModulePlan]:
     """Apply defaults and rules to every weight of every recurrent module (path -> weights).
 
-    A rule that matches no module, a weight glob that matches no weight of the modules its rule
-    matches, and module facts for a path that is not a recurrent module are errors.
+    Globs and ``modules:`` keys see a module at the root as ``<root>``. A rule that matches no
+    module, a weight glob that matches no weight of the modules its rule matches, and module
+    facts for a path that is not a recurrent module (or, given ``types``, facts that do not
+    apply to its type) are errors.
     """
-    for path, (loc, _) in spec.modules.items():
-        if path not in modules:
+    shown = {display_path(p): p for p in modules}
+    for key, (loc, facts) in spec.modules.items():
+        if key not in shown:
             raise SpecError(
-                f"{loc}: modules.{path}: no recurrent module at this path; "
-                f"found: {', '.join(modules) or 'none'}"
+                f"{loc}: modules.{key}: no recurrent module at this path; "
+                f"found: {', '.join(shown) or 'none'}"
             )
+        float_type = (types or {}).get(shown[key])
+        for fact, setting in facts.items():
+            if float_type is not None and float_type not in _FACT_TYPES[fact]:
+                raise SpecError(
+                    f"{setting.loc}: modules.{key}.{fact} does not apply to {float_type}; "
+                    f"it is for {', '.join(_FACT_TYPES[fact])}"
+                )
     for rule in spec.rules:
-        matched = [p for p in modules if fnmatch.fnmatchcase(p, rule.match)]
+        matched = [p for name, p in shown.items() if fnmatch.fnmatchcase(name, rule.match)]
         if not matched:
             raise SpecError(
                 f"{rule.loc}: rule match {rule.match!r} matches no recurrent module; "
-                f"found: {', '.join(modules) or 'none'}"
+                f"found: {', '.join(shown) or 'none'}"
             )
         for pattern, (loc, _) in rule.weights.items():
             if not any(fnmatch.fnmatchcase(w, pattern) for p in matched for w in modules[p]):
@@ -457,23 +499,23 @@ def resolve(spec: Spec, modules: Mapping[str, Sequence[str]]) -> dict[str, Modul
         **spec.defaults,
     }
     plans = {}
-    for path, weight_names in modules.items():
+    for name, path in shown.items():
         skip = False
         module_settings = dict(base)
         per_weight_layers: list[tuple[str, Settings]] = []
         for rule in spec.rules:
-            if fnmatch.fnmatchcase(path, rule.match):
-                skip = skip or rule.skip
+            if fnmatch.fnmatchcase(name, rule.match):
+                skip = skip if rule.skip is None else rule.skip
                 module_settings.update(rule.fields)
                 per_weight_layers.extend((p, s) for p, (_, s) in rule.weights.items())
         weights = {}
-        for name in weight_names:
+        for weight in modules[path]:
             settings = dict(module_settings)
             for pattern, overrides in per_weight_layers:
-                if fnmatch.fnmatchcase(name, pattern):
+                if fnmatch.fnmatchcase(weight, pattern):
                     settings.update(overrides)
-            weights[name] = _qparam_spec(settings, f"{path}.{name}")
-        facts = spec.modules[path][1] if path in spec.modules else {}
+            weights[weight] = _qparam_spec(settings, f"{name}.{weight}")
+        facts = spec.modules[name][1] if name in spec.modules else {}
         plans[path] = ModulePlan(skip, facts, weights)
     return plans
 

@@ -247,3 +247,53 @@ def test_schema_and_validator_agree_on_unknown_keys():
         jsonschema.validate(doc, json_schema())
     with pytest.raises(SpecError, match="unknown key 'dtpye' in a rule"):
         parse_spec(yaml.safe_dump(doc), "q.yaml")
+
+
+def test_exponent_floats_read_as_numbers_like_editors_read_them():
+    spec = parse_spec(
+        "version: 1\ndefaults: {observer: fixed, qscheme: per_tensor_symmetric, scale: 1e-3}\n",
+        "q.yaml",
+    )
+    assert spec.defaults["scale"].value == 0.001
+
+
+def test_a_later_rule_can_unskip():
+    spec = parse_spec(
+        "version: 1\nrules:\n  - {match: '*', skip: true}\n  - {match: aux, skip: false}\n",
+        "q.yaml",
+    )
+    plans = resolve(spec, {"aux": ["weight_ih"], "enc": ["weight_ih"]})
+    assert not plans["aux"].skip and plans["enc"].skip
+
+
+def test_a_module_at_the_root_is_named_root():
+    spec = parse_spec(
+        "version: 1\nrules:\n  - {match: <root>, dtype: quint8, qscheme: "
+        "per_tensor_affine}\nmodules:\n  <root>: {batch_first: true}\n",
+        "q.yaml",
+    )
+    plans = resolve(spec, {"": ["weight_ih_l0"]}, {"": "LSTM"})
+    assert plans[""].weights["weight_ih_l0"].dtype == "quint8"
+    assert plans[""].facts["batch_first"].value is True
+
+
+@pytest.mark.parametrize(
+    ("facts", "float_type", "message"),
+    [
+        (
+            "nonlinearity: relu",
+            "LSTM",
+            "q.yaml:3:21: modules.m.nonlinearity does not apply to LSTM",
+        ),
+        (
+            "batch_first: true",
+            "GRUCell",
+            "q.yaml:3:20: modules.m.batch_first does not apply to GRUCell",
+        ),
+        ("dropout: 0.1", "RNNCell", "modules.m.dropout does not apply to RNNCell"),
+    ],
+)
+def test_module_facts_must_fit_the_module_type(facts, float_type, message):
+    spec = parse_spec(f"version: 1\nmodules:\n  m: {{{facts}}}\n", "q.yaml")
+    with pytest.raises(SpecError, match=message):
+        resolve(spec, {"m": ["weight_ih"]}, {"m": float_type})

@@ -35,6 +35,7 @@ app = typer.Typer(
 _TORCH_NOISE = (
     "Failed to initialize NumPy",
     "LSTM with projections is not supported with oneDNN",
+    "dropout option adds dropout after all but last recurrent layer",
 )
 
 

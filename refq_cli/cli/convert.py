@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import time
 from contextlib import nullcontext
@@ -12,7 +13,7 @@ from typing import Annotated
 import typer
 
 from refq_cli.cli.options import Checkpoint, Device, Force, JsonOutput, Quiet, TrustPickle
-from refq_cli.errors import ConversionError
+from refq_cli.errors import ConversionError, RefqError
 
 
 def default_paths(input_path: Path, output: Path | None, report: Path | None) -> tuple[Path, ...]:
@@ -21,6 +22,11 @@ def default_paths(input_path: Path, output: Path | None, report: Path | None) ->
     if report is None:
         stem = artifact.name.removesuffix(".safetensors")
         report = artifact.with_name(stem + ".report.json")
+    elif report.suffix == ".md":
+        raise RefqError(
+            f"--report {report}: give the JSON path; the Markdown report is written "
+            "beside it with .md"
+        )
     return artifact, report, report.with_suffix(".md")
 
 
@@ -37,7 +43,7 @@ def convert_command(
         typer.Option(
             "--output",
             "-o",
-            help="Artifact path [default: INPUT stem + .refq.safetensors]",
+            help="Artifact path \\[default: CHECKPOINT stem + .refq.safetensors]",
             show_default=False,
         ),
     ] = None,
@@ -46,7 +52,7 @@ def convert_command(
         typer.Option(
             "--report",
             help="Report JSON path; the Markdown report goes beside it "
-            "with .md [default: beside the artifact]",
+            "with .md \\[default: beside the artifact]",
             show_default=False,
         ),
     ] = None,
@@ -55,7 +61,8 @@ def convert_command(
         typer.Option(
             "--calibration",
             help="Probe inputs: a state_dict or .safetensors file "
-            "of (time, batch, features) tensors named by module path.",
+            "of (time, batch, features) tensors ((batch, time, features) for batch_first "
+            "modules) named by module path (<root> for a module at the root).",
             show_default=False,
         ),
     ] = None,
@@ -75,37 +82,49 @@ def convert_command(
 ) -> None:
     """Convert a float checkpoint into a reference-quantized artifact and a report."""
     from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from refq_cli.artifact import ArtifactError, save_artifact, write_atomic
+    from refq_cli.artifact import check_outputs, save_artifact, write_atomic
     from refq_cli.convert import convert
     from refq_cli.report import to_markdown
 
     started = time.perf_counter()
+    if min_sqnr is not None and not math.isfinite(min_sqnr):
+        raise RefqError(f"--min-sqnr {min_sqnr}: give a finite number of dB")
     artifact_path, report_json, report_md = default_paths(input_path, output, report)
-    for path in (artifact_path, report_json, report_md):
-        if path.exists() and not force:
-            raise ArtifactError(f"{path}: already exists; pass --force to overwrite it")
+    inputs = {"input": input_path, "spec": qconfig}
+    if calibration is not None:
+        inputs["calibration file"] = calibration
+    outputs = {"--output": artifact_path, "--report": report_json, "the Markdown report": report_md}
+    check_outputs(outputs, inputs, force=force)
+
     stderr = Console(stderr=True)
     show_progress = not quiet and not json_output and stderr.is_terminal
-    with stderr.status("converting", spinner="dots") if show_progress else nullcontext() as status:
+    bar = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        console=stderr,
+        transient=True,
+    )
+    with bar if show_progress else nullcontext():
+        task = bar.add_task("reading", total=None)
         conversion = convert(
             input_path,
             qconfig,
             device=device,
             trust_pickle=trust_pickle,
             calibration=calibration,
-            progress=status.update if status else None,
+            progress=lambda what, done, total: bar.update(
+                task, description=what, completed=done, total=total
+            ),
         )
-        if status:
-            status.update("writing the artifact")
-        inputs = (input_path, qconfig)
-        save_artifact(
-            artifact_path, conversion.tensors(), conversion.metadata(), force=force, inputs=inputs
-        )
+        bar.update(task, description="writing")
+        save_artifact(artifact_path, conversion.tensors(), conversion.metadata(), force=force)
         report_text = json.dumps(conversion.report, indent=2, sort_keys=True) + "\n"
-        write_atomic(report_json, lambda p: p.write_text(report_text), force=force, inputs=inputs)
+        write_atomic(report_json, lambda p: p.write_text(report_text), force=force)
         markdown = to_markdown(conversion.report)
-        write_atomic(report_md, lambda p: p.write_text(markdown), force=force, inputs=inputs)
+        write_atomic(report_md, lambda p: p.write_text(markdown), force=force)
     seconds = time.perf_counter() - started
 
     failing = conversion.below(min_sqnr) if min_sqnr is not None else []

@@ -22,7 +22,7 @@ def init_config_command(
     trust_pickle: TrustPickle = False,
 ) -> None:
     """Print a spec skeleton listing every recurrent module and weight in the checkpoint."""
-    from refq_cli.artifact import write_atomic
+    from refq_cli.artifact import check_outputs, write_atomic
     from refq_cli.checkpoint import load_checkpoint
     from refq_cli.init_config import skeleton
 
@@ -30,4 +30,5 @@ def init_config_command(
     if output is None:
         typer.echo(text, nl=False)
     else:
-        write_atomic(output, lambda p: p.write_text(text), force=force, inputs=(input_path,))
+        check_outputs({"--output": output}, {"input": input_path}, force=force)
+        write_atomic(output, lambda p: p.write_text(text), force=force)

@@ -29,5 +29,6 @@ Checkpoint = Annotated[
         help="Checkpoint: a state_dict (.pt, .pth, .bin), a .safetensors file or a TorchScript "
         "archive.",
         show_default=False,
+        metavar="CHECKPOINT",
     ),
 ]

@@ -208,7 +208,7 @@ def test_init_config_writes_a_spec_that_converts(tmp_path):
     assert result.exit_code == 0, result.output
     text = skeleton.read_text()
     for path in ("encoder", "context", "aux", "decoder.cell", "gate", "tanh_cell"):
-        assert f"- match: {path}" in text
+        assert f'- match: "{path}"' in text
     assert "weight_hr_l1_reverse 3x8" in text and "nonlinearity: tanh" in text
     load_spec(skeleton)
     result = invoke("convert", source, "-q", skeleton)
@@ -239,3 +239,71 @@ def test_generated_spec_round_trips_through_yaml(tmp_path):
     again = tmp_path / "again.yaml"
     again.write_text(yaml.safe_dump(loaded.to_dict()))
     assert load_spec(again).to_dict() == loaded.to_dict()
+
+
+def test_init_config_for_a_root_module_and_glob_characters(tmp_path):
+    import torch
+
+    root = tmp_path / "root.pt"
+    torch.save(torch.nn.GRU(3, 4).state_dict(), root)
+    skeleton = tmp_path / "root.yaml"
+    assert invoke("init-config", root, "-o", skeleton).exit_code == 0
+    assert '- match: "<root>"' in skeleton.read_text()
+    assert invoke("convert", root, "-q", skeleton).exit_code == 0
+
+    odd = tmp_path / "odd.pt"
+    torch.save({f"enc[0].{k}": v for k, v in torch.nn.GRUCell(3, 4).state_dict().items()}, odd)
+    skeleton = tmp_path / "odd.yaml"
+    assert invoke("init-config", odd, "-o", skeleton).exit_code == 0
+    result = invoke("convert", odd, "-q", skeleton)
+    assert result.exit_code == 0, result.output
+
+
+OUTPUT_CLASHES = {
+    "report-is-artifact": (
+        ["-o", "a.safetensors", "--report", "a.safetensors"],
+        "--report .*a.safetensors: the same file as --output",
+    ),
+    "markdown-report": (["--report", "r.md"], "--report r.md: give the JSON path"),
+    "missing-folder": (["--report", "nowhere/r.json"], "the folder nowhere does not exist"),
+    "report-is-input": (["--report", "model.pt"], "would overwrite the input"),
+    "output-is-spec": (["-o", "q.yaml"], "--output q.yaml: would overwrite the spec"),
+}
+
+
+@pytest.mark.parametrize(("args", "message"), OUTPUT_CLASHES.values(), ids=OUTPUT_CLASHES.keys())
+def test_output_paths_are_checked_before_any_work(tmp_path, monkeypatch, args, message):
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "pt")
+    spec(tmp_path)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    result = invoke("convert", "model.pt", "-q", "q.yaml", *args, "--force")
+    assert result.exit_code == 2 and re.search(message, result.output), result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_calibration_keys_must_name_modules(tmp_path):
+    import torch
+
+    calibration = tmp_path / "calib.pt"
+    torch.save({"gaet": torch.randn(4, 2, 6)}, calibration)
+    result = invoke(
+        "convert", write(tmp_path, "pt"), "-q", spec(tmp_path), "--calibration", calibration
+    )
+    assert result.exit_code == 2 and "gaet is no recurrent module" in result.output
+    torch.save({"gate": torch.randn(0, 2, 6)}, calibration)
+    result = invoke(
+        "convert", write(tmp_path, "pt"), "-q", spec(tmp_path), "--calibration", calibration
+    )
+    assert result.exit_code == 2 and "non-empty (time, batch, features)" in result.output
+
+
+def test_min_sqnr_must_be_finite(tmp_path):
+    result = invoke("convert", write(tmp_path, "pt"), "-q", spec(tmp_path), "--min-sqnr", "nan")
+    assert result.exit_code == 2 and "--min-sqnr nan" in result.output
+
+
+def test_help_shows_the_defaults_and_the_argument_name():
+    result = CliRunner().invoke(app, ["convert", "--help"], env={"COLUMNS": "200"})
+    assert "[default: CHECKPOINT stem + .refq.safetensors]" in result.output
+    assert "Usage: refq convert [OPTIONS] {CHECKPOINT}" in result.output
