@@ -149,7 +149,7 @@ def test_apply_to_swaps_modules_into_the_users_model(tmp_path):
         (lambda m: delattr(m, "decoder"), "the model has no module at 'decoder.cell'"),
         (
             lambda m: setattr(m, "head", nn.Linear(7, 3)),
-            r"tensor 'head.weight' has shape \(2, 7\), the model's \(3, 7\)",
+            r"tensor 'head.bias' has shape \(2,\), the model's \(3,\)",
         ),
         (lambda m: m.double(), "dtype: model has float64, artifact has float32"),
     ],
