@@ -6,23 +6,18 @@ the validator and the JSON Schema (``refq schema``) are both generated from them
 
 from __future__ import annotations
 
-import difflib
 import fnmatch
-import math
-import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import yaml
-from yaml.constructor import SafeConstructor
 
 from refq_cli.errors import QParamsError, SpecError
+from refq_cli.yaml_reader import Field, Loc, Setting, Settings, YamlReader, compose, read_document
 
 SPEC_VERSION = 1
-MAX_SPEC_BYTES = 4 * 1024 * 1024
-MAX_SPEC_NODES = 100_000
 
 DTYPE_NAMES = ("qint8", "quint8", "qint32", "int4", "uint4")
 QSCHEME_NAMES = (
@@ -33,18 +28,6 @@ QSCHEME_NAMES = (
     "none",
 )
 OBSERVER_NAMES = ("minmax", "mse", "percentile", "fixed")
-
-
-@dataclass(frozen=True)
-class Field:
-    """One key of the spec: its kind of value and what it means."""
-
-    kind: str  # enum | int | number | bool | str | numbers | ints
-    doc: str
-    choices: tuple[str, ...] = ()
-    minimum: float | None = None
-    maximum: float | None = None
-    exclusive_minimum: bool = False
 
 
 QPARAM_FIELDS: dict[str, Field] = {
@@ -87,33 +70,6 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "observer": "minmax",
     "percentile": 99.99,
 }
-
-
-@dataclass(frozen=True)
-class Loc:
-    """A position in a spec file, printed as ``file:line:column`` (both 1-based)."""
-
-    file: str
-    line: int
-    column: int
-
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.column}"
-
-    @classmethod
-    def of(cls, file: str, node: yaml.Node) -> Loc:
-        return cls(file, node.start_mark.line + 1, node.start_mark.column + 1)
-
-
-@dataclass(frozen=True)
-class Setting:
-    """A value from the spec and where it was written."""
-
-    value: Any
-    loc: Loc
-
-
-Settings = dict[str, Setting]
 
 
 @dataclass(frozen=True)
@@ -186,197 +142,23 @@ class QParamSpec:
 # --- reading ----------------------------------------------------------------------------------
 
 
-class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading ``1e-3`` as a float as YAML 1.2 (and editors) do."""
-
-
-_Loader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"),
-)
-
-
 def load_spec(path: str | Path) -> Spec:
     """Read and validate a spec file; raises SpecError naming file:line:column."""
-    path = Path(path)
-    name = str(path)
-    try:
-        if path.is_dir():
-            raise SpecError(f"{name}: is a directory, not a spec file")
-        size = path.stat().st_size
-        if size > MAX_SPEC_BYTES:
-            raise SpecError(
-                f"{name}: {size} bytes is too large for a spec (limit {MAX_SPEC_BYTES} bytes)"
-            )
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise SpecError(f"{name}: no such spec file") from None
-    except OSError as exc:
-        raise SpecError(f"{name}: cannot read the spec: {exc.strerror or exc}") from None
-    return parse_spec(data, name)
+    return _SpecReader(str(path), "spec", SpecError).read(read_document(path, "spec", SpecError))
 
 
 def parse_spec(data: bytes | str, name: str = "<spec>") -> Spec:
-    if isinstance(data, bytes):
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            line = data[: exc.start].count(b"\n") + 1
-            raise SpecError(f"{name}:{line}:1: the spec is not UTF-8 text") from None
-    else:
-        text = data
-    try:
-        root = yaml.compose(text, Loader=_Loader)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
-        raise SpecError(f"{where}: YAML syntax error: {exc.problem or exc.context}") from None
-    except yaml.YAMLError as exc:
-        raise SpecError(f"{name}: YAML error: {exc}") from None
-    except RecursionError:
-        raise SpecError(f"{name}: the spec is nested too deeply") from None
-    if root is None:
-        raise SpecError(f"{name}:1:1: the spec is empty; it needs at least 'version: 1'")
-    return _SpecReader(name).read(root)
+    return _SpecReader(name, "spec", SpecError).read(compose(data, name, "spec", SpecError))
 
 
-class _SpecReader:
-    """Walks the composed YAML node tree, checking each value against the field tables."""
-
-    _SCALAR_TAGS: ClassVar[frozenset[str]] = frozenset(
-        {"tag:yaml.org,2002:" + t for t in ("str", "int", "float", "bool", "null")}
-    )
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.nodes = 0
-        self.constructor = SafeConstructor()
-
-    def loc(self, node: yaml.Node) -> Loc:
-        return Loc.of(self.name, node)
-
-    def fail(self, node: yaml.Node, message: str) -> SpecError:
-        return SpecError(f"{self.loc(node)}: {message}")
-
-    def count(self, node: yaml.Node) -> None:
-        self.nodes += 1
-        if self.nodes > MAX_SPEC_NODES:
-            raise self.fail(node, f"the spec has more than {MAX_SPEC_NODES} values (alias bomb?)")
-
-    def scalar(self, node: yaml.Node) -> Any:
-        self.count(node)
-        if not isinstance(node, yaml.ScalarNode):
-            raise self.fail(node, "expected a single value here")
-        if node.tag not in self._SCALAR_TAGS:
-            raise self.fail(node, f"tag {node.tag!r} is not allowed in a spec")
-        try:
-            return self.constructor.construct_object(node)
-        except (yaml.YAMLError, ValueError) as exc:
-            raise self.fail(node, f"bad value: {exc}") from None
-
-    def mapping(
-        self, node: yaml.Node, allowed: Sequence[str] | None, what: str
-    ) -> dict[str, tuple[yaml.Node, yaml.Node]]:
-        """Keys (as strings) to (key node, value node); duplicate and unknown keys are errors."""
-        self.count(node)
-        if not isinstance(node, yaml.MappingNode) or node.tag != "tag:yaml.org,2002:map":
-            raise self.fail(node, f"{what} must be a mapping of keys to values")
-        out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
-        for key_node, value_node in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                raise self.fail(key_node, "merge keys (<<) are not supported in a spec")
-            key = self.scalar(key_node)
-            if not isinstance(key, str):
-                raise self.fail(key_node, f"keys must be text, got {key!r}")
-            if key in out:
-                first = self.loc(out[key][0])
-                raise self.fail(key_node, f"duplicate key {key!r} (first given at {first})")
-            if allowed is not None and key not in allowed:
-                hint = difflib.get_close_matches(key, allowed, n=1)
-                did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
-                raise self.fail(
-                    key_node,
-                    f"unknown key {key!r} in {what}{did_you_mean} (allowed: {', '.join(allowed)})",
-                )
-            out[key] = (key_node, value_node)
-        return out
-
-    def sequence(self, node: yaml.Node, what: str) -> list[yaml.Node]:
-        self.count(node)
-        if not isinstance(node, yaml.SequenceNode):
-            raise self.fail(node, f"{what} must be a list")
-        return list(node.value)
-
-    def value(self, node: yaml.Node, key: str, spec: Field) -> Any:
-        if spec.kind in ("numbers", "ints") and isinstance(node, yaml.SequenceNode):
-            items = [
-                self.value(
-                    n, key, replace(spec, kind=spec.kind[:-1] if spec.kind == "ints" else "number")
-                )
-                for n in self.sequence(node, key)
-            ]
-            if not items:
-                raise self.fail(node, f"{key} must not be an empty list")
-            return items
-        value = self.scalar(node)
-        kind = {"numbers": "number", "ints": "int"}.get(spec.kind, spec.kind)
-        if kind == "enum":
-            if not isinstance(value, str) or value.lower() not in spec.choices:
-                hint = difflib.get_close_matches(str(value).lower(), spec.choices, n=1)
-                did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
-                raise self.fail(
-                    node,
-                    f"{key} must be one of {', '.join(spec.choices)}, got {value!r}{did_you_mean}",
-                )
-            return value.lower()
-        if kind == "bool":
-            if not isinstance(value, bool):
-                raise self.fail(node, f"{key} must be true or false, got {value!r}")
-            return value
-        if kind == "str":
-            if not isinstance(value, str) or not value:
-                raise self.fail(node, f"{key} must be non-empty text, got {value!r}")
-            return value
-        if kind == "int":
-            if isinstance(value, bool) or not isinstance(value, int):
-                raise self.fail(node, f"{key} must be an integer, got {value!r}")
-        elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.fail(node, f"{key} must be a number, got {value!r}")
-        elif not math.isfinite(value):
-            raise self.fail(node, f"{key} must be a finite number, got {value!r}")
-        self.check_range(node, key, spec, value)
-        return value
-
-    def check_range(self, node: yaml.Node, key: str, spec: Field, value: float) -> None:
-        lo, hi = spec.minimum, spec.maximum
-        if lo is not None and (value <= lo if spec.exclusive_minimum else value < lo):
-            bound = f"greater than {lo:g}" if spec.exclusive_minimum else f"at least {lo:g}"
-            raise self.fail(node, f"{key} must be {bound}, got {value!r}")
-        if hi is not None and value > hi:
-            raise self.fail(node, f"{key} must be at most {hi:g}, got {value!r}")
-
-    def settings(self, node: yaml.Node, fields: Mapping[str, Field], what: str) -> Settings:
-        items = self.mapping(node, list(fields), what)
-        return {
-            key: Setting(self.value(v, key, fields[key]), self.loc(v))
-            for key, (_, v) in items.items()
-        }
+class _SpecReader(YamlReader):
+    """Reads a spec document."""
 
     def read(self, root: yaml.Node) -> Spec:
         top = self.mapping(
             root, ["version", "is_decomposed", "defaults", "rules", "modules"], "the spec"
         )
-        if "version" not in top:
-            raise self.fail(root, "missing 'version: 1' at the top of the spec")
-        version_node = top["version"][1]
-        version = self.scalar(version_node)
-        if type(version) is not int or version != SPEC_VERSION:
-            raise self.fail(
-                version_node,
-                f"spec version {version!r} is not supported; this refq reads version "
-                f"{SPEC_VERSION}",
-            )
+        self.version(top, root, SPEC_VERSION)
         is_decomposed = False
         if "is_decomposed" in top:
             is_decomposed = self.value(top["is_decomposed"][1], "is_decomposed", Field("bool", ""))

@@ -1,0 +1,262 @@
+r"""Reading YAML documents (specs, manifests) with a position for every error.
+
+Documents are composed into PyYAML's node tree with its safe loader (no Python tags), and
+walked by :class:`YamlReader`, which checks each value against a table of :class:`Field`\ s and
+raises errors that start with ``file:line:column``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, ClassVar
+
+import yaml
+from yaml.constructor import SafeConstructor
+
+from refq_cli.errors import RefqError
+
+MAX_BYTES = 4 * 1024 * 1024
+MAX_NODES = 100_000
+
+
+@dataclass(frozen=True)
+class Field:
+    """One key of the spec: its kind of value and what it means."""
+
+    kind: str  # enum | int | number | bool | str | numbers | ints
+    doc: str
+    choices: tuple[str, ...] = ()
+    minimum: float | None = None
+    maximum: float | None = None
+    exclusive_minimum: bool = False
+
+
+@dataclass(frozen=True)
+class Loc:
+    """A position in a spec file, printed as ``file:line:column`` (both 1-based)."""
+
+    file: str
+    line: int
+    column: int
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}"
+
+    @classmethod
+    def of(cls, file: str, node: yaml.Node) -> Loc:
+        return cls(file, node.start_mark.line + 1, node.start_mark.column + 1)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A value from the spec and where it was written."""
+
+    value: Any
+    loc: Loc
+
+
+Settings = dict[str, Setting]
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, reading ``1e-3`` as a float as YAML 1.2 (and editors) do."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def read_document(path: str | Path, what: str, error_type: type[RefqError]) -> yaml.Node:
+    """The composed root node of a YAML file; errors name the file (and line and column)."""
+    path = Path(path)
+    name = str(path)
+    try:
+        if path.is_dir():
+            raise error_type(f"{name}: is a directory, not a {what} file")
+        size = path.stat().st_size
+        if size > MAX_BYTES:
+            raise error_type(
+                f"{name}: {size} bytes is too large for a {what} (limit {MAX_BYTES} bytes)"
+            )
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise error_type(f"{name}: no such {what} file") from None
+    except OSError as exc:
+        raise error_type(f"{name}: cannot read the {what}: {exc.strerror or exc}") from None
+    return compose(data, name, what, error_type)
+
+
+def compose(data: bytes | str, name: str, what: str, error_type: type[RefqError]) -> yaml.Node:
+    if isinstance(data, bytes):
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = data[: exc.start].count(b"\n") + 1
+            raise error_type(f"{name}:{line}:1: the {what} is not UTF-8 text") from None
+    else:
+        text = data
+    try:
+        root = yaml.compose(text, Loader=_Loader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
+        raise error_type(f"{where}: YAML syntax error: {exc.problem or exc.context}") from None
+    except yaml.YAMLError as exc:
+        raise error_type(f"{name}: YAML error: {exc}") from None
+    except RecursionError:
+        raise error_type(f"{name}: the {what} is nested too deeply") from None
+    if root is None:
+        raise error_type(f"{name}:1:1: the {what} is empty; it needs at least 'version: 1'")
+    return root
+
+
+class YamlReader:
+    """Walks a composed YAML node tree, checking each value against field tables.
+
+    Errors are ``error_type`` with ``file:line:column`` first; ``what`` names the document
+    ("spec", "manifest") in messages.
+    """
+
+    _SCALAR_TAGS: ClassVar[frozenset[str]] = frozenset(
+        {"tag:yaml.org,2002:" + t for t in ("str", "int", "float", "bool", "null")}
+    )
+
+    def __init__(self, name: str, what: str, error_type: type[RefqError]) -> None:
+        self.name = name
+        self.what = what
+        self.error_type = error_type
+        self.nodes = 0
+        self.constructor = SafeConstructor()
+
+    def loc(self, node: yaml.Node) -> Loc:
+        return Loc.of(self.name, node)
+
+    def fail(self, node: yaml.Node, message: str) -> RefqError:
+        return self.error_type(f"{self.loc(node)}: {message}")
+
+    def count(self, node: yaml.Node) -> None:
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise self.fail(node, f"the {self.what} has more than {MAX_NODES} values (alias bomb?)")
+
+    def scalar(self, node: yaml.Node) -> Any:
+        self.count(node)
+        if not isinstance(node, yaml.ScalarNode):
+            raise self.fail(node, "expected a single value here")
+        if node.tag not in self._SCALAR_TAGS:
+            raise self.fail(node, f"tag {node.tag!r} is not allowed in a {self.what}")
+        try:
+            return self.constructor.construct_object(node)
+        except (yaml.YAMLError, ValueError) as exc:
+            raise self.fail(node, f"bad value: {exc}") from None
+
+    def mapping(
+        self, node: yaml.Node, allowed: Sequence[str] | None, what: str
+    ) -> dict[str, tuple[yaml.Node, yaml.Node]]:
+        """Keys (as strings) to (key node, value node); duplicate and unknown keys are errors."""
+        self.count(node)
+        if not isinstance(node, yaml.MappingNode) or node.tag != "tag:yaml.org,2002:map":
+            raise self.fail(node, f"{what} must be a mapping of keys to values")
+        out: dict[str, tuple[yaml.Node, yaml.Node]] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise self.fail(key_node, f"merge keys (<<) are not supported in a {self.what}")
+            key = self.scalar(key_node)
+            if not isinstance(key, str):
+                raise self.fail(key_node, f"keys must be text, got {key!r}")
+            if key in out:
+                first = self.loc(out[key][0])
+                raise self.fail(key_node, f"duplicate key {key!r} (first given at {first})")
+            if allowed is not None and key not in allowed:
+                hint = difflib.get_close_matches(key, allowed, n=1)
+                did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+                raise self.fail(
+                    key_node,
+                    f"unknown key {key!r} in {what}{did_you_mean} (allowed: {', '.join(allowed)})",
+                )
+            out[key] = (key_node, value_node)
+        return out
+
+    def sequence(self, node: yaml.Node, what: str) -> list[yaml.Node]:
+        self.count(node)
+        if not isinstance(node, yaml.SequenceNode):
+            raise self.fail(node, f"{what} must be a list")
+        return list(node.value)
+
+    def value(self, node: yaml.Node, key: str, spec: Field) -> Any:
+        if spec.kind in ("numbers", "ints") and isinstance(node, yaml.SequenceNode):
+            items = [
+                self.value(
+                    n, key, replace(spec, kind=spec.kind[:-1] if spec.kind == "ints" else "number")
+                )
+                for n in self.sequence(node, key)
+            ]
+            if not items:
+                raise self.fail(node, f"{key} must not be an empty list")
+            return items
+        value = self.scalar(node)
+        kind = {"numbers": "number", "ints": "int"}.get(spec.kind, spec.kind)
+        if kind == "enum":
+            if not isinstance(value, str) or value.lower() not in spec.choices:
+                hint = difflib.get_close_matches(str(value).lower(), spec.choices, n=1)
+                did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+                raise self.fail(
+                    node,
+                    f"{key} must be one of {', '.join(spec.choices)}, got {value!r}{did_you_mean}",
+                )
+            return value.lower()
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise self.fail(node, f"{key} must be true or false, got {value!r}")
+            return value
+        if kind == "str":
+            if not isinstance(value, str) or not value:
+                raise self.fail(node, f"{key} must be non-empty text, got {value!r}")
+            return value
+        if kind == "int":
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise self.fail(node, f"{key} must be an integer, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise self.fail(node, f"{key} must be a number, got {value!r}")
+        elif not math.isfinite(value):
+            raise self.fail(node, f"{key} must be a finite number, got {value!r}")
+        self.check_range(node, key, spec, value)
+        return value
+
+    def check_range(self, node: yaml.Node, key: str, spec: Field, value: float) -> None:
+        lo, hi = spec.minimum, spec.maximum
+        if lo is not None and (value <= lo if spec.exclusive_minimum else value < lo):
+            bound = f"greater than {lo:g}" if spec.exclusive_minimum else f"at least {lo:g}"
+            raise self.fail(node, f"{key} must be {bound}, got {value!r}")
+        if hi is not None and value > hi:
+            raise self.fail(node, f"{key} must be at most {hi:g}, got {value!r}")
+
+    def settings(self, node: yaml.Node, fields: Mapping[str, Field], what: str) -> Settings:
+        items = self.mapping(node, list(fields), what)
+        return {
+            key: Setting(self.value(v, key, fields[key]), self.loc(v))
+            for key, (_, v) in items.items()
+        }
+
+    def version(
+        self, top: Mapping[str, tuple[yaml.Node, yaml.Node]], root: yaml.Node, supported: int
+    ) -> None:
+        """Check the document's ``version:`` key."""
+        if "version" not in top:
+            raise self.fail(root, f"missing 'version: {supported}' at the top of the {self.what}")
+        node = top["version"][1]
+        version = self.scalar(node)
+        if type(version) is not int or version != supported:
+            raise self.fail(
+                node,
+                f"{self.what} version {version!r} is not supported; this refq reads version "
+                f"{supported}",
+            )
