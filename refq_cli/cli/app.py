@@ -14,6 +14,7 @@ from typing import Annotated, Any
 import typer
 
 from refq_cli import __version__
+from refq_cli.cli.batch import batch_command
 from refq_cli.cli.convert import convert_command
 from refq_cli.cli.converters import converters_command
 from refq_cli.cli.init_config import init_config_command
@@ -95,6 +96,7 @@ def root(
 
 for _name, _command in {
     "convert": convert_command,
+    "batch": batch_command,
     "inspect": inspect_command,
     "verify": verify_command,
     "init-config": init_config_command,

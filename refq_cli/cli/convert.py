@@ -1,37 +1,47 @@
-"""``refq convert``: checkpoint + spec -> artifact + report."""
+"""``refq convert``: checkpoints + spec -> artifacts + reports.
+
+One input prints its conversion in detail; several inputs (or any batch option) run as jobs,
+one line each, through the same runner as ``refq batch``.
+"""
 
 from __future__ import annotations
 
 import json
 import math
 import sys
-import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
-from refq_cli.cli.options import Checkpoint, Device, Force, JsonOutput, Quiet, TrustPickle
+from refq_cli.cli.batch import run_batch
+from refq_cli.cli.options import (
+    Device,
+    FailFast,
+    Force,
+    JsonOutput,
+    ListJobs,
+    Quiet,
+    Shard,
+    SkipUnchanged,
+    SummaryMarkdown,
+    TrustPickle,
+    Workers,
+)
 from refq_cli.errors import ConversionError, RefqError
 
 
-def default_paths(input_path: Path, output: Path | None, report: Path | None) -> tuple[Path, ...]:
-    """(artifact, report JSON, report Markdown) paths, defaults derived from the input's name."""
-    artifact = output or input_path.with_name(input_path.stem + ".refq.safetensors")
-    if report is None:
-        stem = artifact.name.removesuffix(".safetensors")
-        report = artifact.with_name(stem + ".report.json")
-    elif report.suffix == ".md":
-        raise RefqError(
-            f"--report {report}: give the JSON path; the Markdown report is written "
-            "beside it with .md"
-        )
-    return artifact, report, report.with_suffix(".md")
-
-
 def convert_command(
-    input_path: Checkpoint,
+    inputs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Checkpoints (paths or globs): state_dicts (.pt, .pth, .bin), "
+            ".safetensors files or TorchScript archives.",
+            show_default=False,
+            metavar="CHECKPOINT",
+        ),
+    ],
     qconfig: Annotated[
         Path,
         typer.Option(
@@ -43,7 +53,16 @@ def convert_command(
         typer.Option(
             "--output",
             "-o",
-            help="Artifact path \\[default: CHECKPOINT stem + .refq.safetensors]",
+            help="Artifact path, for one input \\[default: CHECKPOINT stem + .refq.safetensors]",
+            show_default=False,
+        ),
+    ] = None,
+    out_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--out-dir",
+            help="Folder for the artifacts, named after their inputs "
+            "\\[default: beside each input]",
             show_default=False,
         ),
     ] = None,
@@ -51,8 +70,8 @@ def convert_command(
         Path | None,
         typer.Option(
             "--report",
-            help="Report JSON path; the Markdown report goes beside it "
-            "with .md \\[default: beside the artifact]",
+            help="Report JSON path, for one input; the Markdown report "
+            "goes beside it with .md \\[default: beside the artifact]",
             show_default=False,
         ),
     ] = None,
@@ -60,8 +79,8 @@ def convert_command(
         Path | None,
         typer.Option(
             "--calibration",
-            help="Probe inputs: a state_dict or .safetensors file "
-            "of (time, batch, features) tensors ((batch, time, features) for batch_first "
+            help="Probe inputs: a state_dict or .safetensors file of "
+            "(time, batch, features) tensors ((batch, time, features) for batch_first "
             "modules) named by module path (<root> for a module at the root).",
             show_default=False,
         ),
@@ -77,26 +96,59 @@ def convert_command(
     device: Device = "cpu",
     force: Force = False,
     trust_pickle: TrustPickle = False,
+    workers: Workers = 1,
+    shard: Shard = None,
+    list_jobs: ListJobs = False,
+    skip_unchanged: SkipUnchanged = False,
+    fail_fast: FailFast = False,
+    summary_md: SummaryMarkdown = None,
     json_output: JsonOutput = False,
     quiet: Quiet = False,
 ) -> None:
-    """Convert a float checkpoint into a reference-quantized artifact and a report."""
+    """Convert float checkpoints into reference-quantized artifacts and reports."""
+    from refq_cli.batch import Job, Options, expand_inputs, output_paths
+
+    if min_sqnr is not None and not math.isfinite(min_sqnr):
+        raise RefqError(f"--min-sqnr {min_sqnr}: give a finite number of dB")
+    paths = expand_inputs(str(p) for p in inputs)
+    if len(paths) > 1 and (output is not None or report is not None):
+        raise RefqError("--output and --report name one file; with several inputs use --out-dir")
+    jobs = [
+        Job(p, qconfig, *output_paths(p, output, out_dir, report), calibration, min_sqnr)
+        for p in paths
+    ]
+    options = Options(force, skip_unchanged, device, trust_pickle)
+    batch = (
+        len(jobs) > 1
+        or out_dir is not None
+        or shard is not None
+        or list_jobs
+        or skip_unchanged
+        or workers != 1
+        or fail_fast
+        or summary_md is not None
+    )
+    if batch:
+        run_batch(
+            jobs,
+            options,
+            shard=shard,
+            list_jobs=list_jobs,
+            workers=workers,
+            fail_fast=fail_fast,
+            summary_md=summary_md,
+            json_output=json_output,
+            quiet=quiet,
+        )
+    else:
+        _convert_one(jobs[0], options, json_output=json_output, quiet=quiet)
+
+
+def _convert_one(job: Any, options: Any, *, json_output: bool, quiet: bool) -> None:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from refq_cli.artifact import check_outputs, save_artifact, write_atomic
-    from refq_cli.convert import convert
-    from refq_cli.report import to_markdown
-
-    started = time.perf_counter()
-    if min_sqnr is not None and not math.isfinite(min_sqnr):
-        raise RefqError(f"--min-sqnr {min_sqnr}: give a finite number of dB")
-    artifact_path, report_json, report_md = default_paths(input_path, output, report)
-    inputs = {"input": input_path, "spec": qconfig}
-    if calibration is not None:
-        inputs["calibration file"] = calibration
-    outputs = {"--output": artifact_path, "--report": report_json, "the Markdown report": report_md}
-    check_outputs(outputs, inputs, force=force)
+    from refq_cli.batch import convert_job
 
     stderr = Console(stderr=True)
     show_progress = not quiet and not json_output and stderr.is_terminal
@@ -107,48 +159,36 @@ def convert_command(
         console=stderr,
         transient=True,
     )
+    task = bar.add_task("reading", total=None)
     with bar if show_progress else nullcontext():
-        task = bar.add_task("reading", total=None)
-        conversion = convert(
-            input_path,
-            qconfig,
-            device=device,
-            trust_pickle=trust_pickle,
-            calibration=calibration,
+        report = convert_job(
+            job,
+            options,
             progress=lambda what, done, total: bar.update(
                 task, description=what, completed=done, total=total
             ),
         )
-        bar.update(task, description="writing")
-        save_artifact(artifact_path, conversion.tensors(), conversion.metadata(), force=force)
-        report_text = json.dumps(conversion.report, indent=2, sort_keys=True) + "\n"
-        write_atomic(report_json, lambda p: p.write_text(report_text), force=force)
-        markdown = to_markdown(conversion.report)
-        write_atomic(report_md, lambda p: p.write_text(markdown), force=force)
-    seconds = time.perf_counter() - started
-
-    failing = conversion.below(min_sqnr) if min_sqnr is not None else []
     summary = {
-        "input": str(input_path),
-        "output": str(artifact_path),
-        "report_json": str(report_json),
-        "report_md": str(report_md),
-        "seconds": round(seconds, 3),
-        "totals": conversion.report["totals"],
+        "input": str(job.input),
+        "output": str(job.output),
+        "report_json": str(job.report),
+        "report_md": str(job.report_md),
+        "seconds": report["totals"]["seconds"],
+        "totals": report["totals"],
         "modules": [
             {k: m.get(k) for k in ("path", "float_type", "skipped", "output_sqnr_db")}
-            for m in conversion.report["modules"]
+            for m in report["modules"]
         ],
-        "below_min_sqnr": failing,
+        "below_min_sqnr": report["below_min_sqnr"],
     }
     if json_output:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
     elif not quiet:
         _print_summary(summary)
-    if failing:
+    if report["below_min_sqnr"]:
         raise ConversionError(
-            f"quality gate: {len(failing)} weight(s) below --min-sqnr {min_sqnr:g} dB: "
-            + ", ".join(failing)
+            f"quality gate: {len(report['below_min_sqnr'])} weight(s) below --min-sqnr "
+            f"{job.min_sqnr:g} dB: " + ", ".join(report["below_min_sqnr"])
         )
 
 

@@ -32,3 +32,35 @@ Checkpoint = Annotated[
         metavar="CHECKPOINT",
     ),
 ]
+Shard = Annotated[
+    str | None,
+    typer.Option(
+        "--shard",
+        help="Run shard K of N (K/N, 1 <= K <= N): a fixed partition of the "
+        "jobs, the same on every machine.",
+        show_default=False,
+    ),
+]
+ListJobs = Annotated[
+    bool, typer.Option("--list", help="Print the jobs that would run, and run none.")
+]
+Workers = Annotated[
+    int, typer.Option("--jobs", help="Worker processes, each converting whole files.")
+]
+SkipUnchanged = Annotated[
+    bool,
+    typer.Option(
+        "--skip-unchanged",
+        help="Skip a job whose artifact already records the same "
+        "input sha256, spec and format version.",
+    ),
+]
+FailFast = Annotated[bool, typer.Option("--fail-fast", help="Stop at the first failed job.")]
+SummaryMarkdown = Annotated[
+    Path | None,
+    typer.Option(
+        "--summary-md",
+        help="Write a Markdown table of the jobs here (for a CI step summary; overwritten).",
+        show_default=False,
+    ),
+]

@@ -306,4 +306,4 @@ def test_min_sqnr_must_be_finite(tmp_path):
 def test_help_shows_the_defaults_and_the_argument_name():
     result = CliRunner().invoke(app, ["convert", "--help"], env={"COLUMNS": "200"})
     assert "[default: CHECKPOINT stem + .refq.safetensors]" in result.output
-    assert "Usage: refq convert [OPTIONS] {CHECKPOINT}" in result.output
+    assert "Usage: refq convert [OPTIONS] {CHECKPOINT}..." in result.output

@@ -1,0 +1,141 @@
+"""``refq batch``: the jobs of a manifest; and the batch runner ``refq convert`` shares."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from refq_cli.cli.options import (
+    Device,
+    FailFast,
+    Force,
+    JsonOutput,
+    ListJobs,
+    Quiet,
+    Shard,
+    SkipUnchanged,
+    SummaryMarkdown,
+    TrustPickle,
+    Workers,
+)
+from refq_cli.errors import ConversionError, RefqError
+
+
+def batch_command(
+    manifest: Annotated[
+        Path,
+        typer.Argument(help="The YAML manifest of jobs.", show_default=False, metavar="MANIFEST"),
+    ],
+    shard: Shard = None,
+    list_jobs: ListJobs = False,
+    workers: Workers = 1,
+    skip_unchanged: SkipUnchanged = False,
+    fail_fast: FailFast = False,
+    summary_md: SummaryMarkdown = None,
+    device: Device = "cpu",
+    force: Force = False,
+    trust_pickle: TrustPickle = False,
+    json_output: JsonOutput = False,
+    quiet: Quiet = False,
+) -> None:
+    """Run the conversion jobs a manifest lists (one shard of them with --shard)."""
+    from refq_cli.batch import Options
+    from refq_cli.manifest import load_manifest
+
+    run_batch(
+        load_manifest(manifest),
+        Options(force, skip_unchanged, device, trust_pickle),
+        shard=shard,
+        list_jobs=list_jobs,
+        workers=workers,
+        fail_fast=fail_fast,
+        summary_md=summary_md,
+        json_output=json_output,
+        quiet=quiet,
+    )
+
+
+def run_batch(
+    jobs: Sequence[Any],
+    options: Any,
+    *,
+    shard: str | None,
+    list_jobs: bool,
+    workers: int,
+    fail_fast: bool,
+    summary_md: Path | None,
+    json_output: bool,
+    quiet: bool,
+) -> None:
+    """Shard, list or run jobs; print a line per job (or a progress bar), then the summaries."""
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    from refq_cli.artifact import write_atomic
+    from refq_cli.batch import check_jobs, parse_shard, run_jobs, select_shard, summary_markdown
+
+    if workers < 1:
+        raise RefqError(f"--jobs {workers}: give at least 1")
+    check_jobs(jobs)
+    if shard is not None:
+        jobs = select_shard(jobs, *parse_shard(shard))
+    if list_jobs:
+        listing = [
+            {"input": str(j.input), "output": str(j.output), "spec": str(j.spec)} for j in jobs
+        ]
+        if json_output:
+            typer.echo(json.dumps({"jobs": listing}, indent=2))
+        else:
+            for item in listing:
+                typer.echo(f"{item['input']} -> {item['output']} ({item['spec']})")
+        return
+
+    console = Console(stderr=json_output)
+    show_bar = console.is_terminal and not quiet and not json_output
+    bar = Progress(
+        TextColumn("converting"), BarColumn(), MofNCompleteColumn(), console=console, transient=True
+    )
+    task = bar.add_task("jobs", total=len(jobs))
+
+    def report(result: Any) -> None:
+        bar.advance(task)
+        if json_output or (quiet and result.exit_code == 0):
+            return
+        line = f"{result.status.upper():9} {result.input}"
+        if result.status in ("converted", "gate"):
+            sqnr = result.worst_sqnr_db
+            line += (
+                f" -> {result.output} (worst SQNR "
+                f"{'exact' if sqnr is None else f'{sqnr:.1f} dB'}, {result.seconds:.2f} s)"
+            )
+        if result.error:
+            line += f": {result.error}"
+        console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+    with bar if show_bar else nullcontext():
+        results = run_jobs(jobs, options, workers=workers, fail_fast=fail_fast, on_result=report)
+    if summary_md is not None:
+        text = summary_markdown(results)
+        write_atomic(summary_md, lambda p: p.write_text(text), force=True)
+    counts = {
+        s: sum(r.status == s for r in results)
+        for s in ("converted", "skipped", "gate", "failed", "not run")
+    }
+    if json_output:
+        typer.echo(json.dumps({"jobs": [r.record() for r in results], "totals": counts}, indent=2))
+    elif not quiet:
+        console.print(
+            ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no jobs", highlight=False
+        )
+    failed = [r for r in results if r.exit_code != 0]
+    if failed:
+        raise ConversionError(
+            f"{len(failed)} of {len(results)} job(s) failed or missed their gate: "
+            + ", ".join(r.input for r in failed[:5])
+            + (", ..." if len(failed) > 5 else "")
+        )
