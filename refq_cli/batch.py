@@ -14,7 +14,7 @@ import os
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -216,7 +216,10 @@ def run_job(job: Job, options: Options) -> JobResult:
         if options.skip_unchanged and job.input.is_file() and is_unchanged(job):
             result.status = "skipped"
         else:
-            report = convert_job(job, options)
+            # with --skip-unchanged, an output that is out of date is replaced
+            report = convert_job(
+                job, replace(options, force=options.force or options.skip_unchanged)
+            )
             result.worst_sqnr_db = report["totals"]["worst_sqnr_db"]
             result.detail = report
             if report["below_min_sqnr"]:

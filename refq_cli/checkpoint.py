@@ -165,6 +165,10 @@ def _load_torch_save(path: Path, trust_pickle: bool) -> tuple[str, dict[str, tor
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
         fmt = "state_dict"
     except pickle.UnpicklingError as exc:
+        if "GLOBAL" not in str(exc):  # not a refusal: the pickle itself is broken
+            raise CheckpointError(
+                f"{path}: cannot read the checkpoint (truncated or corrupt?): {_first_line(exc)}"
+            ) from None
         if not trust_pickle:
             raise CheckpointError(
                 f"{path}: refused to unpickle Python objects ({_refused_globals(exc)}); "

@@ -60,8 +60,16 @@ def load_manifest(path: str | Path) -> list[Job]:
     base = path.parent
     jobs: list[Job] = []
     for node in reader.sequence(top["jobs"][1], "jobs"):
-        settings = {**defaults, **reader.settings(node, JOB_FIELDS, "a job")}
-        jobs.extend(_expand(reader, node, settings, base))
+        own = reader.settings(node, JOB_FIELDS, "a job")
+        if "output" in own and "out_dir" in own:
+            raise reader.fail(node, "give output or out_dir, not both")
+        # a job's own output or out_dir replaces the default one of the other kind
+        inherited = {
+            k: v
+            for k, v in defaults.items()
+            if not (k in ("output", "out_dir") and ({"output", "out_dir"} & set(own)))
+        }
+        jobs.extend(_expand(reader, node, {**inherited, **own}, base))
     try:
         check_jobs(jobs)
     except RefqError as exc:
@@ -81,7 +89,7 @@ def _expand(reader: YamlReader, node: yaml.Node, settings: Settings, base: Path)
         if required not in settings:
             raise reader.fail(node, f"the job has no {required} (give it here or in defaults)")
     if "output" in settings and "out_dir" in settings:
-        raise fail("output", "give output or out_dir, not both")
+        raise fail("output", "give output or out_dir, not both (defaults included)")
 
     def resolve(key: str) -> Path | None:
         return base / settings[key].value if key in settings else None

@@ -189,6 +189,8 @@ class YamlReader:
         self.count(node)
         if not isinstance(node, yaml.SequenceNode):
             raise self.fail(node, f"{what} must be a list")
+        if node.tag != "tag:yaml.org,2002:seq":
+            raise self.fail(node, f"tag {node.tag!r} is not allowed in a {self.what}")
         return list(node.value)
 
     def value(self, node: yaml.Node, key: str, spec: Field) -> Any:

@@ -146,6 +146,10 @@ BAD_SPECS = {
         "version: 1\ndefaults: {percentile: 120}\n",
         "q.yaml:2:24: percentile must be at most 100",
     ),
+    "tagged-list": (
+        "version: 1\nrules: !!python/tuple [{match: x}]\n",
+        "q.yaml:2:8: tag 'tag:yaml.org,2002:python/tuple' is not allowed in a spec",
+    ),
     "bool-as-int": (
         "version: 1\ndefaults: {axis: true}\n",
         "q.yaml:2:18: axis must be an integer, got True",

@@ -95,6 +95,14 @@ def run_batch(
                 typer.echo(f"{item['input']} -> {item['output']} ({item['spec']})")
         return
 
+    for job in jobs:  # batch outputs go to folders made for them (--out-dir, out_dir:)
+        for folder in {job.output.parent, job.report.parent}:
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise RefqError(
+                    f"{folder}: cannot create the output folder: {exc.strerror or exc}"
+                ) from None
     console = Console(stderr=json_output)
     show_bar = console.is_terminal and not quiet and not json_output
     bar = Progress(

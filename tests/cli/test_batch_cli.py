@@ -1,0 +1,131 @@
+"""Several checkpoints in one refq convert, and refq batch with manifests and shards."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from refq_cli.cli.app import app
+from tests.checkpoints import write
+
+SPEC = "version: 1\nmodules:\n  aux: {nonlinearity: relu}\n  context: {batch_first: true}\n"
+
+
+def invoke(*args):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def sources(tmp_path, count):
+    paths = []
+    for i in range(count):
+        folder = tmp_path / "ckpts" / f"run{i}"
+        folder.mkdir(parents=True)
+        paths.append(write(folder, "pt", seed=i).rename(folder / f"model{i}.pt"))
+    (tmp_path / "q.yaml").write_text(SPEC)
+    return paths
+
+
+def test_many_inputs_and_globs_in_one_convert(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sources(tmp_path, 3)
+    result = invoke("convert", "ckpts/*/model*.pt", "-q", "q.yaml", "--out-dir", "out", "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["totals"]["converted"] == 3
+    assert [r["output"] for r in summary["jobs"]] == [
+        f"out/model{i}.refq.safetensors" for i in range(3)
+    ]
+    assert all((tmp_path / r["output"]).exists() for r in summary["jobs"])
+    record = summary["jobs"][0]
+    assert set(record) == {"input", "output", "status", "error", "seconds", "worst_sqnr_db"}
+
+
+def test_a_failure_among_good_jobs_exits_1_and_reports_every_job(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    paths = sources(tmp_path, 3)
+    paths[1].write_bytes(b"\x80\x02 truncated")
+    summary_md = tmp_path / "summary.md"
+    result = invoke(
+        "convert", *paths, "-q", "q.yaml", "--out-dir", "out", "--json", "--summary-md", summary_md
+    )
+    assert result.exit_code == 1
+    jobs = json.loads(result.stdout)["jobs"]
+    assert [j["status"] for j in jobs] == ["converted", "failed", "converted"]
+    assert "cannot read the checkpoint" in jobs[1]["error"]
+    assert "1 of 3 job(s) failed" in result.stderr
+    table = summary_md.read_text()
+    assert table.startswith("## refq batch conversion") and "| failed |" in table
+
+
+def test_plain_lines_per_job(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sources(tmp_path, 2)
+    result = invoke("convert", "ckpts/*/*.pt", "-q", "q.yaml", "--out-dir", "out")
+    lines = result.stdout.strip().splitlines()
+    assert lines[0].startswith("CONVERTED ckpts/run0/model0.pt -> out/model0.refq.safetensors")
+    assert lines[-1] == "2 converted"
+
+
+def test_output_names_one_file(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sources(tmp_path, 2)
+    result = invoke("convert", "ckpts/*/*.pt", "-q", "q.yaml", "-o", "x.safetensors")
+    assert result.exit_code == 2 and "with several inputs use --out-dir" in result.output
+
+
+def test_outputs_that_would_collide_are_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    paths = sources(tmp_path, 2)
+    paths[1].rename(paths[1].with_name("model0.pt"))
+    result = invoke("convert", "ckpts/*/*.pt", "-q", "q.yaml", "--out-dir", "out")
+    assert result.exit_code == 2 and "would both write out/model0.refq.safetensors" in result.output
+
+
+def test_batch_manifest_shards_cover_every_job_once(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sources(tmp_path, 5)
+    (tmp_path / "m.yaml").write_text(
+        "version: 1\ndefaults: {spec: q.yaml, out_dir: out}\njobs:\n  - input: 'ckpts/**/*.pt'\n"
+    )
+    listed = []
+    for k in (1, 2, 3):
+        result = invoke("batch", "m.yaml", "--shard", f"{k}/3", "--list", "--json")
+        assert result.exit_code == 0, result.output
+        listed += [j["input"] for j in json.loads(result.stdout)["jobs"]]
+    assert sorted(listed) == sorted(f"ckpts/run{i}/model{i}.pt" for i in range(5))
+    result = invoke("batch", "m.yaml", "--shard", "2/3", "--json")
+    assert result.exit_code == 0, result.output
+    ran = [j["input"] for j in json.loads(result.stdout)["jobs"]]
+    assert ran == [
+        j["input"]
+        for j in json.loads(invoke("batch", "m.yaml", "--shard", "2/3", "--list", "--json").stdout)[
+            "jobs"
+        ]
+    ]
+
+
+def test_batch_skip_unchanged_and_bad_manifest(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sources(tmp_path, 2)
+    (tmp_path / "m.yaml").write_text(
+        "version: 1\ndefaults: {spec: q.yaml, out_dir: out}\njobs:\n  - input: 'ckpts/*/*.pt'\n"
+    )
+    assert invoke("batch", "m.yaml").exit_code == 0
+    result = invoke("batch", "m.yaml", "--skip-unchanged", "--json")
+    assert json.loads(result.stdout)["totals"]["skipped"] == 2
+    (tmp_path / "bad.yaml").write_text(
+        "version: 1\njobs:\n  - {input: a.pt, spec: q.yaml, outdir: o}\n"
+    )
+    result = invoke("batch", "bad.yaml")
+    assert result.exit_code == 2
+    assert result.output.startswith("refq: error: bad.yaml:3:33: unknown key 'outdir'")
+
+
+def test_bad_shards(tmp_path):
+    (tmp_path / "q.yaml").write_text(SPEC)
+    for text in ("0/3", "4/3", "x", "1/0"):
+        result = invoke(
+            "convert", write(tmp_path, "pt"), "-q", tmp_path / "q.yaml", "--shard", text
+        )
+        assert result.exit_code == 2 and f"--shard {text}" in result.output

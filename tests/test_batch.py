@@ -1,0 +1,204 @@
+"""Batch conversion: manifests, the shard partition, skipping unchanged outputs, running jobs."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from refq_cli.batch import Job, Options, is_unchanged, run_jobs, select_shard, shard_index
+from refq_cli.manifest import ManifestError, load_manifest
+from tests.checkpoints import write
+
+
+def job(name: str, base: Path | None = None) -> Job:
+    return Job(
+        Path(name),
+        Path("q.yaml"),
+        Path(f"out/{name}.refq.safetensors"),
+        Path(f"out/{name}.report.json"),
+        base=base,
+    )
+
+
+@given(names=st.lists(st.text(min_size=1, max_size=12), min_size=0, max_size=60, unique=True))
+def test_shards_partition_the_jobs_for_every_n(names):
+    jobs = [job(n) for n in names]
+    for n in range(1, 8):
+        shards = [select_shard(jobs, k, n) for k in range(1, n + 1)]
+        assert sorted(j.key for s in shards for j in s) == sorted(j.key for j in jobs)
+        shuffled = random.Random(n).sample(jobs, len(jobs))
+        for k in range(1, n + 1):
+            assert {j.key for j in select_shard(shuffled, k, n)} == {j.key for j in shards[k - 1]}
+
+
+def test_shard_of_a_job_is_fixed_everywhere():
+    # a hash of the key: the same on every machine, in every process, for every Python
+    assert shard_index("models/a.pt\nout/a.refq.safetensors", 7) == shard_index(
+        "models/a.pt\nout/a.refq.safetensors", 7
+    )
+    assert [shard_index(f"m{i}.pt\no{i}", 4) for i in range(8)] == [
+        shard_index(f"m{i}.pt\no{i}", 4) for i in range(8)
+    ]
+    assert job("a.pt", base=None).key == "a.pt\nout/a.pt.refq.safetensors"
+
+
+def test_manifest_keys_are_relative_to_the_manifest(tmp_path):
+    a = Job(
+        tmp_path / "m" / "x.pt",
+        tmp_path / "q.yaml",
+        tmp_path / "out" / "x.refq.safetensors",
+        tmp_path / "out" / "x.report.json",
+        base=tmp_path,
+    )
+    assert a.key == "m/x.pt\nout/x.refq.safetensors"
+
+
+def manifest(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "manifest.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_manifest_jobs_globs_defaults_and_overrides(tmp_path):
+    for i in range(3):
+        (tmp_path / "ckpts").mkdir(exist_ok=True)
+        write(tmp_path / "ckpts", "pt", seed=i).rename(tmp_path / "ckpts" / f"m{i}.pt")
+    (tmp_path / "q.yaml").write_text("version: 1\n")
+    jobs = load_manifest(
+        manifest(
+            tmp_path,
+            """\
+version: 1
+defaults: {spec: q.yaml, out_dir: out}
+jobs:
+  - input: "ckpts/*.pt"
+  - input: ckpts/m1.pt
+    output: special/m1.refq.safetensors
+    min_sqnr: 30
+""",
+        )
+    )
+    assert [j.input.name for j in jobs] == ["m0.pt", "m1.pt", "m2.pt", "m1.pt"]
+    assert jobs[0].output == tmp_path / "out" / "m0.refq.safetensors"
+    assert jobs[0].report == tmp_path / "out" / "m0.refq.report.json"
+    assert jobs[3].output == tmp_path / "special" / "m1.refq.safetensors"
+    assert jobs[3].min_sqnr == 30 and jobs[0].spec == tmp_path / "q.yaml"
+
+
+MANIFEST_ERRORS = {
+    "unknown-key": (
+        "version: 1\njobs:\n  - {input: a.pt, spce: q.yaml}\n",
+        "manifest.yaml:3:19: unknown key 'spce' in a job; did you mean 'spec'",
+    ),
+    "no-spec": ("version: 1\njobs:\n  - {input: a.pt}\n", "manifest.yaml:3:5: the job has no spec"),
+    "no-jobs": ("version: 1\n", "manifest.yaml:1:1: the manifest lists no jobs"),
+    "glob-matches-nothing": (
+        "version: 1\njobs:\n  - {input: 'none/*.pt', spec: q.yaml}\n",
+        "manifest.yaml:3:13: input 'none/\\*.pt' matches no file",
+    ),
+    "output-and-out-dir": (
+        "version: 1\njobs:\n  - {input: a.pt, spec: q, output: o, out_dir: d}\n",
+        "manifest.yaml:3:5: give output or out_dir, not both",
+    ),
+    "version": (
+        "version: 2\njobs: []\n",
+        "manifest.yaml:1:10: manifest version 2 is not supported",
+    ),
+    "same-output": (
+        "version: 1\njobs:\n  - {input: a.pt, spec: q}\n  - {input: a.pt, spec: r}\n",
+        "would both write",
+    ),
+    "python-tag": (
+        "version: 1\njobs: !!python/object/apply:os.system ['true']\n",
+        "manifest.yaml:2:7: tag 'tag:yaml.org,2002:python/object/apply:os.system' is "
+        "not allowed in a manifest",
+    ),
+}
+
+
+@pytest.mark.parametrize(("text", "message"), MANIFEST_ERRORS.values(), ids=MANIFEST_ERRORS.keys())
+def test_bad_manifests_name_file_line_and_column(tmp_path, text, message):
+    with pytest.raises(ManifestError, match=message):
+        load_manifest(manifest(tmp_path, text))
+
+
+def make_jobs(tmp_path, count=3, spec_text="version: 1\nmodules:\n  aux: {nonlinearity: relu}\n"):
+    spec = tmp_path / "q.yaml"
+    spec.write_text(spec_text)
+    jobs = []
+    for i in range(count):
+        folder = tmp_path / f"src{i}"
+        folder.mkdir(exist_ok=True)
+        source = write(folder, "pt", seed=i)
+        out = tmp_path / "out"
+        out.mkdir(exist_ok=True)
+        jobs.append(Job(source, spec, out / f"m{i}.refq.safetensors", out / f"m{i}.report.json"))
+    return jobs
+
+
+def test_skip_unchanged_skips_only_what_is_up_to_date(tmp_path):
+    jobs = make_jobs(tmp_path, 2)
+    assert [r.status for r in run_jobs(jobs, Options())] == ["converted", "converted"]
+    assert all(is_unchanged(j) for j in jobs)
+    before = jobs[0].output.stat().st_mtime_ns
+    results = run_jobs(jobs, Options(skip_unchanged=True))
+    assert [r.status for r in results] == ["skipped", "skipped"]
+    assert jobs[0].output.stat().st_mtime_ns == before
+    jobs[0].spec.write_text(
+        "version: 1\ndefaults: {dtype: quint8, qscheme: per_tensor_affine}\n"
+        "modules:\n  aux: {nonlinearity: relu}\n"
+    )
+    assert not is_unchanged(jobs[0])
+    assert [r.status for r in run_jobs(jobs, Options(skip_unchanged=True))] == [
+        "converted",
+        "converted",
+    ]  # a changed spec changes every job that uses it
+    write(jobs[1].input.parent, "pt", seed=99)  # a changed input
+    assert not is_unchanged(jobs[1]) and is_unchanged(jobs[0])
+
+
+def test_failures_in_the_middle_do_not_stop_the_others(tmp_path):
+    jobs = make_jobs(tmp_path, 4)
+    jobs[1].input.write_bytes(jobs[1].input.read_bytes()[:200])  # truncated checkpoint
+    bad_spec = tmp_path / "bad.yaml"
+    bad_spec.write_text("version: 1\ndefaults: {dtype: qint16}\n")
+    jobs[2] = Job(jobs[2].input, bad_spec, jobs[2].output, jobs[2].report)
+    results = run_jobs(jobs, Options())
+    assert [r.status for r in results] == ["converted", "failed", "failed", "converted"]
+    assert "cannot read the checkpoint" in results[1].error
+    assert "bad.yaml:2:19" in results[2].error
+    assert not jobs[1].output.exists() and jobs[3].output.exists()
+    assert results[0].worst_sqnr_db > 30 and results[0].seconds > 0
+
+
+def test_fail_fast_reports_the_jobs_it_did_not_run(tmp_path):
+    jobs = make_jobs(tmp_path, 3)
+    jobs[0].input.write_bytes(b"")
+    results = run_jobs(jobs, Options(), fail_fast=True)
+    assert [r.status for r in results] == ["failed", "not run", "not run"]
+
+
+def test_gates_fail_the_job_after_writing_it(tmp_path):
+    jobs = [
+        Job(j.input, j.spec, j.output, j.report, min_sqnr=200.0) for j in make_jobs(tmp_path, 1)
+    ]
+    (result,) = run_jobs(jobs, Options())
+    assert (
+        result.status == "gate"
+        and result.exit_code == 1
+        and "below --min-sqnr 200" in (result.error)
+    )
+    assert jobs[0].output.exists()
+
+
+def test_worker_processes_give_the_same_artifacts(tmp_path):
+    jobs = make_jobs(tmp_path, 3)
+    run_jobs(jobs, Options())
+    serial = [j.output.read_bytes() for j in jobs]
+    results = run_jobs(jobs, Options(force=True), workers=2)
+    assert [r.status for r in results] == ["converted"] * 3
+    assert [j.output.read_bytes() for j in jobs] == serial
