@@ -129,3 +129,32 @@ def test_bad_shards(tmp_path):
             "convert", write(tmp_path, "pt"), "-q", tmp_path / "q.yaml", "--shard", text
         )
         assert result.exit_code == 2 and f"--shard {text}" in result.output
+
+
+def test_the_ci_example_runs_every_shard(tmp_path):
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[2]
+    repo = tmp_path / "repo"
+    for part in ("examples", "configs"):
+        shutil.copytree(root / part, repo / part)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    for k in (1, 2):
+        subprocess.run(
+            ["bash", "examples/ci/convert-shard.sh", str(k), "2"],
+            cwd=repo,
+            env=env,
+            check=True,
+            capture_output=True,
+        )
+    converted = []
+    for k in (1, 2):
+        summary = json.loads((repo / f"refq-summary-{k}.json").read_text())
+        converted += [j["input"] for j in summary["jobs"] if j["status"] == "converted"]
+        assert (repo / f"refq-summary-{k}.md").read_text().startswith("## refq batch")
+    assert len(converted) == 1 and converted[0].endswith("example.pt")
+    assert (repo / "out" / "ci" / "example.refq.safetensors").exists()

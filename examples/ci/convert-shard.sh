@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Convert one CI job's shard of the checkpoints a manifest lists.
+#   usage: examples/ci/convert-shard.sh K N [MANIFEST]
+# Every shard K of N converts a fixed subset (a hash of each job's paths), so N CI jobs convert
+# every checkpoint exactly once. Outputs already up to date are skipped. The JSON and Markdown
+# summaries are written even when a job fails; the exit code is refq's (1: a job failed).
+set -euo pipefail
+shard="${1:?shard index K, from 1 to N}"
+shards="${2:?shard count N}"
+manifest="${3:-examples/ci/manifest.yaml}"
+
+refq batch "$manifest" --shard "$shard/$shards" --list
+refq batch "$manifest" --shard "$shard/$shards" --skip-unchanged \
+  --summary-md "refq-summary-$shard.md" --json > "refq-summary-$shard.json"
