@@ -11,6 +11,7 @@ give byte-identical files.
 from __future__ import annotations
 
 import ctypes
+import glob
 import json
 import os
 from collections.abc import Mapping
@@ -64,6 +65,7 @@ def write_atomic(path: Path, write: Any, *, force: bool = False) -> None:
     removes the temporary file and keeps any old one.
     """
     check_outputs({"output": path}, {}, force=force)
+    _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         write(tmp)
@@ -72,6 +74,24 @@ def write_atomic(path: Path, write: Any, *, force: bool = False) -> None:
         raise ArtifactError(f"{path}: cannot write: {exc.strerror or exc}") from None
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Temporary files of this output left by a process that was killed mid-write."""
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 : -len(".tmp")]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -218,7 +238,9 @@ def read_header(path: Path) -> dict[str, str]:
             f"{path}: a safetensors file, but not a refq artifact (no format: refq)"
         )
     version = metadata.get("refq.format_version", "")
-    if not version.isdigit() or int(version) > FORMAT_VERSION:
+    if not version.isdigit():
+        raise ArtifactError(f"{path}: artifact format version {version!r} is not a number")
+    if int(version) > FORMAT_VERSION:
         raise ArtifactError(
             f"{path}: artifact format version {version!r} is newer than this refq reads "
             f"({FORMAT_VERSION}); upgrade refq"
@@ -240,8 +262,23 @@ def load_artifact(path: str | Path) -> Artifact:
             metadata[key] = json.loads(header[key])
         except (KeyError, json.JSONDecodeError):
             raise ArtifactError(f"{path}: metadata {key} is missing or not JSON") from None
-    tensors = load_file(str(path))
+    from safetensors import SafetensorError
+
+    try:
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, RuntimeError) as exc:
+        raise ArtifactError(f"{path}: corrupt or truncated artifact: {exc}") from None
     modules = {}
+    if not isinstance(metadata["refq.modules"], dict):
+        raise ArtifactError(f"{path}: metadata refq.modules is not a mapping")
     for module_path, info in metadata["refq.modules"].items():
-        modules[module_path] = reference_from_artifact(module_path, info, tensors, path)
+        try:
+            modules[module_path] = reference_from_artifact(module_path, info, tensors, path)
+        except ArtifactError:
+            raise
+        except (RefqError, KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
+            raise ArtifactError(
+                f"{path}: module {module_path!r} cannot be rebuilt from the artifact: "
+                f"{type(exc).__name__}: {exc}"
+            ) from None
     return Artifact(path, modules, tensors, metadata)

@@ -78,6 +78,10 @@ def describe_artifact(
                     weights.append(row)
     except SafetensorError as exc:
         raise ArtifactError(f"{path}: corrupt or truncated artifact: {exc}") from None
+    except (KeyError, TypeError, AttributeError, ValueError) as exc:
+        raise ArtifactError(
+            f"{path}: malformed refq.modules metadata ({type(exc).__name__}: {exc})"
+        ) from None
     floats = sorted(n for n in names if n not in owned)
     tensor_bytes = sum(_nbytes(shapes[n], dtypes[n]) for n in names)
     return {
