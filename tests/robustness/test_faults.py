@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from refq_cli import artifact
 from refq_cli.batch import Job, Options, convert_job
@@ -94,10 +95,8 @@ artifact.save_artifact(Path(sys.argv[1]), {"w": torch.zeros(3)}, {}, force=True)
 """
 
 
-def test_sigkill_mid_write_leaves_the_old_file_and_the_next_run_cleans_up(tmp_path):
-    target = tmp_path / "a.refq.safetensors"
-    artifact.save_artifact(target, {"w": __import__("torch").ones(2)}, {})
-    before = target.read_bytes()
+def kill_mid_write(tmp_path: Path, target: Path) -> None:
+    """Start a writer of ``target``, SIGKILL it once its temporary file exists."""
     script = tmp_path / "writer.py"
     script.write_text(textwrap.dedent(KILLED_WRITER))
     writer = subprocess.Popen(
@@ -106,22 +105,22 @@ def test_sigkill_mid_write_leaves_the_old_file_and_the_next_run_cleans_up(tmp_pa
     assert writer.stdout.readline().strip() == "writing"
     os.kill(writer.pid, signal.SIGKILL)
     writer.wait()
+
+
+def test_sigkill_mid_write_leaves_the_old_file_and_the_next_run_cleans_up(tmp_path):
+    target = tmp_path / "a.refq.safetensors"
+    artifact.save_artifact(target, {"w": torch.ones(2)}, {})
+    before = target.read_bytes()
+    kill_mid_write(tmp_path, target)
     assert target.read_bytes() == before  # the old file, never a partial one
     stale = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert len(stale) == 1  # what the killed process left
-    artifact.save_artifact(target, {"w": __import__("torch").zeros(2)}, {}, force=True)
+    artifact.save_artifact(target, {"w": torch.zeros(2)}, {}, force=True)
     assert [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
     assert target.read_bytes() != before
 
 
 def test_a_target_that_never_existed_stays_absent_after_a_kill(tmp_path):
     target = tmp_path / "new.refq.safetensors"
-    script = tmp_path / "writer.py"
-    script.write_text(textwrap.dedent(KILLED_WRITER))
-    writer = subprocess.Popen(
-        [sys.executable, str(script), str(target)], stdout=subprocess.PIPE, text=True
-    )
-    assert writer.stdout.readline().strip() == "writing"
-    os.kill(writer.pid, signal.SIGKILL)
-    writer.wait()
+    kill_mid_write(tmp_path, target)
     assert not target.exists()
