@@ -281,10 +281,18 @@ def reference_from_artifact(
     dtype = getattr(torch, info["float_dtype"])
     ref = cls(**info["config"], dtype=dtype, weight_qparams_dict=qdict)
     for name in ref._computation_names():
-        if getattr(ref, name, None) is None:
+        expected = getattr(ref, name, None)
+        if expected is None:
             continue
         value = take(key(name))
         qp = ref.weight_qparams(name)
+        want = qp.storage if qp is not None else dtype
+        if value.shape != expected.shape or value.dtype != want:
+            raise ArtifactError(
+                f"{source}: tensor {key(name)!r} is {str(value.dtype).removeprefix('torch.')} "
+                f"{tuple(value.shape)}, but the module's metadata needs "
+                f"{str(want).removeprefix('torch.')} {tuple(expected.shape)}"
+            )
         if qp is not None:
             value = dequantize(value, qp, decomposed=ref.is_decomposed).to(dtype)
         setattr(ref, name, nn.Parameter(value))
