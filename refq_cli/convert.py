@@ -33,6 +33,7 @@ class ConvertedModule:
     float_module: nn.Module
     reference: nn.Module | None  # None when the spec skips the module
     qparams: dict[str, WeightQParams] = field(default_factory=dict)
+    codes: dict[str, torch.Tensor] = field(default_factory=dict)  # integer codes, on the CPU
 
     @property
     def config(self) -> dict[str, Any]:
@@ -67,7 +68,7 @@ class Conversion:
                 if qp is None:
                     out[key] = tensor.detach()
                     continue
-                out[key] = quantize(tensor, qp, decomposed=self.spec.is_decomposed)
+                out[key] = m.codes[name]
                 out[key + "_scale"] = qp.scale
                 out[key + "_zero_point"] = qp.zero_point
         for key, tensor in self.checkpoint.tensors.items():
@@ -199,17 +200,25 @@ def convert(
                 raise CheckpointError(
                     f"{input_path}: {display_path(path)}.{name} holds NaN or infinite values"
                 )
-            qp = observe(weight, wspec, f"{display_path(path)}.{name}")
-            converted.qparams[name] = qdict[name] = qp
-            stats = weight_stats(weight, qp, spec.is_decomposed)
-            weight_rows.append(
-                {"module": path, "weight": name, "observer": wspec.observer, **stats}
+            converted.qparams[name] = qdict[name] = observe(
+                weight, wspec, f"{display_path(path)}.{name}"
             )
-        converted.reference = converter_for(float_module)(float_module, qdict)
+        ref = converted.reference = converter_for(float_module)(float_module, qdict)
+        for name, qp in converted.qparams.items():
+            weight = getattr(float_module, name)
+            converted.codes[name] = quantize(weight, qp, decomposed=spec.is_decomposed).cpu()
+            # the reference module's own (cached) fake-quantized weight: computed once
+            fake = ref.get_weight(name) if hasattr(ref, "get_weight") else None
+            stats = weight_stats(weight, qp, spec.is_decomposed, fake)
+            weight_rows.append(
+                {"module": path, "weight": name, "observer": plan.weights[name].observer, **stats}
+            )
         x = probe_for(float_module, calibration_inputs.get(display_path(path)), path)
-        row["reference_type"] = converted.reference._get_name()
+        row["reference_type"] = ref._get_name()
         row["probe"] = "calibration" if display_path(path) in calibration_inputs else "random"
-        row.update(probe_module(float_module, converted.reference, x))
+        row.update(probe_module(float_module, ref, x))
+        if hasattr(ref, "invalidate_cache"):
+            ref.invalidate_cache()  # free the fake-quantized copies before the next module
 
     conversion = Conversion(checkpoint, spec, modules, {})
     conversion.report = _report(conversion, weight_rows, module_rows, spec_path)

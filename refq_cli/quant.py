@@ -389,6 +389,9 @@ def quantize(w: torch.Tensor, qp: WeightQParams, *, decomposed: bool = False) ->
     qp.check_weight(w)
     with torch.no_grad():
         codes = _rounded(w.detach().float(), qp, decomposed).clamp_(qp.quant_min, qp.quant_max)
+        if qp.storage != torch.int32:  # whole numbers within 8 bits: the cast is exact
+            return codes.to(qp.storage)
+        # float32 cannot hold 2**31 - 1: clamp again once the codes are integers
         return codes.long().clamp_(qp.quant_min, qp.quant_max).to(qp.storage)
 
 

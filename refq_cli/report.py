@@ -21,8 +21,15 @@ PROBE_BATCH = 4
 
 def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB; inf when equal, -inf when the signal is 0."""
-    signal = reference.double().pow(2).sum().item()
-    noise = (reference.double() - test.double()).pow(2).sum().item()
+    return _db(_energy(reference), _energy(reference.float() - test.float()))
+
+
+def _energy(t: torch.Tensor) -> float:
+    """Sum of squares, through a float32 norm (no temporary copies), squared in float64."""
+    return float(torch.linalg.vector_norm(t.float())) ** 2 if t.numel() else 0.0
+
+
+def _db(signal: float, noise: float) -> float:
     if noise == 0:
         return math.inf
     if signal == 0:
@@ -30,17 +37,31 @@ def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
     return 10 * math.log10(signal / noise)
 
 
-def weight_stats(weight: torch.Tensor, qp: WeightQParams, decomposed: bool) -> dict[str, Any]:
-    """SQNR, error and clipping of one weight under its quantization parameters."""
+def weight_stats(
+    weight: torch.Tensor,
+    qp: WeightQParams,
+    decomposed: bool,
+    fake_quantized: torch.Tensor | None = None,
+) -> dict[str, Any]:
+    """SQNR, error and clipping of one weight under its quantization parameters.
+
+    ``fake_quantized`` saves computing the fake-quantized weight again when it is at hand.
+    """
     w = weight.detach().float()
-    fq = fake_quantize(w, qp, decomposed=decomposed)
+    fq = (
+        fake_quantize(w, qp, decomposed=decomposed)
+        if fake_quantized is None
+        else (fake_quantized.float())
+    )
     shape = [1] * w.dim()
     if qp.per_channel:
         shape[qp.axis] = -1
-    step = qp.scale.double().reshape(shape)
+    step = qp.scale.reshape(shape)
+    error = w - fq
+    noise = _energy(error)
+    error.abs_()
     # Clipped: the error exceeds the half step that rounding alone can cause.
-    error = (w.double() - fq.double()).abs()
-    clipped = (error > step * 0.5 + w.double().abs() * 1e-6).double().mean().item()
+    clipped = (error > step * 0.5 + w.abs() * 1e-6).sum().item() / max(1, w.numel())
     return {
         "shape": list(w.shape),
         "qscheme": qp.qscheme,
@@ -52,8 +73,8 @@ def weight_stats(weight: torch.Tensor, qp: WeightQParams, decomposed: bool) -> d
         "scale_max": qp.scale.max().item(),
         "zero_point_min": int(qp.zero_point.min()),
         "zero_point_max": int(qp.zero_point.max()),
-        "sqnr_db": _finite(sqnr_db(w, fq)),
-        "max_abs_error": (w - fq).abs().max().item() if w.numel() else 0.0,
+        "sqnr_db": _finite(_db(_energy(w), noise)),
+        "max_abs_error": error.max().item() if w.numel() else 0.0,
         "clipped_fraction": clipped,
     }
 

@@ -13,6 +13,7 @@ after those).
 
 from __future__ import annotations
 
+import contextvars
 import difflib
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
@@ -31,6 +32,7 @@ _TORCH_DEFAULT_QPARAMS = {
     "zero_point": 0,
 }
 _QPARAM_BUFFERS = ("_scale", "_zero_point", "_axis")
+_SKIP_INIT: contextvars.ContextVar[bool] = contextvars.ContextVar("refq_skip_init", default=False)
 _QPARAM_ATTRIBUTES = ("_qscheme", "_dtype", "_quant_min", "_quant_max")
 
 
@@ -48,6 +50,10 @@ class QuantizedWeightsMixin:
 
     def _get_name(self) -> str:
         return self._NAME
+
+    def reset_parameters(self) -> None:
+        if not _SKIP_INIT.get():
+            super().reset_parameters()  # type: ignore[misc]
 
     @classmethod
     def _config_of(cls, mod: nn.Module) -> dict[str, Any]:
@@ -71,12 +77,16 @@ class QuantizedWeightsMixin:
                 f"got {type(mod).__name__}"
             )
         first = next(mod.parameters())
-        ref = cls(
-            **cls._config_of(mod),
-            device=first.device,
-            dtype=first.dtype,
-            weight_qparams_dict=weight_qparams_dict,
-        )
+        token = _SKIP_INIT.set(True)  # the parameters are replaced below: skip their random init
+        try:
+            ref = cls(
+                **cls._config_of(mod),
+                device=first.device,
+                dtype=first.dtype,
+                weight_qparams_dict=weight_qparams_dict,
+            )
+        finally:
+            _SKIP_INIT.reset(token)
         for name in ref._computation_names():
             setattr(ref, name, getattr(mod, name))
         return ref
