@@ -204,15 +204,21 @@ def convert(
                 weight, wspec, f"{display_path(path)}.{name}"
             )
         ref = converted.reference = converter_for(float_module)(float_module, qdict)
+        fake_quantized = {}
         for name, qp in converted.qparams.items():
+            # each weight is quantized once: the codes written, and their values for the rest
             weight = getattr(float_module, name)
-            converted.codes[name] = quantize(weight, qp, decomposed=spec.is_decomposed).cpu()
-            # the reference module's own (cached) fake-quantized weight: computed once
-            fake = ref.get_weight(name) if hasattr(ref, "get_weight") else None
-            stats = weight_stats(weight, qp, spec.is_decomposed, fake)
+            codes = quantize(weight, qp, decomposed=spec.is_decomposed)
+            converted.codes[name] = codes.cpu()
+            fake_quantized[name] = dequantize(codes, qp, decomposed=spec.is_decomposed).to(
+                weight.dtype
+            )
+            stats = weight_stats(weight, qp, spec.is_decomposed, fake_quantized[name])
             weight_rows.append(
                 {"module": path, "weight": name, "observer": plan.weights[name].observer, **stats}
             )
+        if hasattr(ref, "use_fake_quantized"):  # refq's own modules; others quantize themselves
+            ref.use_fake_quantized(fake_quantized)
         x = probe_for(float_module, calibration_inputs.get(display_path(path)), path)
         row["reference_type"] = ref._get_name()
         row["probe"] = "calibration" if display_path(path) in calibration_inputs else "random"

@@ -57,11 +57,13 @@ def weight_stats(
     if qp.per_channel:
         shape[qp.axis] = -1
     step = qp.scale.reshape(shape)
+    zero = qp.zero_point.reshape(shape).float()
+    # Clipped: beyond half a step outside the codes' range, where rounding alone cannot reach.
+    low, high = (qp.quant_min - zero - 0.5) * step, (qp.quant_max - zero + 0.5) * step
+    clipped = int(torch.count_nonzero((w < low) | (w > high))) / max(1, w.numel())
     error = w - fq
     noise = _energy(error)
     error.abs_()
-    # Clipped: the error exceeds the half step that rounding alone can cause.
-    clipped = (error > step * 0.5 + w.abs() * 1e-6).sum().item() / max(1, w.numel())
     return {
         "shape": list(w.shape),
         "qscheme": qp.qscheme,

@@ -202,13 +202,16 @@ class QuantizedWeightsMixin:
         """Names of the tensors the forward computation takes, in its order."""
         raise NotImplementedError
 
-    def _computation_weights(self) -> list[torch.Tensor | None]:
+    def _computation_weights(
+        self, known: Mapping[str, torch.Tensor] | None = None
+    ) -> list[torch.Tensor | None]:
         """The tensors named by ``_computation_names``, quantized weights fake-quantized.
 
         Checking the cache costs one pass over the module's tensors: the key records each
         tensor's id, version counter and data pointer, plus the plain quantization attributes.
         While a key is cached, the tensors it names and their storages are pinned, so neither an
-        id nor an address in it can be reused by another tensor.
+        id nor an address in it can be reused by another tensor. ``known`` fake-quantized
+        weights are taken as they are when the cache is filled.
         """
         names = self._computation_names()
         if torch.compiler.is_compiling():
@@ -225,12 +228,21 @@ class QuantizedWeightsMixin:
         for name in self._quantized_names:
             key += (getattr(self, name + a) for a in _QPARAM_ATTRIBUTES)
         key_tuple = tuple(key)
-        if key_tuple != self._cache_key:
+        if key_tuple != self._cache_key or known:
+            known = known or {}
             with torch.no_grad():
-                self._cache = [self._fake_quantized(n) for n in names]
+                self._cache = [known[n] if n in known else self._fake_quantized(n) for n in names]
             self._cache_pins = [(t, t.detach()) for t in tensors if t is not None]
             self._cache_key = key_tuple
         return self._cache
+
+    def use_fake_quantized(self, weights: Mapping[str, torch.Tensor]) -> None:
+        """Cache fake-quantized weights computed elsewhere, saving their recomputation.
+
+        They must be what this module computes itself, ``fake_quantize(w, weight_qparams(n))``
+        with its ``is_decomposed``: the converter passes the dequantized codes it writes.
+        """
+        self._computation_weights(known=weights)
 
     def _fake_quantized(self, name: str, validate: bool = True) -> torch.Tensor | None:
         tensor = getattr(self, name, None)
