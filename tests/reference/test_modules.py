@@ -488,3 +488,19 @@ def test_cuda_matches_torch_ao_on_cuda(ao, per_channel):
     theirs = ao_reference.LSTM.from_float(float_mod, qparams)
     x = torch.randn(5, 3, 6, device="cuda")
     assert_equal(run(ours, x), run(theirs, x))
+
+
+def test_known_fake_quantized_weights_are_taken_without_recomputing(count_fake_quantize):
+    float_mod = nn.GRU(6, 8)
+    qparams = tie_heavy_qparams(float_mod, True, "qint8")
+    expected = REFERENCE_TYPE[nn.GRU].from_float(float_mod, qparams)
+    x = torch.randn(4, 2, 6)
+    want = run(expected, x)
+    calls = len(count_fake_quantize)
+    ref = REFERENCE_TYPE[nn.GRU].from_float(float_mod, qparams)
+    ref.use_fake_quantized({n: expected.get_weight(n) for n in weight_names(float_mod)})
+    assert_equal(run(ref, x), want)
+    assert len(count_fake_quantize) == calls  # nothing quantized again
+    with torch.no_grad():
+        ref.weight_hh_l0.mul_(0.5)  # a later change still refreshes the cache
+    assert not torch.equal(flat(run(ref, x))[0], flat(want)[0])
