@@ -127,7 +127,7 @@ def read_tensors(
     if head.startswith(b"PK\x03\x04") and _is_torchscript(path):
         fmt, tensors = "torchscript", _load_torchscript(path)
     elif head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
-        fmt, tensors = _load_torch_save(path, trust_pickle)
+        fmt, tensors = _load_torch_save(path, trust_pickle, zip_format=head.startswith(b"PK"))
     elif len(head) >= 9 and head[8:9] == b"{":
         fmt, tensors = "safetensors", _load_safetensors(path)
         if _is_refq_artifact(path):
@@ -160,9 +160,11 @@ def _load_torchscript(path: Path) -> dict[str, torch.Tensor]:
     return _state_dict_of(module, path)
 
 
-def _load_torch_save(path: Path, trust_pickle: bool) -> tuple[str, dict[str, torch.Tensor]]:
+def _load_torch_save(
+    path: Path, trust_pickle: bool, zip_format: bool
+) -> tuple[str, dict[str, torch.Tensor]]:
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=_is_zip(path))
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zip_format)
         fmt = "state_dict"
     except pickle.UnpicklingError as exc:
         if "GLOBAL" not in str(exc):  # not a refusal: the pickle itself is broken
@@ -187,11 +189,6 @@ def _load_trusted_pickle(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot read the checkpoint: {_first_line(exc)}") from None
-
-
-def _is_zip(path: Path) -> bool:
-    with path.open("rb") as f:
-        return f.read(4) == b"PK\x03\x04"
 
 
 def _refused_globals(exc: Exception) -> str:

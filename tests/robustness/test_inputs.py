@@ -77,8 +77,6 @@ def test_code_running_pickles_are_refused_even_when_torch_is_told_otherwise(
     result = convert(tmp_path, path, env={"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})
     assert_refused(result, r"refused to unpickle Python objects \(globals (posix|os)\.system\)")
     assert not (tmp_path / "PWNED").exists()
-    result = convert(tmp_path, path, "--trust-pickle")  # trusted: it would run; we only check
-    assert not (tmp_path / "out.refq.safetensors").exists() or result.returncode == 0
 
 
 def test_a_pickled_module_needs_the_flag(tmp_path):
