@@ -11,7 +11,10 @@ Measured in this run with /usr/bin/time (wall seconds, peak RSS), each as its ow
 
 Targets: refq at most 0.5x torch.ao's wall time, 1.25x the lower bound's, and 1.05x its peak RSS.
 
-    python benchmarks/conversion.py [--layers 4]
+    python benchmarks/conversion.py [--layers 4] [--repeat 3]
+
+Each command runs ``--repeat`` times, interleaved; the best wall time and the highest peak RSS
+count (the machine's noise only ever adds time).
 """
 
 from __future__ import annotations
@@ -93,18 +96,21 @@ save_file(out, sys.argv[2])
 """
 
 
-def measure(label: str, args: list[str]) -> tuple[float, float]:
+def measure(args: list[str]) -> tuple[float, float]:
+    """Wall seconds and peak RSS (GB) of one process, from /usr/bin/time."""
     result = subprocess.run(
         ["/usr/bin/time", "-f", "%e %M", *args], capture_output=True, text=True, check=True
     )
     wall, kb = result.stderr.strip().splitlines()[-1].split()
-    print(f"{label:14} {float(wall):6.2f} s  {int(kb) / 1024**2:5.2f} GB peak RSS", flush=True)
     return float(wall), int(kb) / 1024**2
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="runs of each, interleaved; the best counts"
+    )
     args = parser.parse_args()
     bench = Path(__file__).resolve().parent
     with tempfile.TemporaryDirectory() as tmp:
@@ -122,9 +128,8 @@ def main() -> None:
         )
         for name, code in (("ao.py", TORCH_AO), ("lower.py", LOWER_BOUND)):
             (folder / name).write_text(textwrap.dedent(code))
-        ao = measure(
-            "torch.ao",
-            [
+        commands = {
+            "torch.ao": [
                 sys.executable,
                 str(folder / "ao.py"),
                 str(ckpt),
@@ -132,14 +137,13 @@ def main() -> None:
                 str(bench),
                 str(args.layers),
             ],
-        )
-        low = measure(
-            "lower bound",
-            [sys.executable, str(folder / "lower.py"), str(ckpt), str(folder / "low.safetensors")],
-        )
-        refq = measure(
-            "refq convert",
-            [
+            "lower bound": [
+                sys.executable,
+                str(folder / "lower.py"),
+                str(ckpt),
+                str(folder / "low.safetensors"),
+            ],
+            "refq convert": [
                 str(REFQ),
                 "convert",
                 str(ckpt),
@@ -148,8 +152,18 @@ def main() -> None:
                 "-o",
                 str(folder / "refq.safetensors"),
                 "--quiet",
+                "--force",
             ],
-        )
+        }
+        runs: dict[str, list[tuple[float, float]]] = {k: [] for k in commands}
+        for _ in range(args.repeat):
+            for label, command in commands.items():
+                runs[label].append(measure(command))
+    best = {k: (min(w for w, _ in v), max(r for _, r in v)) for k, v in runs.items()}
+    for label, (wall, rss) in best.items():
+        walls = ", ".join(f"{w:.2f}" for w, _ in runs[label])
+        print(f"{label:14} {wall:6.2f} s  {rss:5.2f} GB peak RSS   (runs: {walls} s)")
+    ao, low, refq = best["torch.ao"], best["lower bound"], best["refq convert"]
     print(
         f"refq / torch.ao wall {refq[0] / ao[0]:.2f}x (target <= 0.5x); refq / lower bound "
         f"wall {refq[0] / low[0]:.2f}x (target <= 1.25x), peak RSS {refq[1] / low[1]:.2f}x "

@@ -11,9 +11,13 @@ give byte-identical files.
 from __future__ import annotations
 
 import ctypes
+import errno
 import glob
 import json
+import math
 import os
+import shutil
+import tempfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -126,6 +130,14 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+def artifact_header(metadata: Mapping[str, Any]) -> dict[str, str]:
+    """The safetensors metadata of an artifact: format keys, then ``metadata`` as JSON strings."""
+    header = {"format": FORMAT, "refq.format_version": str(FORMAT_VERSION)}
+    for key, value in metadata.items():
+        header[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+    return header
+
+
 def save_artifact(
     path: Path,
     tensors: Mapping[str, torch.Tensor],
@@ -134,45 +146,134 @@ def save_artifact(
     force: bool = False,
 ) -> None:
     """Write tensors and metadata (JSON-encoded where not text) as a refq artifact."""
-    for name, t in tensors.items():
-        if t.dtype not in _SAFETENSORS_DTYPES:
+    write_safetensors(path, tensors, artifact_header(metadata), force=force)
+
+
+def write_safetensors(
+    path: Path,
+    tensors: Mapping[str, torch.Tensor],
+    metadata: Mapping[str, str],
+    *,
+    force: bool = False,
+) -> None:
+    """Write a safetensors file of ``tensors`` in one go, through :class:`SafetensorsWriter`."""
+    with SafetensorsWriter(path, force=force) as writer:
+        for name, tensor in tensors.items():
+            writer.add(name, tensor)
+        writer.finish(metadata)
+
+
+class SafetensorsWriter:
+    """Writes a safetensors file tensor by tensor, block by block, then moves it into place.
+
+    The header comes first in the file but is known only at the end (it holds the metadata),
+    so tensor bytes go to an unlinked temporary file as they come, and :meth:`finish` writes the
+    header beside ``path`` and copies the data after it inside the kernel. Memory use is one
+    block, whatever the file's size. Tensors are stored in the order they were added, metadata
+    keys sorted: equal inputs give equal bytes. The file appears at ``path`` complete or not
+    at all; leaving the ``with`` block without :meth:`finish` writes nothing.
+    """
+
+    def __init__(self, path: Path, *, force: bool = False) -> None:
+        check_outputs({"output": path}, {}, force=force)
+        self.path = path
+        self.force = force
+        try:
+            self._data = tempfile.TemporaryFile(dir=path.parent)  # noqa: SIM115 (closed on exit)
+        except OSError as exc:
+            raise ArtifactError(f"{path}: cannot write: {exc.strerror or exc}") from None
+        self._entries: dict[str, dict[str, Any]] = {}
+        self._open: tuple[str, int] | None = None  # the tensor being written, its end offset
+        self.size = 0  # bytes of tensor data so far
+
+    def __enter__(self) -> SafetensorsWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._data.close()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Store a whole tensor."""
+        self.begin(name, tensor.dtype, tuple(tensor.shape))
+        self.write(tensor)
+        self.end()
+
+    def begin(self, name: str, dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+        """Start tensor ``name``; its bytes follow through :meth:`write`, in row-major order."""
+        if dtype not in _SAFETENSORS_DTYPES:
             raise ArtifactError(
-                f"{path}: tensor {name!r} has dtype {str(t.dtype).removeprefix('torch.')}, "
+                f"{self.path}: tensor {name!r} has dtype {str(dtype).removeprefix('torch.')}, "
                 "which safetensors cannot store"
             )
-    header = {"format": FORMAT, "refq.format_version": str(FORMAT_VERSION)}
-    for key, value in metadata.items():
-        header[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
-    write_atomic(path, lambda tmp: write_safetensors(tmp, tensors, header), force=force)
-
-
-def write_safetensors(path: Path, tensors: Mapping[str, torch.Tensor], metadata: dict) -> None:
-    """The safetensors layout, written in a fixed order (metadata keys sorted, then tensors by
-    name) so that equal inputs give equal bytes; the safetensors library orders metadata by
-    hash. Tensors are written one at a time, never all copied at once.
-    """
-    entries: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
-    offset = 0
-    for name in sorted(tensors):
-        t = tensors[name]
-        size = t.numel() * t.element_size()
-        entries[name] = {
-            "dtype": _SAFETENSORS_DTYPES[t.dtype],
-            "shape": list(t.shape),
-            "data_offsets": [offset, offset + size],
+        if name in self._entries:
+            raise ArtifactError(f"{self.path}: tensor {name!r} is written twice")
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        self._entries[name] = {
+            "dtype": _SAFETENSORS_DTYPES[dtype],
+            "shape": list(shape),
+            "data_offsets": [self.size, self.size + nbytes],
         }
-        offset += size
-    header = json.dumps(entries, separators=(",", ":")).encode()
-    header += b" " * (-len(header) % 8)
-    with open(path, "wb") as f:
-        f.write(len(header).to_bytes(8, "little"))
-        f.write(header)
-        for name in sorted(tensors):
-            t = tensors[name].detach().to("cpu").contiguous()
-            if t.numel():
-                f.write(ctypes.string_at(t.data_ptr(), t.numel() * t.element_size()))
-        f.flush()
-        os.fsync(f.fileno())
+        self._open = (name, self.size + nbytes)
+
+    def write(self, block: torch.Tensor) -> None:
+        """The next bytes of the tensor begun last."""
+        block = block.detach().to("cpu").contiguous()
+        nbytes = block.numel() * block.element_size()
+        if nbytes:
+            self._write_bytes((ctypes.c_char * nbytes).from_address(block.data_ptr()))
+        self.size += nbytes
+
+    def end(self) -> None:
+        """Close the tensor begun last, which must have received all its bytes."""
+        if self._open is None or self.size != self._open[1]:
+            raise RuntimeError(f"{self.path}: tensor {self._open} got {self.size} bytes in all")
+        self._open = None
+
+    def _write_bytes(self, data: Any) -> None:
+        try:
+            self._data.write(data)
+        except OSError as exc:
+            raise ArtifactError(f"{self.path}: cannot write: {exc.strerror or exc}") from None
+
+    def finish(self, metadata: Mapping[str, str]) -> None:
+        """Write the header and the data to ``path``, atomically."""
+        entries = {"__metadata__": dict(sorted(metadata.items())), **self._entries}
+        header = json.dumps(entries, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)
+        try:
+            self._data.flush()
+        except OSError as exc:
+            raise ArtifactError(f"{self.path}: cannot write: {exc.strerror or exc}") from None
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:
+                f.write(len(header).to_bytes(8, "little"))
+                f.write(header)
+                f.flush()
+                _copy_data(self._data, f, self.size)
+                os.fsync(f.fileno())
+
+        write_atomic(self.path, write, force=self.force)
+
+
+def _copy_data(source: Any, target: Any, size: int) -> None:
+    """Append ``size`` bytes of ``source`` to ``target`` inside the kernel where it can."""
+    done = 0
+    try:
+        while done < size:
+            copied = os.copy_file_range(source.fileno(), target.fileno(), size - done, done)
+            if copied == 0:
+                raise OSError(errno.EIO, "short copy")
+            done += copied
+    except (AttributeError, OSError) as exc:  # no copy_file_range here, or not between these
+        if isinstance(exc, OSError) and exc.errno not in _NO_KERNEL_COPY:
+            raise
+        source.seek(done)
+        target.seek(0, os.SEEK_END)
+        shutil.copyfileobj(source, target, 1 << 20)
+
+
+_NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 
 
 @dataclass

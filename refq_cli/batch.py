@@ -159,7 +159,10 @@ def convert_job(
     Output paths are checked before any work: distinct from each other and from the job's
     inputs, in existing folders, and new unless ``force``.
     """
-    from refq_cli.artifact import check_outputs, save_artifact, write_atomic
+    from refq_cli import digest
+
+    digest.start(job.input)  # hashes while torch imports, below, on a first conversion
+    from refq_cli.artifact import check_outputs, write_atomic
     from refq_cli.convert import convert
     from refq_cli.report import to_markdown
 
@@ -171,12 +174,13 @@ def convert_job(
     conversion = convert(
         job.input,
         job.spec,
+        job.output,
+        force=options.force,
         device=options.device,
         trust_pickle=options.trust_pickle,
         calibration=job.calibration,
         progress=progress,
     )
-    save_artifact(job.output, conversion.tensors(), conversion.metadata(), force=options.force)
     report_text = json.dumps(conversion.report, indent=2, sort_keys=True) + "\n"
     write_atomic(job.report, lambda p: p.write_text(report_text), force=options.force)
     markdown = to_markdown(conversion.report)
@@ -190,7 +194,7 @@ def is_unchanged(job: Job) -> bool:
     """Whether the job's artifact exists and records this input's sha256, this spec and this
     format version (so converting again would give the same file)."""
     from refq_cli.artifact import FORMAT_VERSION, read_header
-    from refq_cli.checkpoint import sha256_of
+    from refq_cli.digest import sha256_of
     from refq_cli.spec import load_spec
 
     if not (job.output.is_file() and job.report.is_file() and job.report_md.is_file()):

@@ -13,11 +13,14 @@ LSTM with ``proj_size``. Every other tensor is carried through unchanged.
 
 from __future__ import annotations
 
-import hashlib
+import ctypes
+import functools
+import mmap
+import os
 import pickle
 import re
 import zipfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from refq_cli.digest import sha256_of
 from refq_cli.errors import CheckpointError
 
 _CELL_TYPES = {1: "RNNCell", 3: "GRUCell", 4: "LSTMCell"}
@@ -83,19 +87,64 @@ class Checkpoint:
     sha256: str
     tensors: dict[str, torch.Tensor]
     modules: dict[str, RecurrentModule] = field(default_factory=dict)
+    _mapped: list[tuple[int, int]] | None = field(default=None, repr=False)
 
     @property
     def other_tensor_names(self) -> list[str]:
         owned = {m.key(n) for m in self.modules.values() for n in m.tensor_names}
         return [k for k in self.tensors if k not in owned]
 
+    def release(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Give the memory pages of ``tensors`` back to the system once they have been used.
 
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+        Tensors of a memory-mapped ``torch.save`` file stay valid: their pages are read from
+        the file again if touched. Their pages otherwise stay resident, so a conversion that
+        reads every tensor would hold the whole file in memory. Tensors not mapped from the
+        file (safetensors inputs, or where the mapping cannot be found) are left alone.
+        """
+        if self._mapped is None:
+            self._mapped = _mapped_ranges(self.path)
+        for t in tensors:
+            _drop_pages(t, self._mapped)
+
+
+_MADV_DONTNEED = 4
+
+
+def _mapped_ranges(path: Path) -> list[tuple[int, int]]:
+    """Address ranges where this process maps ``path`` (Linux; elsewhere none are known)."""
+    try:
+        maps = Path("/proc/self/maps").read_text()
+        inode = os.stat(path).st_ino
+    except OSError:
+        return []
+    real = os.path.realpath(path)
+    ranges = []
+    for line in maps.splitlines():
+        fields = line.split(maxsplit=5)
+        if len(fields) == 6 and fields[4] == str(inode) and fields[5] == real:
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+def _drop_pages(t: torch.Tensor, mapped: list[tuple[int, int]]) -> None:
+    """``madvise(MADV_DONTNEED)`` over the whole pages of ``t``'s storage inside the mapping:
+    resident pages of a file mapping that was only read are dropped, to be read again if
+    touched. Never applied to other memory, where it would zero the data."""
+    if t.device.type != "cpu" or not mapped:
+        return
+    storage = t.untyped_storage()
+    begin, size = storage.data_ptr(), storage.nbytes()
+    page = mmap.PAGESIZE
+    start, end = -(-begin // page) * page, (begin + size) // page * page
+    if end > start and any(lo <= start and end <= hi for lo, hi in mapped):
+        _libc().madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), _MADV_DONTNEED)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(None, use_errno=True)
 
 
 def load_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> Checkpoint:

@@ -7,6 +7,8 @@ before any weight is observed.
 
 from __future__ import annotations
 
+import math
+import re
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,12 +19,13 @@ import torch
 from torch import nn
 
 from refq_cli import __version__, reference
+from refq_cli.artifact import ArtifactError, SafetensorsWriter, artifact_header
 from refq_cli.checkpoint import Checkpoint, RecurrentModule, load_checkpoint, read_tensors
 from refq_cli.errors import CheckpointError, RefqError
 from refq_cli.observers import observe
-from refq_cli.quant import WeightQParams, dequantize, quantize
+from refq_cli.quant import WeightQParams, dequantize
 from refq_cli.registry import converter_for
-from refq_cli.report import probe_for, probe_module, weight_stats
+from refq_cli.report import module_output, probe_for, probe_result, quantize_and_measure
 from refq_cli.spec import ModulePlan, Spec, display_path, load_spec, resolve
 
 
@@ -33,7 +36,6 @@ class ConvertedModule:
     float_module: nn.Module
     reference: nn.Module | None  # None when the spec skips the module
     qparams: dict[str, WeightQParams] = field(default_factory=dict)
-    codes: dict[str, torch.Tensor] = field(default_factory=dict)  # integer codes, on the CPU
 
     @property
     def config(self) -> dict[str, Any]:
@@ -52,35 +54,6 @@ class Conversion:
     spec: Spec
     modules: dict[str, ConvertedModule]
     report: dict[str, Any]
-
-    def tensors(self) -> dict[str, torch.Tensor]:
-        """The artifact's tensors: codes, scales and zero points in place of float weights."""
-        out: dict[str, torch.Tensor] = {}
-        owned = set()
-        for m in self.modules.values():
-            if m.reference is None:
-                continue
-            for name in m.info.tensor_names:
-                key = m.info.key(name)
-                owned.add(key)
-                tensor = getattr(m.float_module, name)
-                qp = m.qparams.get(name)
-                if qp is None:
-                    out[key] = tensor.detach()
-                    continue
-                out[key] = m.codes[name]
-                out[key + "_scale"] = qp.scale
-                out[key + "_zero_point"] = qp.zero_point
-        for key, tensor in self.checkpoint.tensors.items():
-            if key in owned:
-                continue
-            if key in out:
-                raise CheckpointError(
-                    f"{self.checkpoint.path}: tensor {key!r} collides with a quantization "
-                    "parameter refq writes; rename it"
-                )
-            out[key] = tensor
-        return out
 
     def metadata(self) -> dict[str, Any]:
         modules = {}
@@ -142,15 +115,22 @@ def resolve_device(device: str) -> torch.device:
 def convert(
     input_path: str | Path,
     spec_path: str | Path,
+    output: str | Path,
     *,
+    force: bool = False,
     device: str = "cpu",
     trust_pickle: bool = False,
     calibration: str | Path | None = None,
     progress: Callable[[str, int, int | None], None] | None = None,
 ) -> Conversion:
-    """Convert one checkpoint as the spec says. Raises a RefqError subclass on bad input.
+    """Convert one checkpoint as the spec says and write the artifact to ``output``.
 
-    ``progress(what, done, total)`` hears of each module as its conversion starts.
+    Raises a RefqError subclass on bad input, and then writes nothing. ``progress(what, done,
+    total)`` hears of each module as its conversion starts.
+
+    The work streams: weights are quantized block by block, their codes go to the artifact
+    as they come, and a multi-layer module is probed layer by layer, so memory holds about one
+    layer's weights at a time, whatever the checkpoint's size.
     """
     started = time.perf_counter()
     step = progress or (lambda what, done, total: None)
@@ -174,77 +154,196 @@ def convert(
             f"--calibration {calibration}: {', '.join(sorted(unknown))} is no recurrent module; "
             f"modules: {', '.join(display_path(p) for p in checkpoint.modules)}"
         )
+    _check_no_collisions(checkpoint, plans)
 
     modules: dict[str, ConvertedModule] = {}
     weight_rows: list[dict[str, Any]] = []
     module_rows: list[dict[str, Any]] = []
-    for done, (path, info) in enumerate(checkpoint.modules.items()):
-        step(f"converting {display_path(path)}", done, len(checkpoint.modules))
-        plan = plans[path]
-        facts = {k: s.value for k, s in plan.facts.items()}
-        float_module = info.build(checkpoint.tensors, facts).to(dev)
-        converted = ConvertedModule(info, plan, float_module, None)
-        modules[path] = converted
-        row: dict[str, Any] = {"path": path, "float_type": info.float_type, "skipped": plan.skip}
-        module_rows.append(row)
-        if plan.skip:
-            continue
-        qdict: dict[str, Any] = {"is_decomposed": spec.is_decomposed}
-        for name in info.weight_names:
-            wspec = plan.weights[name]
-            if wspec.keeps_float:
-                qdict[name] = {"qscheme": None}
-                continue
-            weight = getattr(float_module, name)
-            if not bool(torch.isfinite(weight).all()):
-                raise CheckpointError(
-                    f"{input_path}: {display_path(path)}.{name} holds NaN or infinite values"
-                )
-            converted.qparams[name] = qdict[name] = observe(
-                weight, wspec, f"{display_path(path)}.{name}"
-            )
-        ref = converted.reference = converter_for(float_module)(float_module, qdict)
-        fake_quantized = {}
-        for name, qp in converted.qparams.items():
-            # each weight is quantized once: the codes written, and their values for the rest
-            weight = getattr(float_module, name)
-            codes = quantize(weight, qp, decomposed=spec.is_decomposed)
-            converted.codes[name] = codes.cpu()
-            fake_quantized[name] = dequantize(codes, qp, decomposed=spec.is_decomposed).to(
-                weight.dtype
-            )
-            stats = weight_stats(weight, qp, spec.is_decomposed, fake_quantized[name])
-            weight_rows.append(
-                {"module": path, "weight": name, "observer": plan.weights[name].observer, **stats}
-            )
-        if hasattr(ref, "use_fake_quantized"):  # refq's own modules; others quantize themselves
-            ref.use_fake_quantized(fake_quantized)
-        x = probe_for(float_module, calibration_inputs.get(display_path(path)), path)
-        row["reference_type"] = ref._get_name()
-        row["probe"] = "calibration" if display_path(path) in calibration_inputs else "random"
-        row.update(probe_module(float_module, ref, x))
-        if hasattr(ref, "invalidate_cache"):
-            ref.invalidate_cache()  # free the fake-quantized copies before the next module
-
-    conversion = Conversion(checkpoint, spec, modules, {})
-    conversion.report = _report(conversion, weight_rows, module_rows, spec_path)
+    with SafetensorsWriter(Path(output), force=force) as writer:
+        for done, (path, info) in enumerate(checkpoint.modules.items()):
+            step(f"converting {display_path(path)}", done, len(checkpoint.modules))
+            converting = _ModuleConversion(checkpoint, info, plans[path], spec, dev, writer)
+            module_rows.append(converting.run(calibration_inputs.get(display_path(path))))
+            weight_rows += converting.weight_rows
+            modules[path] = converting.result
+        for key in checkpoint.other_tensor_names:
+            writer.add(key, checkpoint.tensors[key])
+            checkpoint.release([checkpoint.tensors[key]])
+        conversion = Conversion(checkpoint, spec, modules, {})
+        conversion.report = _report(checkpoint, weight_rows, module_rows, spec_path, writer.size)
+        writer.finish(artifact_header(conversion.metadata()))
     conversion.report["totals"]["seconds"] = round(time.perf_counter() - started, 3)
     return conversion
 
 
+def _check_no_collisions(checkpoint: Checkpoint, plans: Mapping[str, ModulePlan]) -> None:
+    """Refuse a checkpoint tensor named like a quantization parameter refq would write."""
+    others = set(checkpoint.other_tensor_names)
+    for path, info in checkpoint.modules.items():
+        plan = plans[path]
+        if plan.skip:
+            continue
+        for name in info.weight_names:
+            if plan.weights[name].keeps_float:
+                continue
+            for key in (info.key(name) + "_scale", info.key(name) + "_zero_point"):
+                if key in others:
+                    raise CheckpointError(
+                        f"{checkpoint.path}: tensor {key!r} collides with a quantization "
+                        "parameter refq writes; rename it"
+                    )
+
+
+class _ModuleConversion:
+    """One recurrent module: observe, quantize and write its weights, probe it, one layer at a
+    time (a cell is one layer), handing each layer's memory back before the next."""
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        info: RecurrentModule,
+        plan: ModulePlan,
+        spec: Spec,
+        dev: torch.device,
+        writer: SafetensorsWriter,
+    ) -> None:
+        self.checkpoint, self.info, self.plan, self.writer = checkpoint, info, plan, writer
+        self.decomposed = spec.is_decomposed
+        facts = {k: s.value for k, s in plan.facts.items()}
+        float_module = info.build(checkpoint.tensors, facts).to(dev)
+        self.result = ConvertedModule(info, plan, float_module, None)
+        self.weight_rows: list[dict[str, Any]] = []
+
+    def run(self, calibration: torch.Tensor | None) -> dict[str, Any]:
+        """Convert the module; returns its row of the report."""
+        info, module = self.info, self.result.float_module
+        row: dict[str, Any] = {"path": info.path, "float_type": info.float_type}
+        row["skipped"] = self.plan.skip
+        if self.plan.skip:
+            for name in info.tensor_names:
+                self._write_float(name)
+            return row
+        x = probe_for(module, calibration, info.path)
+        cell = isinstance(module, nn.RNNCellBase)
+        expected = got = x
+        for layer, names in _layers(info):
+            float_layer = module if layer is None else _single_layer(module, layer)
+            fake_quantized = {
+                _layer_name(n): self._quantize(n) if self._quantized(n) else self._write_float(n)
+                for n in names
+            }
+            qdict: dict[str, Any] = {"is_decomposed": self.decomposed}
+            for name in names:
+                if name.startswith("weight"):
+                    qp = self.result.qparams.get(name)
+                    qdict[_layer_name(name)] = qp if qp is not None else {"qscheme": None}
+            ref_layer = converter_for(float_layer)(float_layer, qdict)
+            if hasattr(ref_layer, "use_fake_quantized"):  # refq's own; others quantize themselves
+                ref_layer.use_fake_quantized(fake_quantized)
+            expected = module_output(float_layer, expected, cell)
+            got = module_output(ref_layer, got, cell)
+            del fake_quantized, ref_layer
+            self.checkpoint.release(getattr(module, n) for n in names)
+        qdict = {"is_decomposed": self.decomposed}
+        for name in info.weight_names:
+            qdict[name] = self.result.qparams.get(name) or {"qscheme": None}
+        ref = self.result.reference = converter_for(module)(module, qdict)
+        row["reference_type"] = ref._get_name()
+        row["probe"] = "random" if calibration is None else "calibration"
+        row.update(probe_result(expected, got, x, getattr(module, "batch_first", False)))
+        return row
+
+    def _quantized(self, name: str) -> bool:
+        return name.startswith("weight") and not self.plan.weights[name].keeps_float
+
+    def _write_float(self, name: str) -> torch.Tensor:
+        tensor = getattr(self.result.float_module, name)
+        self.writer.add(self.info.key(name), tensor)
+        return tensor
+
+    def _quantize(self, name: str) -> torch.Tensor:
+        """Observe, quantize and measure one weight; write its codes and parameters; return
+        its fake-quantized values."""
+        weight = getattr(self.result.float_module, name).detach()
+        where = f"{display_path(self.info.path)}.{name}"
+        if weight.numel() and not all(math.isfinite(v) for v in torch.aminmax(weight)):
+            raise CheckpointError(f"{self.checkpoint.path}: {where} holds NaN or infinite values")
+        qp = self.result.qparams[name] = observe(weight, self.plan.weights[name], where)
+        key = self.info.key(name)
+        self.writer.begin(key, qp.storage, tuple(weight.shape))
+        values, stats = quantize_and_measure(weight, qp, self.decomposed, self.writer.write)
+        self.writer.end()
+        self.writer.add(key + "_scale", qp.scale)
+        self.writer.add(key + "_zero_point", qp.zero_point)
+        observer = self.plan.weights[name].observer
+        self.weight_rows.append(
+            {"module": self.info.path, "weight": name, "observer": observer, **stats}
+        )
+        return values
+
+
+def _layers(info: RecurrentModule) -> list[tuple[int | None, list[str]]]:
+    """The module's tensors by layer (both directions together); one group for a cell."""
+    if info.float_type.endswith("Cell"):
+        return [(None, list(info.tensor_names))]
+    layers: dict[int, list[str]] = {}
+    for name in info.tensor_names:
+        layers.setdefault(int(_LAYER.search(name).group(1)), []).append(name)  # type: ignore[union-attr]
+    return list(layers.items())
+
+
+_LAYER = re.compile(r"_l(\d+)(?:_reverse)?$")
+
+
+def _layer_name(name: str) -> str:
+    """``weight_ih_l3_reverse`` -> ``weight_ih_l0_reverse``: the name in a one-layer module."""
+    return _LAYER.sub(lambda m: m.group(0).replace(f"_l{m.group(1)}", "_l0"), name)
+
+
+def _single_layer(module: nn.Module, layer: int) -> nn.Module:
+    """Layer ``layer`` of a multi-layer RNN, LSTM or GRU as a one-layer module of the same
+    type, sharing its tensors: running the layers one after another computes what the whole
+    module computes (in eval mode, where dropout between layers is off)."""
+    out_size = module.proj_size or module.hidden_size
+    config = {
+        "input_size": module.input_size if layer == 0 else out_size * (1 + module.bidirectional),
+        "hidden_size": module.hidden_size,
+        "num_layers": 1,
+        "bias": module.bias,
+        "batch_first": module.batch_first,
+        "bidirectional": module.bidirectional,
+    }
+    if isinstance(module, nn.LSTM):
+        config["proj_size"] = module.proj_size
+    if isinstance(module, nn.RNN):
+        config["nonlinearity"] = module.nonlinearity
+    first = next(module.parameters())
+    single = type(module)(**config, device="meta", dtype=first.dtype)
+    tensors = {
+        _layer_name(n): getattr(module, n)
+        for n in module._flat_weights_names
+        if _LAYER.search(n).group(1) == str(layer)  # type: ignore[union-attr]
+    }
+    single.load_state_dict(tensors, strict=True, assign=True)
+    return single.train(False)
+
+
 def _report(
-    conversion: Conversion,
+    checkpoint: Checkpoint,
     weight_rows: list[dict[str, Any]],
     module_rows: list[dict[str, Any]],
     spec_path: str | Path,
+    quantized_bytes: int,
 ) -> dict[str, Any]:
-    ckpt = conversion.checkpoint
-    float_bytes = sum(t.numel() * t.element_size() for t in ckpt.tensors.values())
-    quantized_bytes = sum(t.numel() * t.element_size() for t in conversion.tensors().values())
+    float_bytes = sum(t.numel() * t.element_size() for t in checkpoint.tensors.values())
     sqnrs = [w["sqnr_db"] for w in weight_rows if w["sqnr_db"] is not None]
     return {
         "refq_version": __version__,
-        "source": {"name": ckpt.path.name, "sha256": ckpt.sha256, "format": ckpt.format},
+        "source": {
+            "name": checkpoint.path.name,
+            "sha256": checkpoint.sha256,
+            "format": checkpoint.format,
+        },
         "spec": Path(spec_path).name,
         "weights": weight_rows,
         "modules": module_rows,
@@ -265,7 +364,6 @@ def reference_from_artifact(
     path: str, info: Mapping[str, Any], tensors: dict[str, torch.Tensor], source: Path
 ) -> nn.Module:
     """Rebuild one reference module from artifact tensors; consumes its tensors from the dict."""
-    from refq_cli.artifact import ArtifactError
 
     def take(key: str) -> torch.Tensor:
         try:

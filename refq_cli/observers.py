@@ -96,8 +96,12 @@ def _per_channel(spec: QParamSpec) -> bool:
 
 def minmax(w: torch.Tensor, spec: QParamSpec, where: str) -> WeightQParams:
     rows = _channels(w, spec, _per_channel(spec), where)
-    lo, hi = torch.aminmax(rows, dim=1)
-    return _from_range(lo, hi, spec, where)
+    return _from_range(*_row_range(rows), spec, where)
+
+
+def _row_range(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # two reductions: several times faster than torch.aminmax(rows, dim=1) on CPU
+    return rows.amin(dim=1), rows.amax(dim=1)
 
 
 def percentile(w: torch.Tensor, spec: QParamSpec, where: str) -> WeightQParams:
@@ -114,7 +118,7 @@ def mse(w: torch.Tensor, spec: QParamSpec, where: str) -> WeightQParams:
     """Search clipping ratios r of the min/max range; keep, per row, the r with least error."""
     per_channel = _per_channel(spec)
     rows = _channels(w, spec, per_channel, where)
-    lo, hi = torch.aminmax(rows, dim=1)
+    lo, hi = _row_range(rows)
     best_err = torch.full_like(lo, float("inf"), dtype=torch.float64)
     best_lo, best_hi = lo.clone(), hi.clone()
     flat_spec = replace(spec, axis=0)  # rows are channels along axis 0

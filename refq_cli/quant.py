@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import difflib
 import operator
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +54,7 @@ __all__ = [
     "dequantize",
     "fake_quantize",
     "quantize",
+    "quantize_blocks",
 ]
 
 
@@ -369,44 +370,110 @@ def _fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
     return torch.where(midpoint & (err != 0), toward_err, f)
 
 
-def _rounded(w: torch.Tensor, qp: WeightQParams, decomposed: bool) -> torch.Tensor:
+# Quantization runs block by block of rows, about a megabyte of float32 at a time, so that its
+# several elementwise steps work on data in the CPU cache and allocate nothing weight-sized.
+BLOCK_ELEMENTS = 1 << 18
+
+
+def _row_blocks(w: torch.Tensor) -> Iterator[Any]:
+    """Index expressions that cover ``w``: slices of whole rows along dim 0 (all of it at once
+    on a GPU, where one big kernel beats many small ones)."""
+    if w.dim() == 0:
+        yield ...
+        return
+    rows = w.shape[0]
+    step = rows if w.is_cuda else max(1, BLOCK_ELEMENTS // max(1, w[0].numel()))
+    for start in range(0, rows, step):
+        yield slice(start, min(rows, start + step))
+
+
+def _for_rows(qp: WeightQParams, t: torch.Tensor, ndim: int, rows: Any) -> torch.Tensor:
+    """Scale or zero point ``t`` shaped to broadcast against ``w[rows]``."""
+    if not qp.per_channel:
+        return t
+    t = qp._along_axis(t, ndim)
+    return t[rows] if qp.axis % ndim == 0 else t
+
+
+def _rounded(
+    w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qp: WeightQParams, decomposed: bool
+) -> torch.Tensor:
     """Codes before clamping, as floats, following the path table in the module docstring."""
-    s = qp._along_axis(qp.scale, w.dim())
-    z = qp._along_axis(qp.zero_point, w.dim())
     if decomposed:
         inv = (1.0 / s.double()).float() if not qp.per_channel else torch.reciprocal(s)
-        return torch.round(w * inv) + z.float()
+        return torch.round(w * inv).add_(z)
     if w.is_cuda:
-        return torch.round(w.double() / s.double()) + z.double()
+        return torch.round(w.double() / s.double()).add_(z)
     inv = torch.reciprocal(s)
     if not qp.per_channel and qp.dtype != "qint32":
         return torch.round(_fma_f32(w, inv, z))
-    return torch.round(w * inv + z)
+    return torch.mul(w, inv).add_(z).round_()
+
+
+def _codes(r: torch.Tensor, qp: WeightQParams) -> torch.Tensor:
+    r.clamp_(qp.quant_min, qp.quant_max)
+    if qp.storage != torch.int32:  # whole numbers within 8 bits: the cast is exact
+        return r.to(qp.storage)
+    # float32 cannot hold 2**31 - 1: clamp again once the codes are integers
+    return r.long().clamp_(qp.quant_min, qp.quant_max).to(qp.storage)
+
+
+def _values(
+    q: torch.Tensor,
+    s: torch.Tensor,
+    z: torch.Tensor,
+    qp: WeightQParams,
+    decomposed: bool,
+    rounded: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Float32 values of codes ``q``. ``rounded``, the clamped codes as float32 when at hand,
+    is reused in place of converting ``q`` back: for 8-bit codes it holds them exactly (but
+    for the sign of zero, which adding 0.0 clears), and ``q - z`` is then exact in either
+    formula of the module docstring."""
+    if rounded is not None and rounded.dtype == torch.float32 and qp.storage != torch.int32:
+        return rounded.add_(0.0).sub_(z).mul_(s)
+    float_subtract = (
+        qp.per_channel if q.device.type == "cpu" and not decomposed else not qp.per_channel
+    )
+    if float_subtract:
+        return (q.float() - z.float()).mul_(s)
+    return (q.long() - z.long()).float().mul_(s)
+
+
+def quantize_blocks(
+    w: torch.Tensor, qp: WeightQParams, *, decomposed: bool = False, values: bool = True
+) -> Iterator[tuple[Any, torch.Tensor, torch.Tensor | None]]:
+    """``(rows, codes, values)`` for consecutive blocks of ``w``'s rows: the integer codes of
+    ``w[rows]`` and, with ``values``, their float32 values. Every quantization in refq runs
+    through here; callers consume each block while it is in the cache."""
+    qp.check_weight(w)
+    w = w.detach()  # no autograd graph; no_grad here would leak to the caller between yields
+    for rows in _row_blocks(w):
+        s = _for_rows(qp, qp.scale, w.dim(), rows)
+        z = _for_rows(qp, qp.zero_point, w.dim(), rows)
+        rounded = _rounded(w[rows].float(), s, z, qp, decomposed)
+        q = _codes(rounded, qp)
+        yield rows, q, _values(q, s, z, qp, decomposed, rounded) if values else None
 
 
 def quantize(w: torch.Tensor, qp: WeightQParams, *, decomposed: bool = False) -> torch.Tensor:
     """Integer codes of ``w`` in ``qp``'s storage dtype (int8, uint8 or int32)."""
-    qp.check_weight(w)
-    with torch.no_grad():
-        codes = _rounded(w.detach().float(), qp, decomposed).clamp_(qp.quant_min, qp.quant_max)
-        if qp.storage != torch.int32:  # whole numbers within 8 bits: the cast is exact
-            return codes.to(qp.storage)
-        # float32 cannot hold 2**31 - 1: clamp again once the codes are integers
-        return codes.long().clamp_(qp.quant_min, qp.quant_max).to(qp.storage)
+    codes = torch.empty(w.shape, dtype=qp.storage, device=w.device)
+    for rows, q, _ in quantize_blocks(w, qp, decomposed=decomposed, values=False):
+        codes[rows] = q
+    return codes
 
 
 def dequantize(q: torch.Tensor, qp: WeightQParams, *, decomposed: bool = False) -> torch.Tensor:
     """Float32 values of integer codes ``q``."""
     s = qp._along_axis(qp.scale, q.dim())
     z = qp._along_axis(qp.zero_point, q.dim())
-    float_subtract = (
-        qp.per_channel if q.device.type == "cpu" and not decomposed else not qp.per_channel
-    )
-    if float_subtract:
-        return (q.float() - z.float()) * s
-    return (q.long() - z.long()).float() * s
+    return _values(q, s, z, qp, decomposed)
 
 
 def fake_quantize(w: torch.Tensor, qp: WeightQParams, *, decomposed: bool = False) -> torch.Tensor:
     """``dequantize(quantize(w))`` in ``w``'s dtype: the values a reference module computes with."""
-    return dequantize(quantize(w, qp, decomposed=decomposed), qp, decomposed=decomposed).to(w.dtype)
+    out = torch.empty_like(w, memory_format=torch.contiguous_format)
+    for rows, _, v in quantize_blocks(w, qp, decomposed=decomposed):
+        out[rows] = v
+    return out

@@ -199,3 +199,33 @@ def test_an_artifact_is_not_an_input(tmp_path):
     write_safetensors(path, {"w": torch.zeros(2)}, {"format": "refq"})
     with pytest.raises(CheckpointError, match="already a refq artifact"):
         load_checkpoint(path)
+
+
+def resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps"), reason="needs Linux's /proc")
+def test_released_tensors_leave_memory_and_keep_their_values(tmp_path):
+    path = tmp_path / "big.pt"
+    torch.save({"a": torch.arange(8 << 20, dtype=torch.float32), "b": torch.ones(3)}, path)
+    checkpoint = load_checkpoint(path)
+    a = checkpoint.tensors["a"]
+    total = float(a.sum(dtype=torch.float64))  # reads every page of the 32 MiB tensor
+    before = resident_bytes()
+    checkpoint.release([a])
+    assert before - resident_bytes() > 24 << 20
+    assert float(a.sum(dtype=torch.float64)) == total  # read back from the file
+    assert torch.equal(checkpoint.tensors["b"], torch.ones(3))
+
+
+def test_memory_that_is_not_mapped_from_the_file_is_never_released(tmp_path):
+    path = tmp_path / "small.safetensors"
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.arange(1 << 20, dtype=torch.float32)}, path)
+    checkpoint = load_checkpoint(path)  # safetensors inputs are read into memory
+    other = torch.arange(1 << 20, dtype=torch.float32)
+    checkpoint.release([checkpoint.tensors["a"], other])
+    assert torch.equal(checkpoint.tensors["a"], other) and int(other[-1]) == (1 << 20) - 1

@@ -8,10 +8,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 from torch import nn
 
 from refq_cli import reference
-from refq_cli.artifact import ArtifactError, load_artifact, save_artifact
+from refq_cli.artifact import ArtifactError, load_artifact
 from refq_cli.convert import convert
 from refq_cli.errors import CheckpointError, SpecError
 from tests.checkpoints import Speech, write
@@ -48,9 +49,8 @@ def probe(info):
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_artifact_round_trip_is_bit_identical(tmp_path, preset):
-    conversion = convert(write(tmp_path, "pt"), preset_with_facts(tmp_path, preset))
     path = tmp_path / "model.refq.safetensors"
-    save_artifact(path, conversion.tensors(), conversion.metadata())
+    conversion = convert(write(tmp_path, "pt"), preset_with_facts(tmp_path, preset), path)
     artifact = load_artifact(path)
     assert set(artifact.modules) == set(conversion.modules)
     torch.manual_seed(0)
@@ -75,9 +75,8 @@ def test_load_artifact_is_on_the_package():
 
 
 def test_artifact_layout_and_metadata(tmp_path):
-    conversion = convert(write(tmp_path, "pt"), spec_file(tmp_path))
     path = tmp_path / "a.safetensors"
-    save_artifact(path, conversion.tensors(), conversion.metadata())
+    convert(write(tmp_path, "pt"), spec_file(tmp_path), path)
     with safe_open(str(path), "pt") as f:
         meta = f.metadata()
         assert f.get_tensor("encoder.weight_hr_l1_reverse").dtype == torch.int8
@@ -103,9 +102,8 @@ def test_same_input_and_spec_give_byte_identical_artifacts(tmp_path, kind):
         spec.write_text("version: 1\n")
     blobs = []
     for run in range(2):
-        conversion = convert(source, spec)
         path = tmp_path / f"run{run}.safetensors"
-        save_artifact(path, conversion.tensors(), conversion.metadata())
+        conversion = convert(source, spec, path)
         blobs.append(path.read_bytes())
         report = conversion.report
         assert report["totals"].pop("seconds") >= 0  # the one field that may differ
@@ -114,9 +112,8 @@ def test_same_input_and_spec_give_byte_identical_artifacts(tmp_path, kind):
 
 
 def test_apply_to_swaps_modules_into_the_users_model(tmp_path):
-    conversion = convert(write(tmp_path, "pt"), spec_file(tmp_path))
     path = tmp_path / "a.safetensors"
-    save_artifact(path, conversion.tensors(), conversion.metadata())
+    conversion = convert(write(tmp_path, "pt"), spec_file(tmp_path), path)
     torch.manual_seed(123)  # different float weights: apply_to must load the artifact's
     model = Speech()
     model.aux = nn.RNN(6, 4, nonlinearity="relu")
@@ -149,16 +146,15 @@ def test_apply_to_swaps_modules_into_the_users_model(tmp_path):
         (lambda m: delattr(m, "decoder"), "the model has no module at 'decoder.cell'"),
         (
             lambda m: setattr(m, "head", nn.Linear(7, 3)),
-            r"tensor 'head.bias' has shape \(2,\), the model's \(3,\)",
+            r"tensor 'head.weight' has shape \(2, 7\), the model's \(3, 7\)",
         ),
         (lambda m: m.double(), "dtype: model has float64, artifact has float32"),
     ],
     ids=["batch_first", "proj_size", "type", "missing", "other-tensor-shape", "dtype"],
 )
 def test_apply_to_names_what_differs(tmp_path, change, message):
-    conversion = convert(write(tmp_path, "pt"), spec_file(tmp_path))
     path = tmp_path / "a.safetensors"
-    save_artifact(path, conversion.tensors(), conversion.metadata())
+    convert(write(tmp_path, "pt"), spec_file(tmp_path), path)
     model = Speech()
     model.aux = nn.RNN(6, 4, nonlinearity="relu")
     model.context = nn.GRU(6, 5, bias=False, batch_first=True)
@@ -174,9 +170,10 @@ def test_skipped_modules_and_float_weights_stay_float(tmp_path):
         "rules:\n  - {match: 'dec*', skip: true}\n  - match: gate\n    weights:\n"
         "      weight_hh: {qscheme: none}\n"
     )
-    conversion = convert(write(tmp_path, "pt"), spec_file(tmp_path, body))
+    path = tmp_path / "a.safetensors"
+    conversion = convert(write(tmp_path, "pt"), spec_file(tmp_path, body), path)
     assert conversion.modules["decoder.cell"].reference is None
-    tensors = conversion.tensors()
+    tensors = load_file(path)
     assert tensors["decoder.cell.weight_ih"].dtype == torch.float32
     assert "decoder.cell.weight_ih_scale" not in tensors
     assert tensors["gate.weight_hh"].dtype == torch.float32
@@ -186,7 +183,8 @@ def test_skipped_modules_and_float_weights_stay_float(tmp_path):
 
 
 def test_report_contents(tmp_path):
-    conversion = convert(write(tmp_path, "pt"), spec_file(tmp_path))
+    path = tmp_path / "a.safetensors"
+    conversion = convert(write(tmp_path, "pt"), spec_file(tmp_path), path)
     report = conversion.report
     weights = {(w["module"], w["weight"]): w for w in report["weights"]}
     # encoder: layers x directions x (ih, hh, hr); five more modules with ih and hh each
@@ -199,13 +197,18 @@ def test_report_contents(tmp_path):
     assert module["output_sqnr_db"] > 20
     totals = report["totals"]
     assert totals["float_bytes"] > totals["quantized_bytes"] > 0
+    assert totals["quantized_bytes"] == sum(
+        t.numel() * t.element_size() for t in load_file(path).values()
+    )
     assert conversion.below(1000.0) and not conversion.below(0.0)
 
 
 def test_calibration_inputs_replace_the_random_probe(tmp_path):
     calibration = tmp_path / "calib.pt"
     torch.save({"gate": torch.randn(7, 2, 6), "encoder": torch.randn(9, 2, 6)}, calibration)
-    conversion = convert(write(tmp_path, "pt"), spec_file(tmp_path), calibration=calibration)
+    conversion = convert(
+        write(tmp_path, "pt"), spec_file(tmp_path), tmp_path / "a.st", calibration=calibration
+    )
     rows = {m["path"]: m for m in conversion.report["modules"]}
     assert rows["gate"]["probe"] == "calibration" and rows["gate"]["probe_shape"] == [7, 2, 6]
     assert len(rows["encoder"]["hidden_error_per_step"]) == 9
@@ -216,20 +219,21 @@ def test_spec_is_checked_before_the_checkpoint_is_read(tmp_path):
     bad_spec = tmp_path / "bad.yaml"
     bad_spec.write_text("version: 1\ndefaults: {dtype: qint16}\n")
     with pytest.raises(SpecError, match=r"bad\.yaml:2:19"):
-        convert(tmp_path / "does-not-exist.pt", bad_spec)
+        convert(tmp_path / "does-not-exist.pt", bad_spec, tmp_path / "a.st")
 
 
 def test_a_checkpoint_without_recurrent_modules(tmp_path):
     path = tmp_path / "linear.pt"
     torch.save(nn.Linear(3, 3).state_dict(), path)
     with pytest.raises(CheckpointError, match="no recurrent module found"):
-        convert(path, spec_file(tmp_path, "").with_name("q.yaml"))
+        convert(path, spec_file(tmp_path, "").with_name("q.yaml"), tmp_path / "a.st")
+    assert not (tmp_path / "a.st").exists()
 
 
 def test_is_decomposed_reaches_the_modules(tmp_path):
     spec = tmp_path / "d.yaml"
     spec.write_text("version: 1\nis_decomposed: true\nmodules:\n  aux: {nonlinearity: relu}\n")
-    conversion = convert(write(tmp_path, "pt"), spec)
+    conversion = convert(write(tmp_path, "pt"), spec, tmp_path / "a.st")
     assert all(m.reference.is_decomposed for m in conversion.modules.values())
 
 

@@ -13,6 +13,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from refq_cli import quant
 from refq_cli.errors import QParamsError
 from refq_cli.quant import (
     DTYPES,
@@ -116,6 +117,49 @@ def test_per_channel_along_axis_1():
     codes, values = torch_oracle(w, qp)
     assert torch.equal(quantize(w, qp), codes)
     assert torch.equal(fake_quantize(w, qp), values)
+
+
+@pytest.mark.parametrize("dtype", ORACLE_DTYPES)
+@pytest.mark.parametrize(
+    ("shape", "per_channel", "axis"),
+    [((37, 11), True, 0), ((37, 11), True, 1), ((37, 11), False, 0), ((9, 4, 5), True, 2)],
+    ids=["rows", "columns", "per-tensor", "3-d"],
+)
+def test_block_by_block_equals_the_whole_weight_at_once(
+    monkeypatch, dtype, shape, per_channel, axis
+):
+    """Blocks of a few rows, ragged last block included, give what one block gives."""
+    gen = torch.Generator().manual_seed(5)
+    w = torch.randn(shape, generator=gen) * 0.1
+    n = shape[axis] if per_channel else 1
+    d = DTYPES[dtype]
+    lo, hi = (d.qmin, d.qmax) if dtype != "qint32" else (-1000, 1000)
+    qp = WeightQParams.create(
+        qscheme="per_channel_affine" if per_channel else "per_tensor_affine",
+        dtype=dtype,
+        scale=(torch.rand(n, generator=gen) * 0.01 + 1e-3).reshape(-1 if per_channel else ()),
+        zero_point=torch.randint(lo, hi + 1, (n,), generator=gen).reshape(
+            -1 if per_channel else ()
+        ),
+        axis=axis,
+    )
+    whole = [quantize(w, qp), fake_quantize(w, qp), fake_quantize(w, qp, decomposed=True)]
+    monkeypatch.setattr(quant, "BLOCK_ELEMENTS", 3 * w[0].numel())  # 3 rows a block
+    assert len(list(quant._row_blocks(w))) == -(-shape[0] // 3)
+    blocked = [quantize(w, qp), fake_quantize(w, qp), fake_quantize(w, qp, decomposed=True)]
+    for a, b in zip(whole, blocked, strict=True):
+        assert torch.equal(a, b)
+    if per_channel and axis == 0:
+        codes, values = torch_oracle(w, qp)
+        assert torch.equal(blocked[0], codes) and torch.equal(blocked[1], values)
+
+
+def test_dequantized_values_keep_no_negative_zero():
+    """Codes of 0 from weights just below zero dequantize to +0.0, as PyTorch's do."""
+    qp = WeightQParams.create(qscheme="per_channel_symmetric", dtype="qint8", scale=[0.1], axis=0)
+    values = fake_quantize(torch.tensor([[-0.01, 0.01, -0.0]]), qp)
+    assert torch.equal(values, torch.zeros(1, 3))
+    assert not torch.signbit(values).any()
 
 
 # --- the fused multiply-add emulation ------------------------------------------------------

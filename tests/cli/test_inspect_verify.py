@@ -15,7 +15,7 @@ from rich.console import Console
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from refq_cli.artifact import save_artifact, write_safetensors
+from refq_cli.artifact import write_safetensors
 from refq_cli.cli.app import app
 from refq_cli.cli.inspect import render_table
 from refq_cli.convert import convert
@@ -43,9 +43,8 @@ def make_artifact(tmp_path, body=MIXED, name="a.refq.safetensors", seed=0):
     source = write(tmp_path, "pt", seed=seed)
     spec = tmp_path / f"{name}.yaml"
     spec.write_text(body)
-    conversion = convert(source, spec)
     path = tmp_path / name
-    save_artifact(path, conversion.tensors(), conversion.metadata(), force=True)
+    convert(source, spec, path, force=True)
     return path, source
 
 
@@ -203,7 +202,7 @@ def test_verify_passes_against_its_checkpoint_and_gates(tmp_path):
 
 def test_verify_matches_the_conversion_report(tmp_path):
     path, source = make_artifact(tmp_path)
-    conversion = convert(source, tmp_path / "a.refq.safetensors.yaml")
+    conversion = convert(source, tmp_path / "a.refq.safetensors.yaml", tmp_path / "again.st")
     verified = json.loads(invoke("verify", path, "--against", source, "--json").stdout)
     expected = {m["path"]: m["output_sqnr_db"] for m in conversion.report["modules"]}
     assert {m["path"]: m["output_sqnr_db"] for m in verified["modules"]} == expected

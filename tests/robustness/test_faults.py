@@ -62,17 +62,35 @@ def test_with_force_the_old_artifact_survives_a_failed_conversion(tmp_path):
     assert good.output.read_bytes() == before
 
 
-def test_a_full_disk_leaves_the_old_file_and_no_partial_one(tmp_path, monkeypatch):
+class FullDisk:
+    """A temporary file on a full disk."""
+
+    def write(self, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def close(self):
+        pass
+
+
+def full_disk_while_streaming(monkeypatch):
+    monkeypatch.setattr(artifact.tempfile, "TemporaryFile", lambda **kwargs: FullDisk())
+
+
+def full_disk_while_finishing(monkeypatch):
+    def copy(source, target, size):
+        target.write(b"partial")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(artifact, "_copy_data", copy)
+
+
+@pytest.mark.parametrize("fault", [full_disk_while_streaming, full_disk_while_finishing])
+def test_a_full_disk_leaves_the_old_file_and_no_partial_one(tmp_path, monkeypatch, fault):
     source = write(tmp_path, "pt")
     target = job(tmp_path, source, spec(tmp_path))
     convert_job(target, Options())
     before = target.output.read_bytes()
-
-    def full_disk(path, tensors, metadata):
-        Path(path).write_bytes(b"partial")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-
-    monkeypatch.setattr(artifact, "write_safetensors", full_disk)
+    fault(monkeypatch)
     with pytest.raises(RefqError, match="cannot write: No space left on device"):
         convert_job(target, Options(force=True))
     assert target.output.read_bytes() == before
@@ -85,12 +103,13 @@ from pathlib import Path
 import torch
 from refq_cli import artifact
 
-def slow(path, tensors, metadata):
-    Path(path).write_bytes(b"x" * 1_000_000)
+def slow(source, target, size):
+    target.write(b"x" * 1_000_000)
+    target.flush()
     print("writing", flush=True)
     time.sleep(60)
 
-artifact.write_safetensors = slow
+artifact._copy_data = slow
 artifact.save_artifact(Path(sys.argv[1]), {"w": torch.zeros(3)}, {}, force=True)
 """
 

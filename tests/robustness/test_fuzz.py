@@ -16,7 +16,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from refq_cli.artifact import load_artifact, save_artifact
+from refq_cli.artifact import load_artifact
 from refq_cli.convert import convert
 from refq_cli.errors import RefqError
 from refq_cli.inspect import describe_artifact
@@ -137,9 +137,8 @@ def real_artifact(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("artifact")
     spec = folder / "q.yaml"
     spec.write_text("version: 1\nmodules:\n  aux: {nonlinearity: relu}\n")
-    conversion = convert(write(folder, "pt"), spec)
     path = folder / "a.safetensors"
-    save_artifact(path, conversion.tensors(), conversion.metadata())
+    convert(write(folder, "pt"), spec, path)
     return path
 
 

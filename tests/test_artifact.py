@@ -1,0 +1,96 @@
+"""The streaming safetensors writer: layout, order, sizes, faults and the kernel-copy fallback."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from refq_cli.artifact import ArtifactError, SafetensorsWriter, write_safetensors
+
+TENSORS = {
+    "b.weight": torch.arange(12, dtype=torch.int8).reshape(3, 4),
+    "a.scale": torch.tensor(0.5),
+    "c.half": torch.randn(5, dtype=torch.float16),
+    "d.empty": torch.zeros(0, 3),
+}
+
+
+def test_blocks_and_whole_tensors_give_the_same_file(tmp_path):
+    write_safetensors(tmp_path / "whole.st", TENSORS, {"k": "v"})
+    with SafetensorsWriter(tmp_path / "blocks.st") as writer:
+        for name, tensor in TENSORS.items():
+            writer.begin(name, tensor.dtype, tuple(tensor.shape))
+            for row in tensor.reshape(-1, *tensor.shape[1:]) if tensor.dim() else [tensor]:
+                writer.write(row)
+            writer.end()
+        writer.finish({"k": "v"})
+    assert (tmp_path / "whole.st").read_bytes() == (tmp_path / "blocks.st").read_bytes()
+    loaded = load_file(tmp_path / "blocks.st")
+    assert list(loaded) == list(TENSORS)  # in the order they were written
+    for name, tensor in TENSORS.items():
+        assert torch.equal(loaded[name], tensor)
+    with safe_open(str(tmp_path / "blocks.st"), "pt") as f:
+        assert f.metadata() == {"k": "v"}
+
+
+def test_data_is_stored_in_the_order_tensors_were_added(tmp_path):
+    path = tmp_path / "a.st"
+    write_safetensors(path, TENSORS, {})
+    header = path.read_bytes()[8 : 8 + int.from_bytes(path.read_bytes()[:8], "little")]
+    offsets = [header.index(name.encode()) for name in TENSORS]
+    assert offsets == sorted(offsets)
+
+
+def test_wrong_sizes_and_repeated_names_are_refused(tmp_path):
+    with SafetensorsWriter(tmp_path / "a.st") as writer:
+        writer.begin("w", torch.float32, (2, 2))
+        writer.write(torch.zeros(3))
+        with pytest.raises(RuntimeError, match="got 12 bytes"):
+            writer.end()
+    with SafetensorsWriter(tmp_path / "a.st") as writer:
+        writer.add("w", torch.zeros(2))
+        with pytest.raises(ArtifactError, match="'w' is written twice"):
+            writer.add("w", torch.zeros(2))
+    with (
+        SafetensorsWriter(tmp_path / "a.st") as writer,
+        pytest.raises(ArtifactError, match="complex64, which safetensors cannot store"),
+    ):
+        writer.add("c", torch.zeros(2, dtype=torch.complex64))
+    assert list(tmp_path.iterdir()) == []  # never finished: nothing written
+
+
+def test_without_copy_file_range_the_data_is_copied_in_python(tmp_path, monkeypatch):
+    def unsupported(*args):
+        raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
+
+    write_safetensors(tmp_path / "kernel.st", TENSORS, {})
+    monkeypatch.setattr(os, "copy_file_range", unsupported)
+    write_safetensors(tmp_path / "python.st", TENSORS, {})
+    monkeypatch.delattr(os, "copy_file_range")
+    write_safetensors(tmp_path / "none.st", TENSORS, {})
+    expected = (tmp_path / "kernel.st").read_bytes()
+    assert (tmp_path / "python.st").read_bytes() == expected
+    assert (tmp_path / "none.st").read_bytes() == expected
+
+
+def test_other_copy_errors_are_reported(tmp_path, monkeypatch):
+    def failing(*args):
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    monkeypatch.setattr(os, "copy_file_range", failing)
+    with pytest.raises(ArtifactError, match="cannot write: Input/output error"):
+        write_safetensors(tmp_path / "a.st", TENSORS, {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_data_file_leaves_no_name_behind(tmp_path):
+    with SafetensorsWriter(tmp_path / "a.st") as writer:
+        writer.add("w", torch.zeros(1000))
+        assert list(tmp_path.iterdir()) == []  # unlinked from the start
+        writer.finish({})
+    assert [p.name for p in tmp_path.iterdir()] == ["a.st"]
