@@ -243,7 +243,7 @@ class _ModuleConversion:
             expected = module_output(float_layer, expected, cell)
             got = module_output(ref_layer, got, cell)
             del fake_quantized, ref_layer
-            self.checkpoint.release(getattr(module, n) for n in names)
+            self.checkpoint.release(self.checkpoint.tensors[info.key(n)] for n in names)
         qdict = {"is_decomposed": self.decomposed}
         for name in info.weight_names:
             qdict[name] = self.result.qparams.get(name) or {"qscheme": None}
@@ -325,6 +325,7 @@ def _single_layer(module: nn.Module, layer: int) -> nn.Module:
         if _LAYER.search(n).group(1) == str(layer)  # type: ignore[union-attr]
     }
     single.load_state_dict(tensors, strict=True, assign=True)
+    single.flatten_parameters()  # on CUDA, cuDNN's layout (a copy); elsewhere nothing
     return single.train(False)
 
 

@@ -43,3 +43,27 @@ def test_digest_does_not_import_torch():
     code = "import sys, refq_cli.digest; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def _child_digest(path, queue):
+    queue.put(digest.sha256_of(path))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_a_digest_started_before_a_fork_is_computed_in_the_child(tmp_path, monkeypatch):
+    import multiprocessing
+    import time
+
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"x" * (1 << 20))
+    slow = digest._sha256
+    monkeypatch.setattr(digest, "_sha256", lambda p: time.sleep(1) or slow(p))
+    digest.start(path)  # still sleeping when the child is forked: the child has no such thread
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_child_digest, args=(path, queue))
+    child.start()
+    expected = hashlib.sha256(path.read_bytes()).hexdigest()
+    assert queue.get(timeout=30) == expected
+    child.join()
+    assert digest.sha256_of(path) == expected  # and the parent's own thread finishes

@@ -231,10 +231,16 @@ class QuantizedWeightsMixin:
         if key_tuple != self._cache_key or known:
             known = known or {}
             with torch.no_grad():
-                self._cache = [known[n] if n in known else self._fake_quantized(n) for n in names]
+                self._cache = self._arrange_for_kernels(
+                    [known[n] if n in known else self._fake_quantized(n) for n in names]
+                )
             self._cache_pins = [(t, t.detach()) for t in tensors if t is not None]
             self._cache_key = key_tuple
         return self._cache
+
+    def _arrange_for_kernels(self, tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """The cached tensors laid out as the kernels read them best; as they are by default."""
+        return tensors
 
     def use_fake_quantized(self, weights: Mapping[str, torch.Tensor]) -> None:
         """Cache fake-quantized weights computed elsewhere, saving their recomputation.

@@ -64,6 +64,40 @@ class RNNBase(QuantizedWeightsMixin, nn.RNNBase):
         """Weights (fake-quantized) and biases in the order the kernels take them."""
         return list(self._computation_weights())
 
+    def _arrange_for_kernels(self, tensors: list[Tensor | None]) -> list[Tensor | None]:
+        """On CUDA, copies of the tensors in one buffer, in cuDNN's layout.
+
+        ``nn.RNNBase.flatten_parameters`` does this for float weights: given tensors that are
+        views of one such buffer, cuDNN reads them in place; given separate tensors, it copies
+        them into a new buffer on every forward. The same conditions as PyTorch's apply.
+        """
+        first = tensors[0] if tensors else None
+        if (
+            first is None
+            or not all(t is not None and t.is_cuda and t.dtype == first.dtype for t in tensors)
+            or not torch.backends.cudnn.is_acceptable(first)
+            or not torch._use_cudnn_rnn_flatten_weight()
+        ):
+            return tensors
+        from torch.backends.cudnn import rnn as cudnn_rnn
+
+        copies = [t.detach().clone() for t in tensors]  # type: ignore[union-attr]
+        per_layer = (4 if self.bias else 2) + (1 if self.proj_size > 0 else 0)
+        with torch.cuda.device_of(first), torch.no_grad():
+            # rebinds each copy to a view of the new buffer
+            torch._cudnn_rnn_flatten_weight(
+                copies,
+                per_layer,
+                self.input_size,
+                cudnn_rnn.get_cudnn_mode(self.mode),
+                self.hidden_size,
+                self.proj_size,
+                self.num_layers,
+                self.batch_first,
+                bool(self.bidirectional),
+            )
+        return list(copies)
+
     def get_quantized_weight_bias_dict(self) -> dict[str, Any]:
         """Per flat weight name: a ``QuantizedWeight`` for weights, the float tensor for biases."""
         return {name: self.get_quantized_weight(name) for name in self._flat_weights_names}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import pickle
+import warnings
 
 import pytest
 import torch
@@ -488,6 +489,21 @@ def test_cuda_matches_torch_ao_on_cuda(ao, per_channel):
     theirs = ao_reference.LSTM.from_float(float_mod, qparams)
     x = torch.randn(5, 3, 6, device="cuda")
     assert_equal(run(ours, x), run(theirs, x))
+
+
+@cuda
+@pytest.mark.parametrize("kind", ["RNN", "LSTM", "GRU"])
+def test_cuda_weights_reach_cudnn_in_its_flat_layout(kind):
+    torch.manual_seed(7)
+    float_mod = ALL_FLOAT[kind]().cuda()
+    ref, _ = convert(float_mod)
+    x = torch.randn(4, 3, 6, device="cuda")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "weights are not part of single contiguous chunk"
+        run(ref, x)
+    storages = {w.untyped_storage().data_ptr() for w in ref.get_flat_weights()}
+    assert len(storages) == 1
+    assert all(p.untyped_storage().data_ptr() not in storages for p in ref.parameters())
 
 
 def test_known_fake_quantized_weights_are_taken_without_recomputing(count_fake_quantize):
