@@ -108,4 +108,9 @@ for _name, _command in {
 
 def main() -> None:
     """Console-script entry point."""
+    # PyTorch's CPU allocator backs tensors of 2 MB and more with transparent huge pages when
+    # this is set before torch loads (and the kernel allows it): one page fault per 2 MB instead
+    # of per 4 kB. oneDNN's per-call copies of the recurrent weights and the fake-quantized
+    # weights are such tensors; conversions take about a sixth less time with it.
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     app()

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from refq_cli import __version__
@@ -56,3 +57,17 @@ def test_help_and_version_do_not_import_torch():
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
     )
     assert result.stdout.strip().splitlines()[-1] == "False"
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "1"), ("0", "0")])
+def test_the_script_asks_torch_for_huge_pages_unless_told_otherwise(monkeypatch, given, expected):
+    from refq_cli.cli import app as app_module
+
+    if given is None:
+        monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
+    else:
+        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", given)
+    seen = []
+    monkeypatch.setattr(app_module, "app", lambda: seen.append(os.environ["THP_MEM_ALLOC_ENABLE"]))
+    app_module.main()
+    assert seen == [expected]
