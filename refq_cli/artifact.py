@@ -4,8 +4,9 @@ For each converted module at path ``P`` and quantized weight ``W``: ``P.W`` (int
 float weight's shape), ``P.W_scale`` (float32, 0-d or 1-d) and ``P.W_zero_point`` (int32, same
 shape). Biases, weights kept float and every other tensor are stored as they were. Metadata
 (strings): ``format``, ``refq.format_version``, ``refq.modules``, ``refq.spec``,
-``refq.source``, ``refq.producer``, the last four as JSON. No timestamps: the same input and spec
-give byte-identical files.
+``refq.source``, ``refq.producer``, the last four as JSON. Tensors are stored module by module
+as they are converted, then every other tensor in the checkpoint's order. No timestamps: the same
+input and spec give byte-identical files.
 """
 
 from __future__ import annotations
@@ -170,7 +171,8 @@ class SafetensorsWriter:
     so tensor bytes go to an unlinked temporary file as they come, and :meth:`finish` writes the
     header beside ``path`` and copies the data after it inside the kernel. Memory use is one
     block, whatever the file's size. Tensors are stored in the order they were added, metadata
-    keys sorted: equal inputs give equal bytes. The file appears at ``path`` complete or not
+    keys sorted: equal inputs give equal bytes (the safetensors library orders metadata by
+    hash, and holds every tensor's bytes at once). The file appears at ``path`` complete or not
     at all; leaving the ``with`` block without :meth:`finish` writes nothing.
     """
 

@@ -222,6 +222,7 @@ class _ModuleConversion:
         if self.plan.skip:
             for name in info.tensor_names:
                 self._write_float(name)
+            self.checkpoint.release(self.checkpoint.tensors[info.key(n)] for n in info.tensor_names)
             return row
         x = probe_for(module, calibration, info.path)
         cell = isinstance(module, nn.RNNCellBase)
@@ -292,12 +293,12 @@ def _layers(info: RecurrentModule) -> list[tuple[int | None, list[str]]]:
     return list(layers.items())
 
 
-_LAYER = re.compile(r"_l(\d+)(?:_reverse)?$")
+_LAYER = re.compile(r"_l(\d+)(?=(?:_reverse)?$)")  # the layer number in weight_ih_l3_reverse
 
 
 def _layer_name(name: str) -> str:
     """``weight_ih_l3_reverse`` -> ``weight_ih_l0_reverse``: the name in a one-layer module."""
-    return _LAYER.sub(lambda m: m.group(0).replace(f"_l{m.group(1)}", "_l0"), name)
+    return _LAYER.sub("_l0", name)
 
 
 def _single_layer(module: nn.Module, layer: int) -> nn.Module:
