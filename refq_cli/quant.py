@@ -396,24 +396,31 @@ def _for_rows(qp: WeightQParams, t: torch.Tensor, ndim: int, rows: Any) -> torch
 
 
 def _rounded(
-    w: torch.Tensor, s: torch.Tensor, z: torch.Tensor, qp: WeightQParams, decomposed: bool
+    w: torch.Tensor,
+    s: torch.Tensor,
+    z: torch.Tensor,
+    qp: WeightQParams,
+    decomposed: bool,
+    out: torch.Tensor,
 ) -> torch.Tensor:
-    """Codes before clamping, as floats, following the path table in the module docstring."""
+    """Codes before clamping, as floats, following the path table in the module docstring;
+    in ``out`` (float32, ``w``'s shape) where the path computes in float32."""
     if decomposed:
         inv = (1.0 / s.double()).float() if not qp.per_channel else torch.reciprocal(s)
-        return torch.round(w * inv).add_(z)
+        return torch.mul(w, inv, out=out).round_().add_(z)
     if w.is_cuda:
         return torch.round(w.double() / s.double()).add_(z)
     inv = torch.reciprocal(s)
     if not qp.per_channel and qp.dtype != "qint32":
-        return torch.round(_fma_f32(w, inv, z))
-    return torch.mul(w, inv).add_(z).round_()
+        return torch.round(_fma_f32(w, inv, z), out=out)
+    return torch.mul(w, inv, out=out).add_(z).round_()
 
 
-def _codes(r: torch.Tensor, qp: WeightQParams) -> torch.Tensor:
+def _codes(r: torch.Tensor, qp: WeightQParams, out: torch.Tensor) -> torch.Tensor:
+    """Clamped integer codes of rounded ``r``, in ``out`` where they fit 8 bits."""
     r.clamp_(qp.quant_min, qp.quant_max)
     if qp.storage != torch.int32:  # whole numbers within 8 bits: the cast is exact
-        return r.to(qp.storage)
+        return out.copy_(r)
     # float32 cannot hold 2**31 - 1: clamp again once the codes are integers
     return r.long().clamp_(qp.quant_min, qp.quant_max).to(qp.storage)
 
@@ -445,14 +452,26 @@ def quantize_blocks(
 ) -> Iterator[tuple[Any, torch.Tensor, torch.Tensor | None]]:
     """``(rows, codes, values)`` for consecutive blocks of ``w``'s rows: the integer codes of
     ``w[rows]`` and, with ``values``, their float32 values. Every quantization in refq runs
-    through here; callers consume each block while it is in the cache."""
+    through here; callers consume each block while it is in the cache.
+
+    The yielded tensors live in buffers that the next block reuses (fresh memory costs a page
+    fault every 4 kB): copy what you keep.
+    """
     qp.check_weight(w)
     w = w.detach()  # no autograd graph; no_grad here would leak to the caller between yields
+    buffers: tuple[torch.Tensor, torch.Tensor] | None = None
     for rows in _row_blocks(w):
+        block = w[rows].float()
+        if buffers is None:  # sized by the first block, the largest
+            buffers = (
+                torch.empty(block.numel(), device=w.device),
+                torch.empty(block.numel(), dtype=qp.storage, device=w.device),
+            )
+        float_buffer, code_buffer = (b[: block.numel()].view(block.shape) for b in buffers)
         s = _for_rows(qp, qp.scale, w.dim(), rows)
         z = _for_rows(qp, qp.zero_point, w.dim(), rows)
-        rounded = _rounded(w[rows].float(), s, z, qp, decomposed)
-        q = _codes(rounded, qp)
+        rounded = _rounded(block, s, z, qp, decomposed, float_buffer)
+        q = _codes(rounded, qp, code_buffer)
         yield rows, q, _values(q, s, z, qp, decomposed, rounded) if values else None
 
 

@@ -68,6 +68,7 @@ def quantize_and_measure(
     flat = tuple(d for d in range(w.dim()) if low.shape[d] == 1)
     signal = noise = max_error = 0.0
     clipped = 0
+    errors = None  # one buffer for every block's errors: fresh memory costs page faults
     for rows, codes, block_values in quantize_blocks(w, qp, decomposed=decomposed):
         if on_codes is not None:
             on_codes(codes)
@@ -75,7 +76,13 @@ def quantize_and_measure(
         if not codes.numel():
             continue
         block = w[rows].float()
-        error = block - (block_values if values.dtype == torch.float32 else values[rows].float())
+        if errors is None:
+            errors = torch.empty(block.numel(), device=block.device)
+        error = torch.sub(
+            block,
+            block_values if values.dtype == torch.float32 else values[rows].float(),
+            out=errors[: block.numel()].view(block.shape),
+        )
         signal += _energy(block)
         noise += _energy(error)
         lo, hi = torch.aminmax(error)
