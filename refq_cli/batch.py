@@ -11,6 +11,7 @@ import glob
 import hashlib
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -161,7 +162,8 @@ def convert_job(
     """
     from refq_cli import digest
 
-    digest.start(job.input)  # hashes while torch imports, below, on a first conversion
+    if "torch" not in sys.modules:  # hash while torch imports, below; later jobs gain nothing
+        digest.start(job.input)
     from refq_cli.artifact import check_outputs, write_atomic
     from refq_cli.convert import convert
     from refq_cli.report import to_markdown

@@ -102,13 +102,15 @@ class Checkpoint:
         reads every tensor would hold the whole file in memory. Tensors not mapped from the
         file (safetensors inputs, or where the mapping cannot be found) are left alone.
         """
-        if self._mapped is None:
-            self._mapped = _mapped_ranges(self.path)
+        if self._mapped is None:  # reading the process's memory map costs a millisecond or so
+            small = self.path.stat().st_size < _WORTH_RELEASING
+            self._mapped = [] if small else _mapped_ranges(self.path)
         for t in tensors:
             _drop_pages(t, self._mapped)
 
 
 _MADV_DONTNEED = 4
+_WORTH_RELEASING = 16 << 20  # bytes of checkpoint below which its pages are simply kept
 
 
 def _mapped_ranges(path: Path) -> list[tuple[int, int]]:

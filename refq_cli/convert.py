@@ -211,6 +211,8 @@ class _ModuleConversion:
         self.decomposed = spec.is_decomposed
         facts = {k: s.value for k, s in plan.facts.items()}
         float_module = info.build(checkpoint.tensors, facts).to(dev)
+        if dev.type != "cpu":  # the module works on its copies on the device
+            checkpoint.release(checkpoint.tensors[info.key(n)] for n in info.tensor_names)
         self.result = ConvertedModule(info, plan, float_module, None)
         self.weight_rows: list[dict[str, Any]] = []
 
@@ -228,7 +230,8 @@ class _ModuleConversion:
         cell = isinstance(module, nn.RNNCellBase)
         expected = got = x
         for layer, names in _layers(info):
-            float_layer = module if layer is None else _single_layer(module, layer)
+            whole = layer is None or module.num_layers == 1
+            float_layer = module if whole else _single_layer(module, layer)
             fake_quantized = {
                 _layer_name(n): self._quantize(n) if self._quantized(n) else self._write_float(n)
                 for n in names
