@@ -70,9 +70,9 @@ def sha256_of(path: str | Path) -> str:
 
 def _sha256(path: Path) -> str:
     digest = hashlib.sha256()
-    buffer = bytearray(_BLOCK)
-    view = memoryview(buffer)
     with path.open("rb", buffering=0) as f:
+        buffer = bytearray(min(_BLOCK, max(1, os.fstat(f.fileno()).st_size)))
+        view = memoryview(buffer)
         while size := f.readinto(buffer):
             digest.update(view[:size])
     return digest.hexdigest()
