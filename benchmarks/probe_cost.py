@@ -1,0 +1,82 @@
+"""What the report's probe costs on the 576 MB model, with and without huge pages.
+
+The probe runs the float and the reference module on the seeded probe input (16 steps of 4
+sequences) for every recurrent module of ``big_checkpoint.build`` (4-layer LSTM(1024, 2048),
+GRU(2048, 1024), LSTMCell(1024, 1024)). Each setting runs in its own process, because PyTorch
+reads ``THP_MEM_ALLOC_ENABLE`` once. The first probe also pays the reference modules' one-time
+fake-quantization and oneDNN's set-up; the best of the ``--repeat`` probes after it is the
+probe's own cost.
+
+    python benchmarks/probe_cost.py [--repeat 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def probe_seconds(repeat: int) -> tuple[float, float]:
+    """(first, best) seconds of probing every recurrent module, in this process."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from big_checkpoint import build
+
+    from refq_cli.registry import converter_for
+    from refq_cli.report import probe_input, probe_module
+
+    model = build(4).eval()
+    pairs = []
+    for module in (model.encoder, model.context, model.decoder):
+        qparams: dict = {"is_decomposed": False}
+        for name, w in module.named_parameters():
+            if name.startswith("weight"):
+                scale = w.detach().abs().amax(dim=1).clamp(min=1e-12) / 127.5
+                qparams[name] = {
+                    "qscheme": "per_channel_affine",
+                    "dtype": "qint8",
+                    "scale": scale,
+                    "zero_point": torch.zeros_like(scale),
+                    "axis": 0,
+                }
+        pairs.append((module, converter_for(module)(module, qparams), probe_input(module)))
+    times = []
+    for _ in range(repeat + 1):
+        start = time.perf_counter()
+        for float_mod, ref, x in pairs:
+            probe_module(float_mod, ref, x)
+        times.append(time.perf_counter() - start)
+    return times[0], min(times[1:])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--here", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.here:
+        first, best = probe_seconds(args.repeat)
+        print(f"{first:.3f} {best:.3f}")
+        return
+    for setting in ("0", "1"):
+        env = {**os.environ, "THP_MEM_ALLOC_ENABLE": setting}
+        out = subprocess.run(
+            [sys.executable, __file__, "--here", "--repeat", str(args.repeat)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        print(
+            f"THP_MEM_ALLOC_ENABLE={setting}: first probe {float(out[0]):.2f} s, "
+            f"then {float(out[1]):.2f} s (float and reference forwards, every module)"
+        )
+
+
+if __name__ == "__main__":
+    main()
