@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -211,10 +211,10 @@ class _ModuleConversion:
         self.decomposed = spec.is_decomposed
         facts = {k: s.value for k, s in plan.facts.items()}
         float_module = info.build(checkpoint.tensors, facts).to(dev)
-        if dev.type != "cpu":  # the module works on its copies on the device
-            checkpoint.release(checkpoint.tensors[info.key(n)] for n in info.tensor_names)
         self.result = ConvertedModule(info, plan, float_module, None)
         self.weight_rows: list[dict[str, Any]] = []
+        if dev.type != "cpu":  # the module works on its copies on the device
+            self._release(info.tensor_names)
 
     def run(self, calibration: torch.Tensor | None) -> dict[str, Any]:
         """Convert the module; returns its row of the report."""
@@ -224,7 +224,7 @@ class _ModuleConversion:
         if self.plan.skip:
             for name in info.tensor_names:
                 self._write_float(name)
-            self.checkpoint.release(self.checkpoint.tensors[info.key(n)] for n in info.tensor_names)
+            self._release(info.tensor_names)
             return row
         x = probe_for(module, calibration, info.path)
         cell = isinstance(module, nn.RNNCellBase)
@@ -236,26 +236,29 @@ class _ModuleConversion:
                 _layer_name(n): self._quantize(n) if self._quantized(n) else self._write_float(n)
                 for n in names
             }
-            qdict: dict[str, Any] = {"is_decomposed": self.decomposed}
-            for name in names:
-                if name.startswith("weight"):
-                    qp = self.result.qparams.get(name)
-                    qdict[_layer_name(name)] = qp if qp is not None else {"qscheme": None}
-            ref_layer = converter_for(float_layer)(float_layer, qdict)
+            ref_layer = converter_for(float_layer)(float_layer, self._qdict(names, _layer_name))
             if hasattr(ref_layer, "use_fake_quantized"):  # refq's own; others quantize themselves
                 ref_layer.use_fake_quantized(fake_quantized)
             expected = module_output(float_layer, expected, cell)
             got = module_output(ref_layer, got, cell)
             del fake_quantized, ref_layer
-            self.checkpoint.release(self.checkpoint.tensors[info.key(n)] for n in names)
-        qdict = {"is_decomposed": self.decomposed}
-        for name in info.weight_names:
-            qdict[name] = self.result.qparams.get(name) or {"qscheme": None}
-        ref = self.result.reference = converter_for(module)(module, qdict)
+            self._release(names)
+        ref = self.result.reference = converter_for(module)(module, self._qdict(info.tensor_names))
         row["reference_type"] = ref._get_name()
         row["probe"] = "random" if calibration is None else "calibration"
         row.update(probe_result(expected, got, x, getattr(module, "batch_first", False)))
         return row
+
+    def _qdict(self, names: Iterable[str], rename: Callable[[str], str] = str) -> dict[str, Any]:
+        """The converter's ``weight_qparams_dict`` for the weights among ``names``."""
+        qdict: dict[str, Any] = {"is_decomposed": self.decomposed}
+        for name in names:
+            if name.startswith("weight"):
+                qdict[rename(name)] = self.result.qparams.get(name) or {"qscheme": None}
+        return qdict
+
+    def _release(self, names: Iterable[str]) -> None:
+        self.checkpoint.release(self.checkpoint.tensors[self.info.key(n)] for n in names)
 
     def _quantized(self, name: str) -> bool:
         return name.startswith("weight") and not self.plan.weights[name].keeps_float
