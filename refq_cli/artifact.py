@@ -177,7 +177,7 @@ class SafetensorsWriter:
     """
 
     def __init__(self, path: Path, *, force: bool = False) -> None:
-        check_outputs({"output": path}, {}, force=force)
+        check_outputs({"output": path}, {}, force=force)  # now, before the work; again at the end
         self.path = path
         self.force = force
         try:

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 from torch import nn
 
 from refq_cli import reference, registry
+from tests.scripts import run_refq
 
 PLUGIN = '''
 from torch import nn
@@ -84,11 +81,8 @@ def test_entry_point_converters_are_found(plugin_on_path):
 
 
 def test_refq_converters_lists_entry_point_converters(plugin_on_path):
-    env = {**os.environ, "PYTHONPATH": str(plugin_on_path)}
-    refq = Path(sys.executable).with_name("refq")
-    result = subprocess.run(
-        [refq, "converters"], capture_output=True, text=True, env=env, check=True
-    )
+    result = run_refq("converters", env={"PYTHONPATH": str(plugin_on_path)})
+    assert result.returncode == 0, result.stderr
     assert "refq_test_plugin.FancyLSTM -> refq_test_plugin.setup.<locals>.convert_fancy" in (
         result.stdout
     )

@@ -5,15 +5,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from refq_cli import __version__
 from refq_cli.cli.app import app
-
-REFQ = Path(sys.executable).with_name("refq")
+from tests.scripts import run_refq
 
 
 def test_help_lists_the_tool():
@@ -29,13 +27,13 @@ def test_version():
 
 
 def test_installed_script_prints_version():
-    result = subprocess.run([REFQ, "--version"], capture_output=True, text=True, check=False)
+    result = run_refq("--version")
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == f"refq {__version__}"
 
 
 def test_unknown_option_is_a_usage_error():
-    result = subprocess.run([REFQ, "--bogus"], capture_output=True, text=True, check=False)
+    result = run_refq("--bogus")
     assert result.returncode == 2
     assert "--bogus" in result.stderr
 

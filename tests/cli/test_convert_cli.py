@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -16,10 +13,10 @@ from typer.testing import CliRunner
 from refq_cli.cli.app import app
 from refq_cli.spec import load_spec
 from tests.checkpoints import FORMATS, silero_file, write
+from tests.scripts import run_refq
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 PRESETS = sorted(p.name for p in CONFIGS.glob("*.yaml"))
-REFQ = Path(sys.executable).with_name("refq")
 FACTS = "modules:\n  aux: {nonlinearity: relu}\n  context: {batch_first: true}\n"
 
 
@@ -33,21 +30,11 @@ def invoke(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
-def script(*args, env=None):
-    return subprocess.run(
-        [REFQ, *map(str, args)],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, **(env or {})},
-    )
-
-
 @pytest.mark.parametrize("kind", FORMATS)
 def test_every_input_format_through_the_installed_script(tmp_path, kind):
     source = write(tmp_path, kind)
     q = spec(tmp_path, facts="" if kind == "torchscript" else FACTS)
-    result = script("convert", source, "-q", q)
+    result = run_refq("convert", source, "-q", q)
     assert result.returncode == 0, result.stderr
     artifact = source.with_name(source.stem + ".refq.safetensors")
     assert artifact.exists()
@@ -128,7 +115,7 @@ SPEC_ERRORS = {
 @pytest.mark.parametrize(("body", "message"), SPEC_ERRORS.values(), ids=SPEC_ERRORS.keys())
 def test_spec_errors_exit_2_with_one_line(tmp_path, body, message):
     source = write(tmp_path, "pt")
-    result = script("convert", source, "-q", spec(tmp_path, body))
+    result = run_refq("convert", source, "-q", spec(tmp_path, body))
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in result.stderr
@@ -164,7 +151,7 @@ def test_the_output_may_not_be_the_input(tmp_path):
 
 def test_quality_gate_exits_1_after_writing_the_report(tmp_path):
     source, q = write(tmp_path, "pt"), spec(tmp_path)
-    result = script("convert", source, "-q", q, "--min-sqnr", "200")
+    result = run_refq("convert", source, "-q", q, "--min-sqnr", "200")
     assert result.returncode == 1
     assert "quality gate" in result.stderr and "below --min-sqnr 200 dB" in result.stderr
     assert source.with_name("model.refq.report.md").exists()
@@ -195,7 +182,7 @@ def test_pickled_module_is_refused_with_the_flag_to_use(tmp_path):
 
 
 def test_debug_shows_the_traceback(tmp_path):
-    result = script(
+    result = run_refq(
         "convert", tmp_path / "missing.pt", "-q", spec(tmp_path), env={"REFQ_DEBUG": "1"}
     )
     assert result.returncode != 0 and "Traceback" in result.stderr

@@ -17,8 +17,7 @@ from refq_cli import artifact
 from refq_cli.batch import Job, Options, convert_job
 from refq_cli.errors import RefqError
 from tests.checkpoints import write
-
-REFQ = Path(sys.executable).with_name("refq")
+from tests.scripts import run_refq
 
 
 def spec(tmp_path, text="version: 1\n"):
@@ -38,12 +37,7 @@ def test_output_equal_to_the_input_through_a_link_is_refused(tmp_path, link):
     original = source.read_bytes()
     alias = tmp_path / "alias.safetensors"
     alias.symlink_to(source) if link == "symlink" else os.link(source, alias)
-    result = subprocess.run(
-        [REFQ, "convert", source, "-q", spec(tmp_path), "-o", alias, "--force"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    result = run_refq("convert", source, "-q", spec(tmp_path), "-o", alias, "--force")
     assert result.returncode == 2 and "would overwrite the input" in result.stderr
     assert source.read_bytes() == original
 

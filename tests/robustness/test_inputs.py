@@ -6,8 +6,6 @@ import json
 import os
 import re
 import struct
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -17,27 +15,16 @@ from torch import nn
 
 from refq_cli.artifact import load_artifact
 from tests.checkpoints import write
+from tests.scripts import run_refq
 
-REFQ = Path(sys.executable).with_name("refq")
 SPEC = "version: 1\n"
-
-
-def refq(*args, env=None, cwd=None):
-    return subprocess.run(
-        [REFQ, *map(str, args)],
-        capture_output=True,
-        text=True,
-        check=False,
-        env={**os.environ, **(env or {})},
-        cwd=cwd,
-    )
 
 
 def convert(tmp_path, source, *extra, env=None):
     spec = tmp_path / "q.yaml"
     if not spec.exists():
         spec.write_text(SPEC)
-    return refq(
+    return run_refq(
         "convert",
         source,
         "-q",

@@ -6,13 +6,10 @@ The checkpoint given does not exist: an error about the spec proves the spec was
 from __future__ import annotations
 
 import re
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-REFQ = Path(sys.executable).with_name("refq")
+from tests.scripts import run_refq
 
 BAD = {
     "syntax": (b"version: 1\ndefaults: {dtype: qint8\n", r"q.yaml:3:1: YAML syntax error"),
@@ -59,13 +56,7 @@ BAD = {
 def run(tmp_path, content):
     spec = tmp_path / "q.yaml"
     spec.write_bytes(content)
-    return subprocess.run(
-        [REFQ, "convert", tmp_path / "no-such-model.pt", "-q", "q.yaml"],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=tmp_path,
-    )
+    return run_refq("convert", tmp_path / "no-such-model.pt", "-q", "q.yaml", cwd=tmp_path)
 
 
 @pytest.mark.parametrize(("content", "pattern"), BAD.values(), ids=BAD.keys())
@@ -83,12 +74,6 @@ def test_a_fifty_megabyte_spec_is_refused_unread(tmp_path):
     with big.open("wb") as f:
         f.write(b"version: 1\n")
         f.truncate(50 * 1024 * 1024)
-    result = subprocess.run(
-        [REFQ, "convert", tmp_path / "no-such-model.pt", "-q", "q.yaml"],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=tmp_path,
-    )
+    result = run_refq("convert", tmp_path / "no-such-model.pt", "-q", "q.yaml", cwd=tmp_path)
     assert result.returncode == 2
     assert "q.yaml: 52428800 bytes is too large for a spec" in result.stderr
