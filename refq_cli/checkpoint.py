@@ -229,16 +229,16 @@ def _load_torch_save(
                 "a state_dict or .safetensors file needs no trust; pass --trust-pickle only "
                 "for a file you trust, since unpickling can run code"
             ) from None
-        obj = _load_trusted_pickle(path)
+        obj = _load_trusted_pickle(path, zip_format)
         fmt = "pickle"
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot read the checkpoint: {_first_line(exc)}") from None
     return fmt, _state_dict_of(obj, path)
 
 
-def _load_trusted_pickle(path: Path) -> Any:
+def _load_trusted_pickle(path: Path, zip_format: bool) -> Any:
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=zip_format)
     except Exception as exc:
         raise CheckpointError(f"{path}: cannot read the checkpoint: {_first_line(exc)}") from None
 
