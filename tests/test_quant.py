@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import struct
 import warnings
 from fractions import Fraction
@@ -94,6 +95,37 @@ def test_decomposed_path_matches_torch_decomposed_ops(ao, dtype, per_channel):
         rows = 3
         qp = make_qparams(dtype, per_channel, rows, gen)
         w = weights_with_ties(qp, rows, cols, gen)
+        args = (w, qscheme, getattr(torch, qp.dtype), qp.scale, qp.zero_point, 0, None, None)
+        codes = ao_utils._quantize_weight_decomposed(*args)
+        values = ao_utils._quantize_and_dequantize_weight_decomposed(*args)
+        assert torch.equal(quantize(w, qp, decomposed=True), codes)
+        assert torch.equal(fake_quantize(w, qp, decomposed=True), values)
+
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def on_cuda(qp):
+    return dataclasses.replace(qp, scale=qp.scale.cuda(), zero_point=qp.zero_point.cuda())
+
+
+@cuda
+@pytest.mark.parametrize("per_channel", [False, True], ids=["per_tensor", "per_channel"])
+@pytest.mark.parametrize("dtype", ORACLE_DTYPES)
+def test_cuda_paths_match_torch_cuda_kernels_on_ties(ao, dtype, per_channel):
+    """On CUDA the default path rounds like PyTorch's CUDA kernels (a float64 division), and the
+    decomposed path like the decomposed ops run there."""
+    _, ao_utils = ao
+    gen = torch.Generator().manual_seed(13)
+    qscheme = torch.per_channel_affine if per_channel else torch.per_tensor_affine
+    for cols in [1, 7, 31, 64, 65, 257]:
+        rows = int(torch.randint(1, 5, (), generator=gen))
+        qp = make_qparams(dtype, per_channel, rows, gen)
+        w = weights_with_ties(qp, rows, cols, gen).cuda()
+        qp = on_cuda(qp)
+        codes, values = torch_oracle(w, qp)
+        assert torch.equal(quantize(w, qp), codes), f"codes differ at cols={cols}"
+        assert torch.equal(fake_quantize(w, qp), values), f"values differ at cols={cols}"
         args = (w, qscheme, getattr(torch, qp.dtype), qp.scale, qp.zero_point, 0, None, None)
         codes = ao_utils._quantize_weight_decomposed(*args)
         values = ao_utils._quantize_and_dequantize_weight_decomposed(*args)

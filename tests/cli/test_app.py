@@ -32,6 +32,14 @@ def test_installed_script_prints_version():
     assert result.stdout.strip() == f"refq {__version__}"
 
 
+def test_python_dash_m_runs_the_same_command():
+    result = subprocess.run(
+        [sys.executable, "-m", "refq_cli", "--version"], capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == f"refq {__version__}"
+
+
 def test_unknown_option_is_a_usage_error():
     result = run_refq("--bogus")
     assert result.returncode == 2
