@@ -21,7 +21,8 @@ Quantize, decomposed path (``torch.ops.quantized_decomposed``), on any device:
 * per-channel: ``q = rne(f32(w * inv)) + z``.
 
 Codes are clamped in floating point before they become integers, so values beyond the range
-(even infinite ones) saturate at ``quant_min`` / ``quant_max`` as PyTorch's kernels do.
+(even infinite ones) saturate at ``quant_min`` / ``quant_max`` as PyTorch's kernels do. NaN
+weights get code 0 (clamped into the range), which PyTorch leaves undefined.
 
 Dequantize: either ``f32(f32(q - z) * s)`` with ``q - z`` taken exactly, or
 ``f32(f32(f32(q) - f32(z)) * s)``. The second is what PyTorch's CPU per-channel kernel, its CUDA
@@ -36,6 +37,7 @@ deprecates: codes live in ordinary integer tensors.
 from __future__ import annotations
 
 import difflib
+import math
 import operator
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -382,7 +384,7 @@ def _row_blocks(w: torch.Tensor) -> Iterator[Any]:
         yield ...
         return
     rows = w.shape[0]
-    step = rows if w.is_cuda else max(1, BLOCK_ELEMENTS // max(1, w[0].numel()))
+    step = max(1, rows if w.is_cuda else BLOCK_ELEMENTS // max(1, math.prod(w.shape[1:])))
     for start in range(0, rows, step):
         yield slice(start, min(rows, start + step))
 
@@ -401,7 +403,7 @@ def _rounded(
     z: torch.Tensor,
     qp: WeightQParams,
     decomposed: bool,
-    out: torch.Tensor,
+    out: torch.Tensor | None,
 ) -> torch.Tensor:
     """Codes before clamping, as floats, following the path table in the module docstring;
     in ``out`` (float32, ``w``'s shape) where the path computes in float32."""
@@ -416,9 +418,11 @@ def _rounded(
     return torch.mul(w, inv, out=out).add_(z).round_()
 
 
-def _codes(r: torch.Tensor, qp: WeightQParams, out: torch.Tensor) -> torch.Tensor:
-    """Clamped integer codes of rounded ``r``, in ``out`` where they fit 8 bits."""
-    r.clamp_(qp.quant_min, qp.quant_max)
+def _codes(r: torch.Tensor, qp: WeightQParams, out: torch.Tensor | None) -> torch.Tensor:
+    """Clamped integer codes of rounded ``r``, in ``out`` where they fit 8 bits. NaN becomes
+    code 0, so that the values stay the codes' values (casting NaN is undefined in C++: on
+    x86, PyTorch's per-channel and decomposed 8-bit kernels give 0, others other codes)."""
+    r.nan_to_num_(nan=0.0).clamp_(qp.quant_min, qp.quant_max)
     if qp.storage != torch.int32:  # whole numbers within 8 bits: the cast is exact
         return out.copy_(r)
     # float32 cannot hold 2**31 - 1: clamp again once the codes are integers
@@ -459,15 +463,20 @@ def quantize_blocks(
     """
     qp.check_weight(w)
     w = w.detach()  # no autograd graph; no_grad here would leak to the caller between yields
-    buffers: tuple[torch.Tensor, torch.Tensor] | None = None
+    buffers: list[torch.Tensor | None] | None = None
     for rows in _row_blocks(w):
         block = w[rows].float()
-        if buffers is None:  # sized by the first block, the largest
-            buffers = (
-                torch.empty(block.numel(), device=w.device),
-                torch.empty(block.numel(), dtype=qp.storage, device=w.device),
-            )
-        float_buffer, code_buffer = (b[: block.numel()].view(block.shape) for b in buffers)
+        if buffers is None:  # sized by the first block, the largest; only those a path uses
+            n = block.numel()
+            buffers = [
+                None if w.is_cuda and not decomposed else torch.empty(n, device=w.device),
+                None
+                if qp.storage == torch.int32
+                else torch.empty(n, dtype=qp.storage, device=w.device),
+            ]
+        float_buffer, code_buffer = (
+            None if b is None else b[: block.numel()].view(block.shape) for b in buffers
+        )
         s = _for_rows(qp, qp.scale, w.dim(), rows)
         z = _for_rows(qp, qp.zero_point, w.dim(), rows)
         rounded = _rounded(block, s, z, qp, decomposed, float_buffer)

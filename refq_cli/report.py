@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from refq_cli.errors import RefqError
-from refq_cli.quant import WeightQParams, quantize_blocks
+from refq_cli.quant import WeightQParams, _for_rows, quantize_blocks
 
 PROBE_STEPS = 16
 PROBE_BATCH = 4
@@ -26,7 +26,8 @@ def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
 
 
 def _energy(t: torch.Tensor) -> float:
-    """Sum of squares, as a float32 dot product (the fastest reduction for it)."""
+    """Sum of squares, as a float32 dot product: per block of a weight (about 262k values) its
+    relative error is about 1e-7, and the blocks add up in float64."""
     flat = t.float().reshape(-1)
     return float(torch.dot(flat, flat)) if t.numel() else 0.0
 
@@ -56,16 +57,11 @@ def quantize_and_measure(
     them into the artifact, so the whole weight's codes never sit in memory.
     """
     w = weight.detach()
+    qp.check_weight(w)
     values = torch.empty_like(w, memory_format=torch.contiguous_format)
-    shape = [1] * w.dim()
-    if qp.per_channel:
-        shape[qp.axis] = -1
-    zero = qp.zero_point.reshape(shape).float()
-    step = qp.scale.reshape(shape)
-    # Clipped: beyond half a step outside the codes' range, where rounding alone cannot reach.
-    low, high = (qp.quant_min - zero - 0.5) * step, (qp.quant_max - zero + 0.5) * step
-    # dims along which the bounds do not vary: reducing a block over them bounds its values
-    flat = tuple(d for d in range(w.dim()) if low.shape[d] == 1)
+    # dims along which the parameters do not vary: reducing a block over them bounds its values
+    varying = qp.axis % w.dim() if qp.per_channel else None
+    flat = tuple(d for d in range(w.dim()) if d != varying)
     signal = noise = max_error = 0.0
     clipped = 0
     errors = None  # one buffer for every block's errors: fresh memory costs page faults
@@ -87,12 +83,15 @@ def quantize_and_measure(
         noise += _energy(error)
         lo, hi = torch.aminmax(error)
         max_error = max(max_error, -lo.item(), hi.item())
-        block_low, block_high = _rows(low, rows), _rows(high, rows)
+        step = _for_rows(qp, qp.scale, w.dim(), rows)
+        zero = _for_rows(qp, qp.zero_point, w.dim(), rows).float()
+        # Clipped: beyond half a step outside the codes' range, where rounding alone cannot reach.
+        low, high = (qp.quant_min - zero - 0.5) * step, (qp.quant_max - zero + 0.5) * step
         if not flat or not (
-            bool((block.amin(flat, keepdim=True) >= block_low).all())
-            and bool((block.amax(flat, keepdim=True) <= block_high).all())
+            bool((block.amin(flat, keepdim=True) >= low).all())
+            and bool((block.amax(flat, keepdim=True) <= high).all())
         ):
-            clipped += int(torch.count_nonzero((block < block_low) | (block > block_high)))
+            clipped += int(torch.count_nonzero((block < low) | (block > high)))
     return values, {
         "shape": list(w.shape),
         "qscheme": qp.qscheme,
@@ -108,11 +107,6 @@ def quantize_and_measure(
         "max_abs_error": max_error,
         "clipped_fraction": clipped / max(1, w.numel()),
     }
-
-
-def _rows(bound: torch.Tensor, rows: Any) -> torch.Tensor:
-    """A per-channel bound shaped like the weight, cut to a block of rows (0-d: as it is)."""
-    return bound[rows] if bound.dim() and bound.shape[0] > 1 else bound
 
 
 def _finite(x: float) -> float | None:

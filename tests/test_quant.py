@@ -186,6 +186,37 @@ def test_block_by_block_equals_the_whole_weight_at_once(
         assert torch.equal(blocked[0], codes) and torch.equal(blocked[1], values)
 
 
+@pytest.mark.parametrize("decomposed", [False, True])
+@pytest.mark.parametrize("qscheme", ["per_tensor_affine", "per_channel_affine"])
+def test_weights_without_rows_give_empty_codes(qscheme, decomposed):
+    qp = create(qscheme=qscheme, dtype="quint8", scale=torch.ones(1) * 0.1, axis=1)
+    w = torch.empty(0, 1)
+    assert quantize(w, qp, decomposed=decomposed).shape == (0, 1)
+    assert fake_quantize(w, qp, decomposed=decomposed).shape == (0, 1)
+
+
+@pytest.mark.parametrize("decomposed", [False, True])
+@pytest.mark.parametrize("dtype", ["qint8", "quint8", "qint32"])
+@pytest.mark.parametrize("qscheme", ["per_tensor_affine", "per_channel_affine"])
+def test_nan_weights_get_code_0_and_its_value(qscheme, dtype, decomposed):
+    """PyTorch leaves NaN's code undefined (its kernels give 0, 127 or -2**31); refq stores 0,
+    and the fake-quantized value is that code's value, as a backend would compute."""
+    per_channel = qscheme == "per_channel_affine"
+    scale, zero_point = torch.tensor([0.1, 0.2, 0.3]), torch.tensor([1, 2, 3], dtype=torch.int32)
+    qp = create(
+        qscheme=qscheme,
+        dtype=dtype,
+        scale=scale if per_channel else scale[0],
+        zero_point=zero_point if per_channel else zero_point[0],
+    )
+    w = torch.zeros(3, 4)
+    w[2, 1] = float("nan")
+    codes = quantize(w, qp, decomposed=decomposed)
+    assert codes[2, 1] == 0
+    values = fake_quantize(w, qp, decomposed=decomposed)
+    assert torch.equal(values, dequantize(codes, qp, decomposed=decomposed))
+
+
 def test_dequantized_values_keep_no_negative_zero():
     """Codes of 0 from weights just below zero dequantize to +0.0, as PyTorch's do."""
     qp = WeightQParams.create(qscheme="per_channel_symmetric", dtype="qint8", scale=[0.1], axis=0)

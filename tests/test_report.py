@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from refq_cli import quant
+from refq_cli.errors import QParamsError
 from refq_cli.quant import WeightQParams, fake_quantize
 from refq_cli.report import quantize_and_measure
 
@@ -61,7 +62,28 @@ def test_block_statistics_equal_whole_weight_ones(monkeypatch, shape, qscheme, a
     assert expected["clipped"] > 0
     assert stats["clipped_fraction"] == expected["clipped"] / w.numel()
     assert stats["max_abs_error"] == pytest.approx(expected["max_abs_error"], rel=1e-6)
-    assert stats["sqnr_db"] == pytest.approx(expected["sqnr_db"], abs=1e-3)
+    assert stats["sqnr_db"] == pytest.approx(expected["sqnr_db"], abs=1e-5)
+
+
+def test_sqnr_over_full_size_blocks_matches_float64_sums():
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(2048, 640, generator=gen) * 0.02 + 0.01  # five blocks, none centred
+    qp = WeightQParams.create(
+        qscheme="per_channel_symmetric", dtype="qint8", scale=w.abs().amax(1) / 127.5, axis=0
+    )
+    stats = quantize_and_measure(w, qp, False)[1]
+    assert stats["sqnr_db"] == pytest.approx(brute_force(w, qp)["sqnr_db"], abs=1e-5)
+
+
+def test_weights_without_rows_and_bad_axes():
+    qp = WeightQParams.create(qscheme="per_tensor_symmetric", dtype="qint8", scale=0.1)
+    values, stats = quantize_and_measure(torch.empty(0, 3), qp, False)
+    assert values.shape == (0, 3) and stats["sqnr_db"] is None and stats["clipped_fraction"] == 0
+    per_channel = WeightQParams.create(
+        qscheme="per_channel_symmetric", dtype="qint8", scale=torch.ones(3), axis=2
+    )
+    with pytest.raises(QParamsError, match="axis 2 is out of range"):
+        quantize_and_measure(torch.ones(3, 3), per_channel, False)
 
 
 def test_codes_reach_the_caller_in_row_major_order(monkeypatch):
