@@ -19,7 +19,7 @@ step() {
 step "$py" -c "import torch; assert torch.cuda.is_available(), 'no CUDA GPU'; \
 print(torch.__version__, torch.cuda.get_device_name())"
 step "$py" -m pytest -q -rs -p no:cacheprovider tests/reference/test_modules.py \
-    tests/test_quant.py -k cuda
+    tests/test_quant.py tests/test_convert.py -k cuda
 out=$(mktemp -d)
 step "$py" -m refq_cli convert examples/models/example.pt -q configs/int8-per-channel-symmetric.yaml \
     -o "$out/example.refq.safetensors" --device cuda

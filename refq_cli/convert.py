@@ -243,6 +243,8 @@ class _ModuleConversion:
             got = module_output(ref_layer, got, cell)
             del fake_quantized, ref_layer
             self._release(names)
+        if not cell:  # on CUDA, the one-layer modules took its tensors into buffers of their own
+            module.flatten_parameters()
         ref = self.result.reference = converter_for(module)(module, self._qdict(info.tensor_names))
         row["reference_type"] = ref._get_name()
         row["probe"] = "random" if calibration is None else "calibration"
@@ -332,7 +334,9 @@ def _single_layer(module: nn.Module, layer: int) -> nn.Module:
         if _LAYER.search(n).group(1) == str(layer)  # type: ignore[union-attr]
     }
     single.load_state_dict(tensors, strict=True, assign=True)
-    single.flatten_parameters()  # on CUDA, cuDNN's layout (a copy); elsewhere nothing
+    # On CUDA, cuDNN's layout: the shared tensors move into a buffer of this layer's own (the
+    # caller flattens the whole module again afterwards); elsewhere nothing.
+    single.flatten_parameters()
     return single.train(False)
 
 

@@ -274,3 +274,18 @@ def test_our_safetensors_writer_reads_back_with_the_library(tmp_path):
     assert set(loaded) == set(tensors)
     for name, t in tensors.items():
         assert torch.equal(loaded[name], t)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_float_modules_keep_cudnns_layout_after_the_layer_by_layer_probe(tmp_path):
+    conversion = convert(
+        write(tmp_path, "pt"), spec_file(tmp_path), tmp_path / "m.refq.safetensors", device="cuda"
+    )
+    checked = 0
+    for converted in conversion.modules.values():
+        module = converted.float_module
+        if isinstance(module, nn.RNNBase):
+            storages = {w.untyped_storage().data_ptr() for w in module._flat_weights}
+            assert len(storages) == 1, f"{converted.info.path}: weights in {len(storages)} buffers"
+            checked += 1
+    assert checked == 3
