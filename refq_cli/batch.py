@@ -164,6 +164,15 @@ def convert_job(
 
     if "torch" not in sys.modules:  # hash while torch imports, below; later jobs gain nothing
         digest.start(job.input)
+    try:
+        return _convert_job(job, options, progress)
+    finally:
+        digest.discard(job.input)  # a job that failed before reading its input
+
+
+def _convert_job(
+    job: Job, options: Options, progress: Callable[[str, int, int | None], None] | None
+) -> dict[str, Any]:
     from refq_cli.artifact import check_outputs, write_atomic
     from refq_cli.convert import convert
     from refq_cli.report import to_markdown

@@ -19,12 +19,53 @@ def test_a_started_digest_is_the_files_sha256(tmp_path):
     assert digest._identity(path) not in digest._started  # handed over, not kept
 
 
+def started_for(path):
+    return [job for key, job in digest._started.items() if key[0] == os.path.realpath(path)]
+
+
 def test_a_file_changed_after_start_is_hashed_again(tmp_path):
     path = tmp_path / "a.bin"
     path.write_bytes(b"old")
     digest.start(path)
+    (job,) = started_for(path)
+    job.join()  # the old contents are hashed before the file changes
     path.write_bytes(b"new contents")
     assert digest.sha256_of(path) == hashlib.sha256(b"new contents").hexdigest()
+    assert started_for(path) == []  # the stale hash is dropped too
+
+
+def test_a_discarded_hash_stops_and_is_forgotten(tmp_path, monkeypatch):
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"x" * 100)
+    monkeypatch.setattr(digest._Hashing, "start", lambda self: None)  # run by hand below
+    digest.start(path)
+    (job,) = started_for(path)
+    digest.discard(path)
+    assert started_for(path) == []
+    job.run()
+    assert job.digest is None and job.error is None  # stopped before its first block
+
+
+def test_a_failed_conversion_job_leaves_no_hash_running(tmp_path, monkeypatch):
+    import importlib
+    import sys
+
+    for name in ("refq_cli.artifact", "refq_cli.convert", "refq_cli.report"):
+        importlib.import_module(name)  # now, so that the job imports no torch itself
+    from refq_cli.batch import Job, Options, convert_job
+    from refq_cli.errors import RefqError
+
+    source = tmp_path / "model.pt"
+    source.write_bytes(b"x" * 100)
+    output = tmp_path / "model.refq.safetensors"
+    output.write_bytes(b"already here")
+    monkeypatch.setattr(digest._Hashing, "start", lambda self: None)  # kept, not run
+    # as in a fresh process, the job starts hashing first
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    job = Job(source, tmp_path / "q.yaml", output, tmp_path / "model.report.json")
+    with pytest.raises(RefqError, match="exists"):
+        convert_job(job, Options())  # fails on its output, before reading the input
+    assert started_for(source) == []
 
 
 def test_unreadable_paths_raise_when_the_digest_is_asked_for(tmp_path):
@@ -57,7 +98,7 @@ def test_a_digest_started_before_a_fork_is_computed_in_the_child(tmp_path, monke
     path = tmp_path / "a.bin"
     path.write_bytes(b"x" * (1 << 20))
     slow = digest._sha256
-    monkeypatch.setattr(digest, "_sha256", lambda p: time.sleep(1) or slow(p))
+    monkeypatch.setattr(digest, "_sha256", lambda p, *a: time.sleep(1) or slow(p, *a))
     digest.start(path)  # still sleeping when the child is forked: the child has no such thread
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
