@@ -139,17 +139,6 @@ def artifact_header(metadata: Mapping[str, Any]) -> dict[str, str]:
     return header
 
 
-def save_artifact(
-    path: Path,
-    tensors: Mapping[str, torch.Tensor],
-    metadata: Mapping[str, Any],
-    *,
-    force: bool = False,
-) -> None:
-    """Write tensors and metadata (JSON-encoded where not text) as a refq artifact."""
-    write_safetensors(path, tensors, artifact_header(metadata), force=force)
-
-
 def write_safetensors(
     path: Path,
     tensors: Mapping[str, torch.Tensor],
@@ -259,20 +248,25 @@ class SafetensorsWriter:
 
 
 def _copy_data(source: Any, target: Any, size: int) -> None:
-    """Append ``size`` bytes of ``source`` to ``target`` inside the kernel where it can."""
+    """Append the ``size`` bytes of ``source`` to ``target``, inside the kernel where it can."""
+    begin = target.tell()
     done = 0
     try:
         while done < size:
             copied = os.copy_file_range(source.fileno(), target.fileno(), size - done, done)
-            if copied == 0:
-                raise OSError(errno.EIO, "short copy")
+            if copied == 0:  # some file systems copy nothing rather than refuse
+                break
             done += copied
     except (AttributeError, OSError) as exc:  # no copy_file_range here, or not between these
         if isinstance(exc, OSError) and exc.errno not in _NO_KERNEL_COPY:
             raise
+    if done < size:
         source.seek(done)
-        target.seek(0, os.SEEK_END)
+        target.seek(begin + done)
         shutil.copyfileobj(source, target, 1 << 20)
+        target.flush()
+    if target.tell() != begin + size:
+        raise OSError(errno.EIO, f"copied {target.tell() - begin} of {size} data bytes")
 
 
 _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}

@@ -68,14 +68,35 @@ def test_without_copy_file_range_the_data_is_copied_in_python(tmp_path, monkeypa
     def unsupported(*args):
         raise OSError(errno.EXDEV, os.strerror(errno.EXDEV))
 
+    kernel_copy = os.copy_file_range
     write_safetensors(tmp_path / "kernel.st", TENSORS, {})
     monkeypatch.setattr(os, "copy_file_range", unsupported)
     write_safetensors(tmp_path / "python.st", TENSORS, {})
+    calls = []
+
+    def partly(src, dst, count, offset):  # copies a few bytes, then nothing, as some file
+        calls.append(count)  # systems do instead of refusing
+        return kernel_copy(src, dst, min(count, 24), offset) if len(calls) == 1 else 0
+
+    monkeypatch.setattr(os, "copy_file_range", partly)
+    write_safetensors(tmp_path / "partly.st", TENSORS, {})
     monkeypatch.delattr(os, "copy_file_range")
     write_safetensors(tmp_path / "none.st", TENSORS, {})
     expected = (tmp_path / "kernel.st").read_bytes()
-    assert (tmp_path / "python.st").read_bytes() == expected
-    assert (tmp_path / "none.st").read_bytes() == expected
+    assert len(calls) == 2
+    for name in ("python.st", "partly.st", "none.st"):
+        assert (tmp_path / name).read_bytes() == expected, name
+
+
+def test_a_copy_short_of_the_data_is_an_error(tmp_path, monkeypatch):
+    kernel_copy = os.copy_file_range
+    monkeypatch.setattr(os, "copy_file_range", lambda s, d, n, o: kernel_copy(s, d, n + 8, o))
+    with SafetensorsWriter(tmp_path / "a.st") as writer:
+        writer.add("w", torch.zeros(1000))
+        writer._data.write(b"x" * 8)  # eight bytes the header does not account for
+        with pytest.raises(ArtifactError, match="copied 4008 of 4000 data bytes"):
+            writer.finish({})
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_other_copy_errors_are_reported(tmp_path, monkeypatch):

@@ -104,7 +104,7 @@ def slow(source, target, size):
     time.sleep(60)
 
 artifact._copy_data = slow
-artifact.save_artifact(Path(sys.argv[1]), {"w": torch.zeros(3)}, {}, force=True)
+artifact.write_safetensors(Path(sys.argv[1]), {"w": torch.zeros(3)}, {}, force=True)
 """
 
 
@@ -122,13 +122,13 @@ def kill_mid_write(tmp_path: Path, target: Path) -> None:
 
 def test_sigkill_mid_write_leaves_the_old_file_and_the_next_run_cleans_up(tmp_path):
     target = tmp_path / "a.refq.safetensors"
-    artifact.save_artifact(target, {"w": torch.ones(2)}, {})
+    artifact.write_safetensors(target, {"w": torch.ones(2)}, {})
     before = target.read_bytes()
     kill_mid_write(tmp_path, target)
     assert target.read_bytes() == before  # the old file, never a partial one
     stale = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert len(stale) == 1  # what the killed process left
-    artifact.save_artifact(target, {"w": torch.zeros(2)}, {}, force=True)
+    artifact.write_safetensors(target, {"w": torch.zeros(2)}, {}, force=True)
     assert [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
     assert target.read_bytes() != before
 
