@@ -69,10 +69,9 @@ def test_help_and_version_do_not_import_torch():
 def test_the_script_asks_torch_for_huge_pages_unless_told_otherwise(monkeypatch, given, expected):
     from refq_cli.cli import app as app_module
 
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", given or "")  # restored after the test...
     if given is None:
-        monkeypatch.delenv("THP_MEM_ALLOC_ENABLE", raising=False)
-    else:
-        monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", given)
+        monkeypatch.delenv("THP_MEM_ALLOC_ENABLE")  # ...even when main() sets it
     seen = []
     monkeypatch.setattr(app_module, "app", lambda: seen.append(os.environ["THP_MEM_ALLOC_ENABLE"]))
     app_module.main()
