@@ -7,7 +7,9 @@ Measured in this run with /usr/bin/time (wall seconds, peak RSS), each as its ow
   ``safetensors.save_file``;
 * ``lower bound``: mmap'd ``torch.load``, per-channel ``aminmax``, quantize, ``save_file``; no
   report, no checks;
-* ``refq convert`` with the int8 per-channel symmetric preset, report included.
+* ``refq convert`` with the int8 per-channel symmetric preset, report included;
+* the same with every probe forward skipped: not a mode refq has (the report's probe is part of
+  the conversion), a measurement of what the rest of the conversion costs.
 
 Targets: refq at most 0.5x torch.ao's wall time, 1.25x the lower bound's, and 1.05x its peak RSS.
 
@@ -95,6 +97,20 @@ for k, w in state.items():
 save_file(out, sys.argv[2])
 """
 
+# refq convert as the refq script runs it (huge pages asked for, the input hashed while torch
+# imports), with the probe's module forwards replaced by their input
+NO_PROBE = """
+import os, sys
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+from refq_cli import digest
+digest.start(sys.argv[2])
+import refq_cli.convert
+refq_cli.convert.module_output = lambda module, x, cell: x
+from refq_cli.cli.app import main
+sys.argv[0] = "refq"
+main()
+"""
+
 
 def measure(args: list[str]) -> tuple[float, float]:
     """Wall seconds and peak RSS (GB) of one process, from /usr/bin/time."""
@@ -126,8 +142,17 @@ def main() -> None:
             ],
             check=True,
         )
-        for name, code in (("ao.py", TORCH_AO), ("lower.py", LOWER_BOUND)):
+        for name, code in (("ao.py", TORCH_AO), ("lower.py", LOWER_BOUND), ("np.py", NO_PROBE)):
             (folder / name).write_text(textwrap.dedent(code))
+        refq_args = [
+            "convert",
+            str(ckpt),
+            "-q",
+            str(ROOT / "configs" / "int8-per-channel-symmetric.yaml"),
+            "--quiet",
+            "--force",
+            "-o",
+        ]
         commands = {
             "torch.ao": [
                 sys.executable,
@@ -143,16 +168,12 @@ def main() -> None:
                 str(ckpt),
                 str(folder / "low.safetensors"),
             ],
-            "refq convert": [
-                str(REFQ),
-                "convert",
-                str(ckpt),
-                "-q",
-                str(ROOT / "configs" / "int8-per-channel-symmetric.yaml"),
-                "-o",
-                str(folder / "refq.safetensors"),
-                "--quiet",
-                "--force",
+            "refq convert": [str(REFQ), *refq_args, str(folder / "refq.safetensors")],
+            "refq, no probe": [
+                sys.executable,
+                str(folder / "np.py"),
+                *refq_args,
+                str(folder / "np.safetensors"),
             ],
         }
         runs: dict[str, list[tuple[float, float]]] = {k: [] for k in commands}
@@ -168,6 +189,11 @@ def main() -> None:
         f"refq / torch.ao wall {refq[0] / ao[0]:.2f}x (target <= 0.5x); refq / lower bound "
         f"wall {refq[0] / low[0]:.2f}x (target <= 1.25x), peak RSS {refq[1] / low[1]:.2f}x "
         "(target <= 1.05x)"
+    )
+    bare = best["refq, no probe"]
+    print(
+        f"without the probe: {bare[0] / ao[0]:.2f}x torch.ao, {bare[0] / low[0]:.2f}x the lower "
+        f"bound; the probe's share of refq's wall time: {refq[0] - bare[0]:.2f} s"
     )
 
 
