@@ -26,8 +26,8 @@ def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
 
 
 def _energy(t: torch.Tensor) -> float:
-    """Sum of squares, as a float32 dot product: per block of a weight (about 262k values) its
-    relative error is about 1e-7, and the blocks add up in float64."""
+    """Sum of squares, as a float32 dot product: over a block of a weight (about 262k values)
+    its relative error is a few 1e-7, and the blocks add up in float64."""
     flat = t.float().reshape(-1)
     return float(torch.dot(flat, flat)) if t.numel() else 0.0
 

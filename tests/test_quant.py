@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import example, given
 from hypothesis import strategies as st
 
 from refq_cli import quant
@@ -233,7 +233,7 @@ def f32(x: float) -> float:
 
 
 def round_to_f32(x: Fraction) -> Fraction:
-    """Exact round-to-nearest-even of a rational to float32 (normal range)."""
+    """Exact round-to-nearest-even of a rational to float32 (subnormals too; no overflow)."""
     if x == 0:
         return Fraction(0)
     sign = -1 if x < 0 else 1
@@ -241,7 +241,7 @@ def round_to_f32(x: Fraction) -> Fraction:
     e = x.numerator.bit_length() - x.denominator.bit_length()
     if Fraction(2) ** e > x:
         e -= 1
-    ulp = Fraction(2) ** (e - 23)
+    ulp = Fraction(2) ** (max(e, -126) - 23)  # below 2**-126 the step stays 2**-149
     n, rem = divmod(x, ulp)
     if rem * 2 > ulp or (rem * 2 == ulp and n % 2 == 1):
         n += 1
@@ -253,6 +253,7 @@ def round_to_f32(x: Fraction) -> Fraction:
     b=st.floats(2.0**-13, 2.0**13, width=32, allow_subnormal=False),
     c=st.integers(-300, 300),
 )
+@example(a=1.2895628484152563e-37, b=0.0625, c=0)  # a subnormal result
 def test_fma_is_correctly_rounded(a, b, c):
     exact = Fraction(a) * Fraction(b) + c
     got = _fma_f32(torch.tensor([a]), torch.tensor([b]), torch.tensor([c]))
