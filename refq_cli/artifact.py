@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import glob
 import json
 import math
 import os
@@ -27,84 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from refq_cli.errors import RefqError
-
-FORMAT = "refq"
-FORMAT_VERSION = 1
-
-
-class ArtifactError(RefqError):
-    """An artifact that cannot be written or read back."""
-
-
-def check_outputs(
-    outputs: Mapping[str, Path], inputs: Mapping[str, Path], *, force: bool = False
-) -> None:
-    """Refuse output paths that collide with each other or with an input, sit in a missing
-    folder, or exist without ``force``. Keys name the flag or file each path came from."""
-    checked: dict[str, Path] = {}
-    for flag, path in outputs.items():
-        for other_flag, other in checked.items():
-            if path.resolve() == other.resolve() or _same_file(path, other):
-                raise ArtifactError(
-                    f"{flag} {path}: the same file as {other_flag}; give each output its own path"
-                )
-        for input_name, source in inputs.items():
-            if _same_file(path, source):
-                raise ArtifactError(
-                    f"{flag} {path}: would overwrite the {input_name} {source}; pick another path"
-                )
-        if path.is_dir():
-            raise ArtifactError(f"{flag} {path}: is a directory")
-        if not path.parent.is_dir():
-            raise ArtifactError(f"{flag} {path}: the folder {path.parent} does not exist")
-        if path.exists() and not force:
-            raise ArtifactError(f"{flag} {path}: already exists; pass --force to overwrite it")
-        checked[flag] = path
-
-
-def write_atomic(path: Path, write: Any, *, force: bool = False) -> None:
-    """Write a file through ``write(tmp_path)`` beside ``path``, then move it into place.
-
-    Never overwrites without ``force`` and never leaves a partial file at ``path``: a failure
-    removes the temporary file and keeps any old one.
-    """
-    check_outputs({"output": path}, {}, force=force)
-    _remove_stale_temporaries(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except OSError as exc:
-        raise ArtifactError(f"{path}: cannot write: {exc.strerror or exc}") from None
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    """Temporary files of this output left by a process that was killed mid-write."""
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
-        pid = tmp.name[len(path.name) + 2 : -len(".tmp")]
-        if pid.isdigit() and not _alive(int(pid)):
-            tmp.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.resolve() == b.resolve() or (a.exists() and os.path.samefile(a, b))
-    except OSError:
-        return False
-
+from refq_cli.errors import ArtifactError, RefqError
+from refq_cli.files import check_outputs, write_atomic
+from refq_cli.header import FORMAT, FORMAT_VERSION, read_header
 
 _SAFETENSORS_DTYPES = {
     torch.float64: "F64",
@@ -319,30 +243,6 @@ class Artifact:
             setattr(model.get_submodule(parent_path) if parent_path else model, name, ref)
         model.load_state_dict(self.tensors, strict=False)
         return model
-
-
-def read_header(path: Path) -> dict[str, str]:
-    """The metadata of a refq artifact, without reading its tensors."""
-    from safetensors import SafetensorError, safe_open
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            metadata = f.metadata() or {}
-    except (SafetensorError, OSError) as exc:
-        raise ArtifactError(f"{path}: not a safetensors file: {exc}") from None
-    if metadata.get("format") != FORMAT:
-        raise ArtifactError(
-            f"{path}: a safetensors file, but not a refq artifact (no format: refq)"
-        )
-    version = metadata.get("refq.format_version", "")
-    if not version.isdigit():
-        raise ArtifactError(f"{path}: artifact format version {version!r} is not a number")
-    if int(version) > FORMAT_VERSION:
-        raise ArtifactError(
-            f"{path}: artifact format version {version!r} is newer than this refq reads "
-            f"({FORMAT_VERSION}); upgrade refq"
-        )
-    return metadata
 
 
 def load_artifact(path: str | Path) -> Artifact:

@@ -173,8 +173,8 @@ def convert_job(
 def _convert_job(
     job: Job, options: Options, progress: Callable[[str, int, int | None], None] | None
 ) -> dict[str, Any]:
-    from refq_cli.artifact import check_outputs, write_atomic
     from refq_cli.convert import convert
+    from refq_cli.files import check_outputs, write_atomic
     from refq_cli.report import to_markdown
 
     inputs = {"input": job.input, "spec": job.spec}
@@ -204,8 +204,8 @@ def _convert_job(
 def is_unchanged(job: Job) -> bool:
     """Whether the job's artifact exists and records this input's sha256, this spec and this
     format version (so converting again would give the same file)."""
-    from refq_cli.artifact import FORMAT_VERSION, read_header
     from refq_cli.digest import sha256_of
+    from refq_cli.header import FORMAT_VERSION, read_header
     from refq_cli.spec import load_spec
 
     if not (job.output.is_file() and job.report.is_file() and job.report_md.is_file()):

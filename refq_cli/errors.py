@@ -36,3 +36,7 @@ class ConversionError(RefqError):
     """A conversion that failed or missed its quality gate."""
 
     exit_code = 1
+
+
+class ArtifactError(RefqError):
+    """An artifact that cannot be written or read back."""

@@ -1,7 +1,7 @@
-"""Reading artifacts back without running them: per-weight parameters, diffs, verification.
+"""Reading artifacts back without running them: per-weight parameters and diffs.
 
-``describe_artifact`` reads the header and only the small ``_scale`` / ``_zero_point`` tensors
-(through safetensors' lazy ``safe_open``), never the integer codes or float tensors.
+``describe_artifact`` reads the header and only the small ``_scale`` / ``_zero_point`` tensors,
+never the integer codes or float tensors, and imports no torch (:mod:`refq_cli.header`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-from refq_cli.artifact import ArtifactError, read_header
+from refq_cli.errors import ArtifactError
+from refq_cli.header import read_header, read_layout, read_values
 
 _QUANTIZED_SUFFIXES = ("_scale", "_zero_point")
 
@@ -25,8 +26,6 @@ def describe_artifact(
     path: str | Path, *, module: str = "*", weight: str = "*", channels: bool = False
 ) -> dict[str, Any]:
     """Everything ``refq inspect`` shows, as plain data; filters are globs."""
-    from safetensors import SafetensorError, safe_open
-
     path = Path(path)
     header = read_header(path)
     try:
@@ -35,55 +34,50 @@ def describe_artifact(
         producer = json.loads(header.get("refq.producer", "{}"))
     except (KeyError, json.JSONDecodeError):
         raise ArtifactError(f"{path}: metadata refq.modules is missing or not JSON") from None
+    tensors = read_layout(path).tensors
     weights = []
+    owned = set()
     try:
-        with safe_open(str(path), "pt") as f:
-            names = set(f.keys())
-            shapes = {n: f.get_slice(n).get_shape() for n in names}
-            dtypes = {n: f.get_slice(n).get_dtype() for n in names}
-            owned = set()
-            for module_path, info in modules.items():
-                for weight_name, w in info["weights"].items():
-                    key = f"{module_path}.{weight_name}" if module_path else weight_name
-                    owned.add(key)
-                    if w["qscheme"] == "none":
-                        continue
-                    owned.update(key + s for s in _QUANTIZED_SUFFIXES)
-                    if not (
-                        fnmatch.fnmatchcase(module_path, module)
-                        and fnmatch.fnmatchcase(weight_name, weight)
-                    ):
-                        continue
-                    for needed in (key, key + "_scale", key + "_zero_point"):
-                        if needed not in names:
-                            raise ArtifactError(f"{path}: tensor {needed!r} is missing")
-                    scale = f.get_tensor(key + "_scale").reshape(-1).tolist()
-                    zero_point = f.get_tensor(key + "_zero_point").reshape(-1).tolist()
-                    row = {
-                        "module": module_path,
-                        "module_type": info["float_type"],
-                        "weight": weight_name,
-                        "shape": shapes[key],
-                        "dtype": w["dtype"],
-                        "qscheme": w["qscheme"],
-                        "axis": w["axis"],
-                        "quant_min": w["quant_min"],
-                        "quant_max": w["quant_max"],
-                        "sqnr_db": w.get("sqnr_db"),
-                        "scale": _summary(scale),
-                        "zero_point": _summary(zero_point),
-                    }
-                    if channels:
-                        row["scales"], row["zero_points"] = scale, zero_point
-                    weights.append(row)
-    except SafetensorError as exc:
-        raise ArtifactError(f"{path}: corrupt or truncated artifact: {exc}") from None
+        for module_path, info in modules.items():
+            for weight_name, w in info["weights"].items():
+                key = f"{module_path}.{weight_name}" if module_path else weight_name
+                owned.add(key)
+                if w["qscheme"] == "none":
+                    continue
+                owned.update(key + s for s in _QUANTIZED_SUFFIXES)
+                if not (
+                    fnmatch.fnmatchcase(module_path, module)
+                    and fnmatch.fnmatchcase(weight_name, weight)
+                ):
+                    continue
+                for needed in (key, key + "_scale", key + "_zero_point"):
+                    if needed not in tensors:
+                        raise ArtifactError(f"{path}: tensor {needed!r} is missing")
+                scale, zero_point = (
+                    read_values(path, key + s, tensors[key + s]) for s in _QUANTIZED_SUFFIXES
+                )
+                row = {
+                    "module": module_path,
+                    "module_type": info["float_type"],
+                    "weight": weight_name,
+                    "shape": tensors[key].shape,
+                    "dtype": w["dtype"],
+                    "qscheme": w["qscheme"],
+                    "axis": w["axis"],
+                    "quant_min": w["quant_min"],
+                    "quant_max": w["quant_max"],
+                    "sqnr_db": w.get("sqnr_db"),
+                    "scale": _summary(scale),
+                    "zero_point": _summary(zero_point),
+                }
+                if channels:
+                    row["scales"], row["zero_points"] = scale, zero_point
+                weights.append(row)
     except (KeyError, TypeError, AttributeError, ValueError) as exc:
         raise ArtifactError(
             f"{path}: malformed refq.modules metadata ({type(exc).__name__}: {exc})"
         ) from None
-    floats = sorted(n for n in names if n not in owned)
-    tensor_bytes = sum(_nbytes(shapes[n], dtypes[n]) for n in names)
+    floats = sorted(n for n in tensors if n not in owned)
     return {
         "path": str(path),
         "source": source,
@@ -95,33 +89,14 @@ def describe_artifact(
                 w["qscheme"] != "none" for m in modules.values() for w in m["weights"].values()
             ),
             "float_tensors": len(floats),
-            "tensor_bytes": tensor_bytes,
+            "tensor_bytes": sum(t.end - t.start for t in tensors.values()),
             "file_bytes": path.stat().st_size,
         },
         "weights": weights,
-        "float_tensors": [{"name": n, "shape": shapes[n], "dtype": dtypes[n]} for n in floats],
+        "float_tensors": [
+            {"name": n, "shape": tensors[n].shape, "dtype": tensors[n].dtype} for n in floats
+        ],
     }
-
-
-_DTYPE_BYTES = {
-    "F64": 8,
-    "I64": 8,
-    "F32": 4,
-    "I32": 4,
-    "F16": 2,
-    "BF16": 2,
-    "I16": 2,
-    "I8": 1,
-    "U8": 1,
-    "BOOL": 1,
-}
-
-
-def _nbytes(shape: list[int], dtype: str) -> int:
-    count = 1
-    for d in shape:
-        count *= d
-    return count * _DTYPE_BYTES.get(dtype, 0)
 
 
 def diff_artifacts(a: dict[str, Any], b: dict[str, Any]) -> list[dict[str, Any]]:

@@ -76,8 +76,8 @@ def run_batch(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from refq_cli.artifact import write_atomic
     from refq_cli.batch import check_jobs, parse_shard, run_jobs, select_shard, summary_markdown
+    from refq_cli.files import write_atomic
 
     if workers < 1:
         raise RefqError(f"--jobs {workers}: give at least 1")

@@ -22,8 +22,8 @@ def init_config_command(
     trust_pickle: TrustPickle = False,
 ) -> None:
     """Print a spec skeleton listing every recurrent module and weight in the checkpoint."""
-    from refq_cli.artifact import check_outputs, write_atomic
     from refq_cli.checkpoint import load_checkpoint
+    from refq_cli.files import check_outputs, write_atomic
     from refq_cli.init_config import skeleton
 
     text = skeleton(load_checkpoint(input_path, trust_pickle=trust_pickle))

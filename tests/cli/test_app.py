@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from refq_cli import __version__
 from refq_cli.cli.app import app
-from tests.scripts import run_refq
+from tests.scripts import run_and_check_torch, run_refq
 
 
 def test_help_lists_the_tool():
@@ -47,22 +47,8 @@ def test_unknown_option_is_a_usage_error():
 
 
 def test_help_and_version_do_not_import_torch():
-    code = (
-        "import sys\n"
-        "from refq_cli.cli.app import main\n"
-        "for argv in (['refq', '--help'], ['refq', '--version']):\n"
-        "    sys.argv = argv\n"
-        "    try:\n"
-        "        main()\n"
-        "    except SystemExit as exit:\n"
-        "        assert exit.code in (0, None), exit.code\n"
-        "print('torch' in sys.modules)\n"
-    )
-    env = {**os.environ, "COLUMNS": "100"}
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
-    )
-    assert result.stdout.strip().splitlines()[-1] == "False"
+    output, imported_torch = run_and_check_torch(["--help"], ["--version"])
+    assert "Usage" in output and __version__ in output and not imported_torch
 
 
 @pytest.mark.parametrize(("given", "expected"), [(None, "1"), ("0", "0")])

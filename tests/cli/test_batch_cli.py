@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 
 from refq_cli.cli.app import app
 from tests.checkpoints import write
+from tests.scripts import run_and_check_torch
 
 SPEC = "version: 1\nmodules:\n  aux: {nonlinearity: relu}\n  context: {batch_first: true}\n"
 
@@ -120,6 +121,15 @@ def test_batch_skip_unchanged_and_bad_manifest(tmp_path, monkeypatch):
     result = invoke("batch", "bad.yaml")
     assert result.exit_code == 2
     assert result.output.startswith("refq: error: bad.yaml:3:33: unknown key 'outdir'")
+
+
+def test_finding_every_artifact_up_to_date_imports_no_torch(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sources(tmp_path, 2)
+    args = ["convert", "ckpts/*/*.pt", "-q", "q.yaml", "--out-dir", "out", "--skip-unchanged"]
+    assert invoke(*args).exit_code == 0
+    output, imported_torch = run_and_check_torch(args)
+    assert "2 skipped" in output and not imported_torch
 
 
 def test_bad_shards(tmp_path):

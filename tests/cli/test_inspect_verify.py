@@ -9,7 +9,6 @@ import re
 from pathlib import Path
 
 import pytest
-import safetensors
 import torch
 from rich.console import Console
 from safetensors import safe_open
@@ -21,6 +20,7 @@ from refq_cli.cli.inspect import render_table
 from refq_cli.convert import convert
 from refq_cli.inspect import describe_artifact
 from tests.checkpoints import write
+from tests.scripts import run_and_check_torch
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "inspect_table.txt"
 MIXED = """\
@@ -107,32 +107,36 @@ def test_header_and_float_tensors(tmp_path):
     assert "float tensors kept as they were (list them with --all)" in summary
 
 
-def test_inspect_reads_only_scales_and_zero_points(tmp_path, monkeypatch):
+def test_inspect_reads_only_the_header_scales_and_zero_points(tmp_path, monkeypatch):
+    from refq_cli import header
+
     path, _ = make_artifact(tmp_path)
-    read = []
-    real_safe_open = safetensors.safe_open
+    reads = []  # (start, end) of every read from the artifact
 
-    class Recording:
-        def __init__(self, *args, **kwargs):
-            self.inner = real_safe_open(*args, **kwargs)
+    class Recording(io.FileIO):
+        def read(self, size=-1):
+            start = self.tell()
+            data = super().read(size)
+            reads.append((start, start + len(data)))
+            return data
 
-        def __enter__(self):
-            self.handle = self.inner.__enter__()
-            return self
-
-        def __exit__(self, *exc):
-            return self.inner.__exit__(*exc)
-
-        def get_tensor(self, name):
-            read.append(name)
-            return self.handle.get_tensor(name)
-
-        def __getattr__(self, name):
-            return getattr(self.handle, name)
-
-    monkeypatch.setattr(safetensors, "safe_open", Recording)
+    monkeypatch.setattr(header, "open", lambda p, mode="r": Recording(p, mode), raising=False)
     describe_artifact(path)
-    assert read and all(n.endswith(("_scale", "_zero_point")) for n in read)
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    entries = json.loads(raw[8 : 8 + size])
+    small = [n for n in entries if n.endswith(("_scale", "_zero_point"))]
+    allowed = [(0, 8 + size)]  # the header, and the small tensors' bytes
+    allowed += [tuple(8 + size + o for o in entries[n]["data_offsets"]) for n in small]
+    assert len(reads) > len(small) > 0
+    for start, end in reads:
+        assert any(a <= start and end <= b for a, b in allowed), (start, end)
+
+
+def test_inspect_imports_no_torch(tmp_path):
+    path, _ = make_artifact(tmp_path)
+    output, imported_torch = run_and_check_torch(["inspect", path])
+    assert "weight_ih" in output and not imported_torch
 
 
 def test_diff_of_equal_and_different_artifacts(tmp_path):

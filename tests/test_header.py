@@ -1,0 +1,100 @@
+"""The torch-free safetensors reader against the safetensors library: same reads, same refusals."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from refq_cli.errors import ArtifactError
+from refq_cli.header import read_layout, read_values
+
+TENSORS = {
+    "f64": torch.randn(3, dtype=torch.float64),
+    "f32": torch.randn(2, 3),
+    "f16": torch.randn(4).half(),
+    "bf16": torch.randn(2).bfloat16(),
+    "i64": torch.tensor([-(2**40), 5]),
+    "i32": torch.tensor([[-7], [2**30]], dtype=torch.int32),
+    "i16": torch.tensor([-300, 300], dtype=torch.int16),
+    "i8": torch.tensor([-128, 127], dtype=torch.int8),
+    "u8": torch.tensor([0, 255], dtype=torch.uint8),
+    "empty": torch.zeros(0, 4),
+    "scalar": torch.tensor(1.5),
+    "flag": torch.tensor([True, False]),
+}
+NUMBERS = {"f64", "f32", "f16", "i64", "i32", "i16", "i8", "u8", "empty", "scalar"}
+
+
+def test_reads_what_the_library_reads(tmp_path):
+    path = tmp_path / "t.safetensors"
+    save_file(TENSORS, str(path), metadata={"format": "refq", "k": "v"})
+    layout = read_layout(path)
+    with safe_open(str(path), "pt") as f:
+        assert layout.metadata == f.metadata()
+        assert sorted(layout.tensors) == sorted(f.keys())
+        for name, entry in layout.tensors.items():
+            tensor = f.get_tensor(name)
+            assert entry.shape == list(tensor.shape)
+            assert entry.dtype == f.get_slice(name).get_dtype()
+            if name in NUMBERS:
+                assert read_values(path, name, entry) == tensor.reshape(-1).tolist(), name
+    with pytest.raises(ArtifactError, match="'bf16' is BF16, not a number refq reads"):
+        read_values(path, "bf16", layout.tensors["bf16"])
+
+
+def raw_file(path, header, data=b"", size=None):
+    text = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(text) if size is None else size) + text + data)
+    return path
+
+
+def entry(dtype="F32", shape=(2,), offsets=(0, 8)):
+    return {"dtype": dtype, "shape": list(shape), "data_offsets": list(offsets)}
+
+
+BAD = {
+    "too short": (b"{}", b"", 2**40, "a header of 1099511627776 bytes"),
+    "not JSON": (b"{nope", b"", None, "not JSON"),
+    "a list": (b"[1, 2]", b"", None, "not a JSON object"),
+    "metadata not strings": ({"__metadata__": {"a": 1}}, b"", None, "map names to strings"),
+    "unknown dtype": ({"w": entry(dtype="F7")}, b"\0" * 8, None, "unknown dtype 'F7'"),
+    "negative dimension": ({"w": entry(shape=(-2,))}, b"\0" * 8, None, "malformed shape"),
+    "boolean dimension": ({"w": entry(shape=(True, 2))}, b"\0" * 8, None, "malformed shape"),
+    "three offsets": ({"w": entry(offsets=(0, 4, 8))}, b"\0" * 8, None, "malformed data_offsets"),
+    "reversed offsets": ({"w": entry(offsets=(8, 0))}, b"\0" * 8, None, "malformed data_offsets"),
+    "wrong size": ({"w": entry(shape=(3,))}, b"\0" * 8, None, "holds 8 bytes, not those of"),
+    "gap": ({"w": entry(offsets=(4, 12))}, b"\0" * 12, None, "overlaps another or leaves a gap"),
+    "overlap": (
+        {"a": entry(), "b": entry(offsets=(4, 12))},
+        b"\0" * 12,
+        None,
+        "overlaps another or leaves a gap",
+    ),
+    "truncated": ({"w": entry()}, b"\0" * 5, None, "its tensors end at byte"),
+    "trailing bytes": ({"w": entry()}, b"\0" * 9, None, "its tensors end at byte"),
+}
+
+
+@pytest.mark.parametrize("case", BAD, ids=list(BAD))
+def test_refuses_what_the_library_refuses(tmp_path, case):
+    header, data, size, message = BAD[case]
+    path = raw_file(tmp_path / "bad.safetensors", header, data, size)
+    with pytest.raises(ArtifactError, match=message) as refusal:
+        read_layout(path)
+    assert str(path) in str(refusal.value)
+    with pytest.raises(Exception), safe_open(str(path), "pt") as f:  # noqa: B017  (its types vary)
+        for name in f.keys():  # noqa: SIM118  (the handle is no mapping)
+            f.get_tensor(name)
+
+
+def test_files_shorter_than_the_size_field(tmp_path):
+    for content in (b"", b"\x01\x02"):
+        path = tmp_path / "short.safetensors"
+        path.write_bytes(content)
+        with pytest.raises(ArtifactError, match="shorter than 8 bytes"):
+            read_layout(path)
