@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from refq_cli.errors import ArtifactError
-from refq_cli.header import read_header, read_layout, read_values
+from refq_cli.header import read_artifact_layout, read_values
 
 _QUANTIZED_SUFFIXES = ("_scale", "_zero_point")
 
@@ -27,14 +27,14 @@ def describe_artifact(
 ) -> dict[str, Any]:
     """Everything ``refq inspect`` shows, as plain data; filters are globs."""
     path = Path(path)
-    header = read_header(path)
+    layout = read_artifact_layout(path)
+    header, tensors = layout.metadata, layout.tensors
     try:
         modules = json.loads(header["refq.modules"])
         source = json.loads(header.get("refq.source", "{}"))
         producer = json.loads(header.get("refq.producer", "{}"))
     except (KeyError, json.JSONDecodeError):
         raise ArtifactError(f"{path}: metadata refq.modules is missing or not JSON") from None
-    tensors = read_layout(path).tensors
     weights = []
     owned = set()
     try:

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from refq_cli.errors import ArtifactError
-from refq_cli.header import read_layout, read_values
+from refq_cli.header import read_header, read_layout, read_values
 
 TENSORS = {
     "f64": torch.randn(3, dtype=torch.float64),
@@ -77,6 +77,29 @@ BAD = {
     ),
     "truncated": ({"w": entry()}, b"\0" * 5, None, "its tensors end at byte"),
     "trailing bytes": ({"w": entry()}, b"\0" * 9, None, "its tensors end at byte"),
+    "deep nesting": (b'{"a":' + b"[" * 100_000 + b"]" * 100_000 + b"}", b"", None, "not JSON"),
+    "dtype not a string": ({"w": entry(dtype=["F32"])}, b"\0" * 8, None, "unknown dtype"),
+    "4301-digit number": (
+        b'{"w":{"dtype":"F32","shape":[' + b"9" * 4301 + b'],"data_offsets":[0,8]}}',
+        b"\0" * 8,
+        None,
+        "not JSON",
+    ),
+    "shape beyond 2**64 bytes": (
+        {"w": entry(shape=[2**32 - 1] * 64_000)},
+        b"\0" * 8,
+        None,
+        r"more than 2\*\*64 bytes: \[4294967295, 4294967295, ",
+    ),
+    "lone surrogate": (b'{"__metadata__":{"k":"\\ud800"}}', b"", None, "not JSON"),
+    "UTF-16": ("{}".encode("utf-16-le"), b"", None, "not JSON"),
+    "metadata a list": ({"__metadata__": []}, b"", None, "map names to strings"),
+    "NaN": (
+        b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"x":NaN}}',
+        b"\0" * 8,
+        None,
+        "not JSON",
+    ),
 }
 
 
@@ -98,3 +121,37 @@ def test_files_shorter_than_the_size_field(tmp_path):
         path.write_bytes(content)
         with pytest.raises(ArtifactError, match="shorter than 8 bytes"):
             read_layout(path)
+
+
+def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path):
+    import os
+    import threading
+
+    fifo = tmp_path / "pipe.safetensors"
+    os.mkfifo(fifo)
+    errors = []
+    reader = threading.Thread(target=lambda: errors.append(_refusal(fifo)), daemon=True)
+    reader.start()
+    reader.join(timeout=10)
+    assert not reader.is_alive(), "read_layout blocked on a FIFO with no writer"
+    assert "not a regular file" in errors[0]
+
+
+def _refusal(path):
+    try:
+        read_layout(path)
+    except ArtifactError as exc:
+        return str(exc)
+    return "accepted"
+
+
+@pytest.mark.parametrize("version", ["\u00b2", "9" * 5000, "", "1.0"])
+def test_format_versions_that_are_not_plain_numbers(tmp_path, version):
+    path = tmp_path / "a.safetensors"
+    save_file(
+        {"w": torch.zeros(1)},
+        str(path),
+        metadata={"format": "refq", "refq.format_version": version},
+    )
+    with pytest.raises(ArtifactError, match="is not a number"):
+        read_header(path)
