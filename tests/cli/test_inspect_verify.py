@@ -120,7 +120,10 @@ def test_inspect_reads_only_the_header_scales_and_zero_points(tmp_path, monkeypa
             reads.append((start, start + len(data)))
             return data
 
-    monkeypatch.setattr(header, "open", lambda p, mode="r": Recording(p, mode), raising=False)
+    def recording_open(path, mode="r", opener=None):
+        return Recording(path, mode, opener=opener)
+
+    monkeypatch.setattr(header, "open", recording_open, raising=False)
     describe_artifact(path)
     raw = path.read_bytes()
     size = int.from_bytes(raw[:8], "little")
