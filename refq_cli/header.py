@@ -5,8 +5,8 @@ name -> dtype, shape and byte range in the data that follows, plus ``__metadata_
 then the data. ``read_layout`` reads and checks the header and refuses malformed ones as the
 safetensors library does (``tests/test_header.py`` holds the two side by side), so that a file
 ``refq inspect`` shows is one ``load_artifact`` reads; ``read_values`` reads one tensor's
-numbers. ``refq inspect`` and the unchanged-artifact check
-of batch conversion use these and so never import torch.
+numbers. ``refq inspect`` and the unchanged-artifact check of batch conversion use these and
+so never import torch.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from refq_cli.errors import ArtifactError
 FORMAT = "refq"
 FORMAT_VERSION = 1
 
-# bytes per element of each dtype refq writes
+# bytes per element of each dtype refq writes (artifact.py maps torch's dtypes to these names)
 DTYPE_SIZES = {
     "F64": 8,
     "F32": 4,
@@ -168,7 +168,9 @@ def read_values(path: Path, name: str, entry: TensorEntry) -> list[float] | list
     """The numbers of one tensor, flattened (meant for small ones: scales, zero points)."""
     code = _STRUCT_CODES.get(entry.dtype)
     if code is None:
-        raise ArtifactError(f"{path}: tensor {name!r} is {entry.dtype}, not a number refq reads")
+        raise ArtifactError(
+            f"{path}: tensor {_short(name)} is {entry.dtype}, not a number refq reads"
+        )
     try:
         with open(path, "rb") as f:
             f.seek(entry.start)
@@ -176,7 +178,9 @@ def read_values(path: Path, name: str, entry: TensorEntry) -> list[float] | list
     except OSError as exc:
         raise ArtifactError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if len(data) != entry.end - entry.start:
-        raise ArtifactError(f"{path}: corrupt or truncated artifact: tensor {name!r} is cut short")
+        raise ArtifactError(
+            f"{path}: corrupt or truncated artifact: tensor {_short(name)} is cut short"
+        )
     return list(struct.unpack(f"<{math.prod(entry.shape)}{code}", data))
 
 

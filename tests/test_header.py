@@ -47,6 +47,14 @@ def test_reads_what_the_library_reads(tmp_path):
         read_values(path, "bf16", layout.tensors["bf16"])
 
 
+def test_every_dtype_refq_writes_has_its_size():
+    from refq_cli.artifact import _SAFETENSORS_DTYPES
+    from refq_cli.header import DTYPE_SIZES
+
+    for dtype, name in _SAFETENSORS_DTYPES.items():
+        assert DTYPE_SIZES[name] == torch.empty(0, dtype=dtype).element_size(), name
+
+
 def raw_file(path, header, data=b"", size=None):
     text = header if isinstance(header, bytes) else json.dumps(header).encode()
     path.write_bytes(struct.pack("<Q", len(text) if size is None else size) + text + data)
