@@ -97,11 +97,12 @@ class Checkpoint:
     def release(self, tensors: Iterable[torch.Tensor]) -> None:
         """Give the memory pages of ``tensors`` back to the system once they have been used.
 
-        Tensors mapped from the input file (``torch.save`` zip files, which refq maps, and
-        safetensors files, which the safetensors library maps) stay valid: their pages are
-        read from the file again if touched. Their pages otherwise stay resident, so a
-        conversion that reads every tensor would hold the whole file in memory. Other tensors
-        (TorchScript and pickle inputs, or where the mapping cannot be found) are left alone.
+        Tensors mapped from the input file (``torch.save`` zip files, pickled modules among
+        them, which refq maps, and safetensors files, which the safetensors library maps) stay
+        valid: their pages are read from the file again if touched. Their pages otherwise stay
+        resident, so a conversion that reads every tensor would hold the whole file in memory.
+        Other tensors (TorchScript archives, legacy pre-zip ``torch.save`` files, or where the
+        mapping cannot be found) are left alone.
         """
         if self._mapped is None:  # reading the process's memory map costs a millisecond or so
             small = self.path.stat().st_size < _WORTH_RELEASING
