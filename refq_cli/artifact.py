@@ -18,7 +18,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,9 +26,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from refq_cli.errors import ArtifactError, RefqError
-from refq_cli.files import check_outputs, write_atomic
-from refq_cli.header import FORMAT, FORMAT_VERSION, read_header
+from refq_cli.errors import ArtifactError, RefqError, shorten, strict_json
+from refq_cli.files import Outputs
+from refq_cli.header import FORMAT, FORMAT_VERSION, MAX_HEADER_BYTES, read_artifact
 
 _SAFETENSORS_DTYPES = {
     torch.float64: "F64",
@@ -59,7 +59,9 @@ def artifact_header(metadata: Mapping[str, Any]) -> dict[str, str]:
     """The safetensors metadata of an artifact: format keys, then ``metadata`` as JSON strings."""
     header = {"format": FORMAT, "refq.format_version": str(FORMAT_VERSION)}
     for key, value in metadata.items():
-        header[key] = value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+        header[key] = (
+            value if isinstance(value, str) else strict_json(value, indent=None, sort_keys=True)
+        )
     return header
 
 
@@ -71,10 +73,33 @@ def write_safetensors(
     force: bool = False,
 ) -> None:
     """Write a safetensors file of ``tensors`` in one go, through :class:`SafetensorsWriter`."""
+    check_header_fits(tensors, sum(len(k) + len(v) for k, v in metadata.items()), path=path)
     with SafetensorsWriter(path, force=force) as writer:
         for name, tensor in tensors.items():
             writer.add(name, tensor)
         writer.finish(metadata)
+
+
+_ENTRY_BYTES = len('"":{"dtype":"U8","shape":[],"data_offsets":[0,0]},')  # the least per tensor
+
+
+def check_header_fits(
+    names: Iterable[str], metadata_bytes: int = 0, *, path: Path | str = "the artifact"
+) -> None:
+    """Refuse, before any work, tensors whose header could not be read back: at least
+    ``metadata_bytes`` of metadata and the least each name's entry takes are over the limit."""
+    size = metadata_bytes
+    for count, name in enumerate(names, 1):
+        size += len(json.dumps(name)) - 2 + _ENTRY_BYTES
+        if size > MAX_HEADER_BYTES:
+            raise _too_large(path, f"{count}+ tensors")
+
+
+def _too_large(path: Path | str, what: str) -> ArtifactError:
+    return ArtifactError(
+        f"{path}: the header of {what} would be over {MAX_HEADER_BYTES:,} bytes, which neither "
+        "refq nor safetensors reads back; convert fewer tensors or give them shorter names"
+    )
 
 
 class SafetensorsWriter:
@@ -86,17 +111,25 @@ class SafetensorsWriter:
     block, whatever the file's size. Tensors are stored in the order they were added, metadata
     keys sorted: equal inputs give equal bytes (the safetensors library orders metadata by
     hash, and holds every tensor's bytes at once). The file appears at ``path`` complete or not
-    at all; leaving the ``with`` block without :meth:`finish` writes nothing.
+    at all; leaving the ``with`` block without :meth:`finish` writes nothing. A header over
+    the limit of readers is refused as soon as the tensors begun reach it.
+
+    ``outputs``, the run's checked outputs with ``path`` among them, makes :meth:`finish`
+    stage the file there for the run to commit with its other files; without it the writer
+    checks ``path`` now (every output rule, with ``force``) and moves the file into place in
+    :meth:`finish`.
     """
 
-    def __init__(self, path: Path, *, force: bool = False) -> None:
-        check_outputs({"output": path}, {}, force=force)  # now, before the work; again at the end
+    def __init__(self, path: Path, *, force: bool = False, outputs: Outputs | None = None) -> None:
         self.path = path
-        self.force = force
+        self._own = outputs is None
+        self.outputs = Outputs({"output": path}, {}, force=force) if outputs is None else outputs
         try:
             self._data = tempfile.TemporaryFile(dir=path.parent)  # noqa: SIM115 (closed on exit)
         except OSError as exc:
+            self._close_outputs()
             raise ArtifactError(f"{path}: cannot write: {exc.strerror or exc}") from None
+        self._header_bytes = 2  # the braces of the header
         self._entries: dict[str, dict[str, Any]] = {}
         self._open: tuple[str, int] | None = None  # the tensor being written, its end offset
         self.size = 0  # bytes of tensor data so far
@@ -106,6 +139,11 @@ class SafetensorsWriter:
 
     def __exit__(self, *exc: object) -> None:
         self._data.close()
+        self._close_outputs()
+
+    def _close_outputs(self) -> None:
+        if self._own:
+            self.outputs.close()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         """Store a whole tensor."""
@@ -123,11 +161,15 @@ class SafetensorsWriter:
         if name in self._entries:
             raise ArtifactError(f"{self.path}: tensor {name!r} is written twice")
         nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
-        self._entries[name] = {
+        entry = {
             "dtype": _SAFETENSORS_DTYPES[dtype],
             "shape": list(shape),
             "data_offsets": [self.size, self.size + nbytes],
         }
+        self._header_bytes += len(json.dumps({name: entry}, separators=(",", ":")))  # with a comma
+        if self._header_bytes > MAX_HEADER_BYTES:
+            raise _too_large(self.path, f"{len(self._entries) + 1}+ tensors")
+        self._entries[name] = entry
         self._open = (name, self.size + nbytes)
 
     def write(self, block: torch.Tensor) -> None:
@@ -151,24 +193,27 @@ class SafetensorsWriter:
             raise ArtifactError(f"{self.path}: cannot write: {exc.strerror or exc}") from None
 
     def finish(self, metadata: Mapping[str, str]) -> None:
-        """Write the header and the data to ``path``, atomically."""
+        """Write the header and the data to ``path``, atomically (or stage them in the run's
+        ``outputs``)."""
         entries = {"__metadata__": dict(sorted(metadata.items())), **self._entries}
         header = json.dumps(entries, separators=(",", ":")).encode()
         header += b" " * (-len(header) % 8)
+        if len(header) > MAX_HEADER_BYTES:
+            raise _too_large(self.path, f"{len(self._entries)} tensors and their metadata")
         try:
             self._data.flush()
         except OSError as exc:
             raise ArtifactError(f"{self.path}: cannot write: {exc.strerror or exc}") from None
 
-        def write(tmp: Path) -> None:
-            with open(tmp, "wb") as f:
-                f.write(len(header).to_bytes(8, "little"))
-                f.write(header)
-                f.flush()
-                _copy_data(self._data, f, self.size)
-                os.fsync(f.fileno())
+        def write(f: Any) -> None:
+            f.write(len(header).to_bytes(8, "little"))
+            f.write(header)
+            f.flush()
+            _copy_data(self._data, f, self.size)
 
-        write_atomic(self.path, write, force=self.force)
+        self.outputs.write(self.path, write)
+        if self._own:
+            self.outputs.commit()
 
 
 def _copy_data(source: Any, target: Any, size: int) -> None:
@@ -252,13 +297,7 @@ def load_artifact(path: str | Path) -> Artifact:
     from refq_cli.convert import reference_from_artifact
 
     path = Path(path)
-    header = read_header(path)
-    metadata: dict[str, Any] = dict(header)
-    for key in ("refq.modules", "refq.spec", "refq.source", "refq.producer"):
-        try:
-            metadata[key] = json.loads(header[key])
-        except (KeyError, json.JSONDecodeError):
-            raise ArtifactError(f"{path}: metadata {key} is missing or not JSON") from None
+    _, metadata = read_artifact(path)  # checked against the tensors' shapes, no data read yet
     from safetensors import SafetensorError
 
     try:
@@ -266,8 +305,6 @@ def load_artifact(path: str | Path) -> Artifact:
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise ArtifactError(f"{path}: corrupt or truncated artifact: {exc}") from None
     modules = {}
-    if not isinstance(metadata["refq.modules"], dict):
-        raise ArtifactError(f"{path}: metadata refq.modules is not a mapping")
     for module_path, info in metadata["refq.modules"].items():
         try:
             modules[module_path] = reference_from_artifact(module_path, info, tensors, path)
@@ -275,7 +312,7 @@ def load_artifact(path: str | Path) -> Artifact:
             raise
         except (RefqError, KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
             raise ArtifactError(
-                f"{path}: module {module_path!r} cannot be rebuilt from the artifact: "
+                f"{path}: module {shorten(module_path)} cannot be rebuilt from the artifact: "
                 f"{type(exc).__name__}: {exc}"
             ) from None
     return Artifact(path, modules, tensors, metadata)

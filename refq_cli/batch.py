@@ -20,9 +20,13 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
-from refq_cli.errors import RefqError
+from refq_cli.errors import RefqError, markdown_cell, strict_json
+from refq_cli.files import Outputs, check_outputs, starts_with
 
 ARTIFACT_SUFFIX = ".refq.safetensors"
+REPORT_MD_HEADING = "# refq conversion report"  # what report.to_markdown starts with
+SUMMARY_HEADING = "## refq batch conversion"
+_REPORT_LIMIT = 1 << 26  # bytes of a JSON report read to tell whether refq wrote it
 
 
 @dataclass(frozen=True)
@@ -48,6 +52,81 @@ class Job:
     @property
     def report_md(self) -> Path:
         return self.report.with_suffix(".md")
+
+    def outputs(self, flags: bool = False) -> list[tuple[str, Path]]:
+        """The job's output files, described by their flags (one job of ``refq convert``) or by
+        the job's input (one of several)."""
+        if flags:
+            return [
+                ("--output", self.output),
+                ("--report", self.report),
+                ("the Markdown report", self.report_md),
+            ]
+        return [
+            (f"the output of {self.input}", self.output),
+            (f"the report of {self.input}", self.report),
+            (f"the Markdown report of {self.input}", self.report_md),
+        ]
+
+    def inputs(self) -> list[tuple[str, Path]]:
+        found = [("input", self.input), ("spec", self.spec)]
+        return found + ([("calibration file", self.calibration)] if self.calibration else [])
+
+
+def replaceable_outputs(job: Job, flags: bool = False) -> dict[str, Callable[[Path], bool]]:
+    """What ``--skip-unchanged`` may replace without ``--force``: refq's own outputs of the
+    kind each file is (an out-of-date artifact, its reports), never another file."""
+    tests = (_is_artifact, _is_report, starts_with(REPORT_MD_HEADING.encode()))
+    return {flag: test for (flag, _), test in zip(job.outputs(flags), tests, strict=True)}
+
+
+def _is_artifact(path: Path) -> bool:
+    from refq_cli.header import read_header
+
+    try:
+        read_header(path)
+    except RefqError:
+        return False
+    return True
+
+
+def _is_report(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            text = f.read(_REPORT_LIMIT + 1)
+        report = json.loads(text) if len(text) <= _REPORT_LIMIT else None
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(report, dict) and {"refq_version", "source", "totals"} <= set(report)
+
+
+def check_run(
+    jobs: Sequence[Job],
+    options: Options,
+    *,
+    summary: Path | None = None,
+    inputs: Sequence[tuple[str, Path]] = (),
+) -> Options:
+    """Check every output of a run of ``jobs`` (and the summary) before any work: against each
+    other and every input of the run (``inputs`` adds to the jobs' own: the manifest). Returns
+    the options for the jobs, which carry the run's inputs so that each job protects them all."""
+    by_flags = len(jobs) == 1 and not inputs
+    protected = [*inputs, *(pair for job in jobs for pair in job.inputs())]
+    outputs = [pair for job in jobs for pair in job.outputs(by_flags)]
+    replaceable = {}
+    if options.skip_unchanged:
+        for job in jobs:
+            replaceable |= replaceable_outputs(job, by_flags)
+    if summary is not None:
+        outputs.append(("--summary-md", summary))
+        replaceable["--summary-md"] = is_summary
+    check_outputs(outputs, protected, force=options.force, replaceable=replaceable)
+    return replace(options, protected=tuple(protected), by_flags=by_flags)
+
+
+def is_summary(path: Path) -> bool:
+    """Whether ``path`` holds a summary refq wrote, which --summary-md replaces."""
+    return starts_with(SUMMARY_HEADING.encode())(path)
 
 
 def output_paths(
@@ -149,7 +228,9 @@ class Options:
     force: bool = False
     skip_unchanged: bool = False
     device: str = "cpu"
-    trust_pickle: bool = False
+    trust_code: bool = False
+    protected: tuple[tuple[str, Path], ...] = ()  # every input of the run, besides the job's
+    by_flags: bool = True  # messages name outputs by their flags (one job of refq convert)
 
 
 def convert_job(
@@ -157,8 +238,10 @@ def convert_job(
 ) -> dict[str, Any]:
     """Convert one job and write its artifact and reports; return the report. Raises RefqError.
 
-    Output paths are checked before any work: distinct from each other and from the job's
-    inputs, in existing folders, and new unless ``force``.
+    Output paths are checked before any work (see :class:`refq_cli.files.Outputs`): distinct
+    from each other, from the job's inputs and ``options.protected``, and new unless ``force``
+    (or, with ``skip_unchanged``, refq's own outputs out of date). The artifact and both
+    reports are moved into place together once all three are written.
     """
     from refq_cli import digest
 
@@ -174,28 +257,30 @@ def _convert_job(
     job: Job, options: Options, progress: Callable[[str, int, int | None], None] | None
 ) -> dict[str, Any]:
     from refq_cli.convert import convert
-    from refq_cli.files import check_outputs, write_atomic
     from refq_cli.report import to_markdown
 
-    inputs = {"input": job.input, "spec": job.spec}
-    if job.calibration is not None:
-        inputs["calibration file"] = job.calibration
-    outputs = {"--output": job.output, "--report": job.report, "the Markdown report": job.report_md}
-    check_outputs(outputs, inputs, force=options.force)
-    conversion = convert(
-        job.input,
-        job.spec,
-        job.output,
+    replaceable = replaceable_outputs(job, options.by_flags) if options.skip_unchanged else None
+    with Outputs(
+        job.outputs(options.by_flags),
+        [*job.inputs(), *options.protected],
         force=options.force,
-        device=options.device,
-        trust_pickle=options.trust_pickle,
-        calibration=job.calibration,
-        progress=progress,
-    )
-    report_text = json.dumps(conversion.report, indent=2, sort_keys=True) + "\n"
-    write_atomic(job.report, lambda p: p.write_text(report_text), force=options.force)
-    markdown = to_markdown(conversion.report)
-    write_atomic(job.report_md, lambda p: p.write_text(markdown), force=options.force)
+        replaceable=replaceable,
+    ) as outputs:
+        conversion = convert(
+            job.input,
+            job.spec,
+            job.output,
+            force=options.force,
+            device=options.device,
+            trust_code=options.trust_code,
+            calibration=job.calibration,
+            progress=progress,
+            outputs=outputs,
+        )
+        report_text = strict_json(conversion.report, sort_keys=True) + "\n"
+        outputs.write(job.report, report_text.encode())
+        outputs.write(job.report_md, to_markdown(conversion.report).encode())
+        outputs.commit()
     report = conversion.report
     report["below_min_sqnr"] = conversion.below(job.min_sqnr) if job.min_sqnr is not None else []
     return report
@@ -205,21 +290,19 @@ def is_unchanged(job: Job) -> bool:
     """Whether the job's artifact exists and records this input's sha256, this spec and this
     format version (so converting again would give the same file)."""
     from refq_cli.digest import sha256_of
-    from refq_cli.header import FORMAT_VERSION, read_header
+    from refq_cli.header import FORMAT_VERSION, read_artifact
     from refq_cli.spec import load_spec
 
     if not (job.output.is_file() and job.report.is_file() and job.report_md.is_file()):
         return False
     try:
-        header = read_header(job.output)
-        source = json.loads(header["refq.source"])
-        recorded_spec = json.loads(header["refq.spec"])
-    except (RefqError, KeyError, json.JSONDecodeError):
+        _, metadata = read_artifact(job.output)
+    except RefqError:  # not an artifact this refq reads: converting again replaces it
         return False
     return (
-        header.get("refq.format_version") == str(FORMAT_VERSION)
-        and source.get("sha256") == sha256_of(job.input)
-        and recorded_spec == json.loads(json.dumps(load_spec(job.spec).to_dict()))
+        metadata["refq.format_version"] == str(FORMAT_VERSION)
+        and metadata["refq.source"].get("sha256") == sha256_of(job.input)
+        and metadata["refq.spec"] == json.loads(json.dumps(load_spec(job.spec).to_dict()))
     )
 
 
@@ -230,11 +313,8 @@ def run_job(job: Job, options: Options) -> JobResult:
     try:
         if options.skip_unchanged and job.input.is_file() and is_unchanged(job):
             result.status = "skipped"
-        else:
-            # with --skip-unchanged, an output that is out of date is replaced
-            report = convert_job(
-                job, replace(options, force=options.force or options.skip_unchanged)
-            )
+        else:  # with --skip-unchanged, refq's own outputs that are out of date are replaced
+            report = convert_job(job, options)
             result.worst_sqnr_db = report["totals"]["worst_sqnr_db"]
             result.detail = report
             if report["below_min_sqnr"]:
@@ -306,7 +386,7 @@ def summary_markdown(results: Sequence[JobResult]) -> str:
         for s in ("converted", "skipped", "gate", "failed", "not run")
     }
     lines = [
-        "## refq batch conversion",
+        SUMMARY_HEADING,
         "",
         ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no jobs",
         "",
@@ -315,8 +395,6 @@ def summary_markdown(results: Sequence[JobResult]) -> str:
     ]
     for r in results:
         sqnr = "" if r.worst_sqnr_db is None else f"{r.worst_sqnr_db:.2f}"
-        error = (r.error or "").replace("|", "\\|")
-        lines.append(
-            f"| {r.input} | {r.output} | {r.status} | {sqnr} | {r.seconds:.2f} | {error} |"
-        )
+        cells = [r.input, r.output, r.status, sqnr, f"{r.seconds:.2f}", r.error or ""]
+        lines.append("| " + " | ".join(map(markdown_cell, cells)) + " |")
     return "\n".join(lines) + "\n"

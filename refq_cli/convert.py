@@ -19,9 +19,15 @@ import torch
 from torch import nn
 
 from refq_cli import __version__, reference
-from refq_cli.artifact import ArtifactError, SafetensorsWriter, artifact_header
+from refq_cli.artifact import (
+    ArtifactError,
+    SafetensorsWriter,
+    artifact_header,
+    check_header_fits,
+)
 from refq_cli.checkpoint import Checkpoint, RecurrentModule, load_checkpoint, read_tensors
-from refq_cli.errors import CheckpointError, RefqError
+from refq_cli.errors import CheckpointError, RefqError, SpecError
+from refq_cli.files import Outputs
 from refq_cli.observers import observe
 from refq_cli.quant import WeightQParams, dequantize
 from refq_cli.registry import converter_for
@@ -96,7 +102,7 @@ class Conversion:
         return [
             f"{w['module']}.{w['weight']} ({w['sqnr_db']:.2f} dB)"
             for w in self.report["weights"]
-            if w["sqnr_db"] is not None and w["sqnr_db"] < min_sqnr
+            if w["sqnr_db"] is not None and not w["sqnr_db"] >= min_sqnr  # NaN fails
         ]
 
 
@@ -119,9 +125,10 @@ def convert(
     *,
     force: bool = False,
     device: str = "cpu",
-    trust_pickle: bool = False,
+    trust_code: bool = False,
     calibration: str | Path | None = None,
     progress: Callable[[str, int, int | None], None] | None = None,
+    outputs: Outputs | None = None,
 ) -> Conversion:
     """Convert one checkpoint as the spec says and write the artifact to ``output``.
 
@@ -136,9 +143,9 @@ def convert(
     step = progress or (lambda what, done, total: None)
     spec = load_spec(spec_path)
     dev = resolve_device(device)
-    calibration_inputs = read_tensors(Path(calibration))[2] if calibration else {}
+    calibration_inputs = read_tensors(calibration, what="calibration")[2] if calibration else {}
     step("loading the checkpoint", 0, None)
-    checkpoint = load_checkpoint(input_path, trust_pickle=trust_pickle)
+    checkpoint = load_checkpoint(input_path, trust_code=trust_code)
     if not checkpoint.modules:
         raise CheckpointError(
             f"{input_path}: no recurrent module found (looked for weight_ih/weight_hh keys)"
@@ -148,18 +155,15 @@ def convert(
         {p: m.weight_names for p, m in checkpoint.modules.items()},
         {p: m.float_type for p, m in checkpoint.modules.items()},
     )
-    unknown = set(calibration_inputs) - {display_path(p) for p in checkpoint.modules}
-    if unknown:
-        raise RefqError(
-            f"--calibration {calibration}: {', '.join(sorted(unknown))} is no recurrent module; "
-            f"modules: {', '.join(display_path(p) for p in checkpoint.modules)}"
-        )
+    check_calibration_names(calibration, calibration_inputs, checkpoint.modules)
     _check_no_collisions(checkpoint, plans)
+    _check_recorded_facts(checkpoint, plans)
+    check_header_fits(_artifact_names(checkpoint, plans), path=output)
 
     modules: dict[str, ConvertedModule] = {}
     weight_rows: list[dict[str, Any]] = []
     module_rows: list[dict[str, Any]] = []
-    with SafetensorsWriter(Path(output), force=force) as writer:
+    with SafetensorsWriter(Path(output), force=force, outputs=outputs) as writer:
         for done, (path, info) in enumerate(checkpoint.modules.items()):
             step(f"converting {display_path(path)}", done, len(checkpoint.modules))
             converting = _ModuleConversion(checkpoint, info, plans[path], spec, dev, writer)
@@ -171,6 +175,7 @@ def convert(
             checkpoint.release([checkpoint.tensors[key]])
         conversion = Conversion(checkpoint, spec, modules, {})
         conversion.report = _report(checkpoint, weight_rows, module_rows, spec_path, writer.size)
+        checkpoint.check_unchanged()  # its sha256 is in the metadata: it must cover these bytes
         writer.finish(artifact_header(conversion.metadata()))
     conversion.report["totals"]["seconds"] = round(time.perf_counter() - started, 3)
     return conversion
@@ -192,6 +197,43 @@ def _check_no_collisions(checkpoint: Checkpoint, plans: Mapping[str, ModulePlan]
                         f"{checkpoint.path}: tensor {key!r} collides with a quantization "
                         "parameter refq writes; rename it"
                     )
+
+
+def check_calibration_names(
+    calibration: str | Path | None, inputs: Mapping[str, Any], modules: Iterable[str]
+) -> None:
+    """Refuse calibration inputs named for no recurrent module: they would go unused."""
+    shown = [display_path(p) for p in modules]
+    unknown = set(inputs) - set(shown)
+    if unknown:
+        raise RefqError(
+            f"--calibration {calibration}: {', '.join(sorted(unknown))} is no recurrent module; "
+            f"modules: {', '.join(shown)}"
+        )
+
+
+def _artifact_names(checkpoint: Checkpoint, plans: Mapping[str, ModulePlan]) -> Iterable[str]:
+    """The names of the tensors the artifact will hold: every tensor of the checkpoint, and
+    a scale and a zero point for each weight that is quantized."""
+    yield from checkpoint.tensors
+    for path, info in checkpoint.modules.items():
+        plan = plans[path]
+        for name in info.weight_names:
+            if not plan.skip and not plan.weights[name].keeps_float:
+                yield info.key(name) + "_scale"
+                yield info.key(name) + "_zero_point"
+
+
+def _check_recorded_facts(checkpoint: Checkpoint, plans: Mapping[str, ModulePlan]) -> None:
+    """Refuse spec facts that contradict what the file's own modules record."""
+    for path, info in checkpoint.modules.items():
+        for key, setting in plans[path].facts.items():
+            if key in info.recorded and info.recorded[key] != setting.value:
+                raise SpecError(
+                    f"{setting.loc}: modules.{display_path(path)}.{key} is {setting.value!r}, "
+                    f"but {checkpoint.path} records {key}={info.recorded[key]!r} for this "
+                    "module; remove it from the spec"
+                )
 
 
 class _ModuleConversion:

@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import threading
 from pathlib import Path
+
+from refq_cli.inputs import open_regular
 
 _BLOCK = 1 << 24
 
@@ -45,7 +48,15 @@ _lock = threading.Lock()
 
 def _identity(path: Path) -> tuple:
     st = os.stat(path)
-    return (os.path.realpath(path), st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+    return (
+        os.path.realpath(path),
+        st.st_dev,
+        st.st_ino,
+        st.st_size,
+        st.st_mtime_ns,
+        st.st_ctime_ns,
+        stat.S_ISREG(st.st_mode),
+    )
 
 
 def start(path: str | Path) -> None:
@@ -54,6 +65,8 @@ def start(path: str | Path) -> None:
     try:
         key = _identity(Path(path))
     except OSError:
+        return
+    if not key[-1]:  # a FIFO would block the thread, a device could be read forever
         return
     with _lock:
         if key in _started:
@@ -94,11 +107,13 @@ def _take(realpath: str, keep: tuple | None) -> _Hashing | None:
 
 def _sha256(path: Path, cancelled: threading.Event | None = None) -> str:
     digest = hashlib.sha256()
-    with path.open("rb", buffering=0) as f:
-        buffer = bytearray(min(_BLOCK, max(1, os.fstat(f.fileno()).st_size)))
+    with open(open_regular(path), "rb", buffering=0) as f:
+        left = os.fstat(f.fileno()).st_size  # no more: a file still growing is refused later
+        buffer = bytearray(min(_BLOCK, max(1, left)))
         view = memoryview(buffer)
-        while size := f.readinto(buffer):
+        while left and (size := f.readinto(view[: min(len(buffer), left)])):
             if cancelled is not None and cancelled.is_set():
                 raise _Cancelled
             digest.update(view[:size])
+            left -= size
     return digest.hexdigest()

@@ -1,10 +1,23 @@
-"""The error types refq raises for bad input. Plain Python: importing this does not import torch.
+"""The error types refq raises for bad input, and how refq shows untrusted text and values.
 
-Each carries a one-line message saying what is wrong, where, and how to fix it; the CLI prints
-that line and exits with ``exit_code``.
+Plain Python: importing this does not import torch. Each error carries a one-line message saying
+what is wrong, where, and how to fix it; the CLI prints that line (through :func:`printable`)
+and exits with ``exit_code``.
+
+Keys, paths and metadata come from files refq did not write. Everything refq prints as text goes
+through :func:`printable`, so that no such value can start a line of its own (a CI workflow
+command such as ``::error::``), move the cursor or reorder text; :func:`shorten` is the short
+``repr`` messages quote values with; :func:`strict_json` is the JSON refq prints and writes.
 """
 
 from __future__ import annotations
+
+import json
+import math
+import reprlib
+from typing import Any
+
+MESSAGE_LIMIT = 2000  # characters of a printed line; longer ones lose their middle
 
 
 class RefqError(Exception):
@@ -40,3 +53,87 @@ class ConversionError(RefqError):
 
 class ArtifactError(RefqError):
     """An artifact that cannot be written or read back."""
+
+
+_NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def _escaped(char: str) -> str:
+    """``char`` itself when printable, else its backslash escape (as ``repr`` writes it).
+
+    Not printable: C0 and C1 controls, DEL, line and paragraph separators, format characters
+    (bidi overrides and isolates, zero-width ones), spaces other than U+0020, surrogates and
+    unassigned code points.
+    """
+    if char.isprintable():
+        return char
+    if char in _NAMED_ESCAPES:
+        return _NAMED_ESCAPES[char]
+    code = ord(char)
+    if code < 0x100:
+        return f"\\x{code:02x}"
+    return f"\\u{code:04x}" if code < 0x10000 else f"\\U{code:08x}"
+
+
+def _fit(chars: Any, budget: int) -> tuple[list[str], int]:
+    """Escaped characters from ``chars`` while they fit in ``budget``, and how many were used."""
+    pieces: list[str] = []
+    used = 0
+    for char in chars:
+        piece = _escaped(char)
+        if len(piece) > budget:
+            break
+        pieces.append(piece)
+        budget -= len(piece)
+        used += 1
+    return pieces, used
+
+
+def printable(text: str, limit: int = MESSAGE_LIMIT) -> str:
+    """``text`` as one printable line of at most about ``limit`` characters.
+
+    Characters that are not printable are escaped as ``repr`` escapes them (a newline becomes
+    ``\\n``, ESC ``\\x1b``); a longer line keeps its start and end, with the number of
+    characters left out between them.
+    """
+    head, used = _fit(text, limit)
+    if used == len(text):
+        return "".join(head)
+    head, used = _fit(text, limit * 3 // 4)
+    tail, kept = _fit(reversed(text[used:]), limit // 4)
+    cut = len(text) - used - kept
+    return f"{''.join(head)} [... {cut} characters cut ...] {''.join(reversed(tail))}"
+
+
+def markdown_cell(text: str) -> str:
+    """``text`` for a cell of a Markdown table: printable, with its pipes escaped."""
+    return printable(text).replace("|", "\\|")
+
+
+_REPR = reprlib.Repr()
+_REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 80, 80, 8, 8
+_REPR.maxlong = 40
+
+
+def shorten(value: object) -> str:
+    """``repr(value)`` cut to a readable length: values in messages come from untrusted files."""
+    return _REPR.repr(value)
+
+
+def finite_or_none(value: Any) -> Any:
+    """``value`` with every NaN and infinity in it (in lists, tuples and dicts) made None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite_or_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite_or_none(v) for v in value]
+    return value
+
+
+def strict_json(value: Any, *, indent: int | None = 2, sort_keys: bool = False) -> str:
+    """``value`` as strict JSON (RFC 8259), which has no NaN or Infinity: those become null.
+
+    ASCII only, so no control character or separator in a key or path reaches a terminal raw.
+    """
+    return json.dumps(finite_or_none(value), indent=indent, sort_keys=sort_keys, allow_nan=False)

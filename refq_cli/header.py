@@ -14,13 +14,15 @@ from __future__ import annotations
 import json
 import math
 import os
-import reprlib
 import stat
 import struct
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from refq_cli.errors import ArtifactError
+from refq_cli.errors import ArtifactError, shorten
+from refq_cli.spec import DTYPE_NAMES, OBSERVER_NAMES, QSCHEME_NAMES
 
 FORMAT = "refq"
 FORMAT_VERSION = 1
@@ -45,7 +47,7 @@ DTYPE_SIZES = {
 }
 _STRUCT_CODES = {"F64": "d", "F32": "f", "F16": "e", "I64": "q", "I32": "i", "I16": "h"}
 _STRUCT_CODES |= {"I8": "b", "U8": "B"}
-_MAX_HEADER = 100_000_000  # the safetensors library's limit
+MAX_HEADER_BYTES = 100_000_000  # the safetensors library's limit; refq writes no larger header
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,7 @@ def read_layout(path: Path) -> Layout:
                 raise ArtifactError(f"{path}: not a safetensors file: shorter than 8 bytes")
             header_size = int.from_bytes(size_bytes, "little")
             file_size = f.seek(0, 2)
-            if header_size > min(_MAX_HEADER, file_size - 8):
+            if header_size > min(MAX_HEADER_BYTES, file_size - 8):
                 raise ArtifactError(
                     f"{path}: not a safetensors file: a header of {header_size} bytes in a "
                     f"file of {file_size}"
@@ -84,6 +86,8 @@ def read_layout(path: Path) -> Layout:
     except OSError as exc:
         raise ArtifactError(f"{path}: not a safetensors file: {exc.strerror or exc}") from None
     header = _json_object(path, text)
+    if "__metadata__" in header.repeated:
+        raise ArtifactError(f"{path}: not a safetensors file: its header has two __metadata__")
     metadata = header.pop("__metadata__", None)
     metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
@@ -95,7 +99,7 @@ def read_layout(path: Path) -> Layout:
     for name, t in ordered:  # the data is covered exactly, as the library demands
         if t.start != offset:
             raise ArtifactError(
-                f"{path}: corrupt artifact: tensor {_short(name)} overlaps another or leaves a gap"
+                f"{path}: corrupt artifact: tensor {shorten(name)} overlaps another or leaves a gap"
             )
         offset = t.end
     if offset != file_size:
@@ -111,57 +115,68 @@ def _without_blocking(path: str, flags: int) -> int:
     return os.open(path, flags | getattr(os, "O_NONBLOCK", 0))
 
 
-def _json_object(path: Path, text: bytes) -> dict:
+class _JsonObject(dict):
+    """A JSON object that remembers the keys it was given more than once (the last one wins,
+    as in ``json`` and in the safetensors library, which refuses some of them)."""
+
+    repeated: frozenset[str] = frozenset()
+
+
+def _json_object_of(pairs: list[tuple[str, Any]]) -> _JsonObject:
+    obj = _JsonObject(pairs)
+    if len(obj) < len(pairs):
+        counts = Counter(k for k, _ in pairs)
+        obj.repeated = frozenset(k for k, n in counts.items() if n > 1)
+    return obj
+
+
+def _refuse_constant(constant: str) -> None:
+    raise ValueError(f"{constant} is not JSON")
+
+
+def _json_object(path: Path, text: bytes) -> _JsonObject:
     """The header as JSON: strict UTF-8, no NaN or Infinity, strings that encode back."""
-
-    def refuse(constant: str) -> None:
-        raise ValueError(constant)
-
     try:
-        header = json.loads(text.decode("utf-8"), parse_constant=refuse)
+        header = json.loads(
+            text.decode("utf-8"), parse_constant=_refuse_constant, object_pairs_hook=_json_object_of
+        )
         json.dumps(header, ensure_ascii=False).encode("utf-8")  # lone surrogates (\ud800)
     except (UnicodeError, ValueError, RecursionError):  # JSONDecodeError is a ValueError
         raise ArtifactError(f"{path}: not a safetensors file: its header is not JSON") from None
-    if not isinstance(header, dict):
+    if not isinstance(header, _JsonObject):
         raise ArtifactError(f"{path}: not a safetensors file: its header is not a JSON object")
     return header
 
 
 def _entry(path: Path, name: str, entry: object, data_start: int) -> TensorEntry:
     def bad(what: str) -> ArtifactError:
-        return ArtifactError(f"{path}: corrupt artifact: tensor {_short(name)} {what}")
+        return ArtifactError(f"{path}: corrupt artifact: tensor {shorten(name)} {what}")
 
     if not isinstance(entry, dict):
         raise bad("has no dtype, shape and data_offsets")
+    twice = sorted(getattr(entry, "repeated", set()) & {"dtype", "shape", "data_offsets"})
+    if twice:
+        raise bad(f"gives {twice[0]} twice")
     dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
     if not isinstance(dtype, str) or dtype not in DTYPE_SIZES:
-        raise bad(f"has an unknown dtype {_short(dtype)}")
+        raise bad(f"has an unknown dtype {shorten(dtype)}")
     if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 2**64 for d in shape):
-        raise bad(f"has a malformed shape {_short(shape)}")
+        raise bad(f"has a malformed shape {shorten(shape)}")
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
         or not all(type(o) is int for o in offsets)
         or not 0 <= offsets[0] <= offsets[1] < 2**64
     ):
-        raise bad(f"has malformed data_offsets {_short(offsets)}")
+        raise bad(f"has malformed data_offsets {shorten(offsets)}")
     size = DTYPE_SIZES[dtype]
     for d in shape:  # step by step: a long shape of huge dimensions stops at once
         size *= d
         if size >= 2**64:
-            raise bad(f"has a shape of more than 2**64 bytes: {_short(shape)}")
+            raise bad(f"has a shape of more than 2**64 bytes: {shorten(shape)}")
     if offsets[1] - offsets[0] != size:
-        raise bad(f"holds {offsets[1] - offsets[0]} bytes, not those of a {dtype} {_short(shape)}")
+        raise bad(f"holds {offsets[1] - offsets[0]} bytes, not those of a {dtype} {shorten(shape)}")
     return TensorEntry(dtype, shape, data_start + offsets[0], data_start + offsets[1])
-
-
-_REPR = reprlib.Repr()
-_REPR.maxstring, _REPR.maxother, _REPR.maxlist = 80, 80, 8
-
-
-def _short(value: object) -> str:
-    """``repr`` cut to a readable length: names and shapes come from untrusted files."""
-    return _REPR.repr(value)
 
 
 def read_values(path: Path, name: str, entry: TensorEntry) -> list[float] | list[int]:
@@ -169,7 +184,7 @@ def read_values(path: Path, name: str, entry: TensorEntry) -> list[float] | list
     code = _STRUCT_CODES.get(entry.dtype)
     if code is None:
         raise ArtifactError(
-            f"{path}: tensor {_short(name)} is {entry.dtype}, not a number refq reads"
+            f"{path}: tensor {shorten(name)} is {entry.dtype}, not a number refq reads"
         )
     try:
         with open(path, "rb") as f:
@@ -179,7 +194,7 @@ def read_values(path: Path, name: str, entry: TensorEntry) -> list[float] | list
         raise ArtifactError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if len(data) != entry.end - entry.start:
         raise ArtifactError(
-            f"{path}: corrupt or truncated artifact: tensor {_short(name)} is cut short"
+            f"{path}: corrupt or truncated artifact: tensor {shorten(name)} is cut short"
         )
     return list(struct.unpack(f"<{math.prod(entry.shape)}{code}", data))
 
@@ -194,7 +209,7 @@ def read_artifact_layout(path: Path) -> Layout:
         )
     version = metadata.get("refq.format_version", "")
     if not (version.isascii() and version.isdigit() and len(version) < 10):
-        raise ArtifactError(f"{path}: artifact format version {_short(version)} is not a number")
+        raise ArtifactError(f"{path}: artifact format version {shorten(version)} is not a number")
     if int(version) > FORMAT_VERSION:
         raise ArtifactError(
             f"{path}: artifact format version {version!r} is newer than this refq reads "
@@ -206,3 +221,218 @@ def read_artifact_layout(path: Path) -> Layout:
 def read_header(path: Path) -> dict[str, str]:
     """The metadata of a refq artifact (see :func:`read_artifact_layout`)."""
     return read_artifact_layout(path).metadata
+
+
+# --- the metadata of a refq artifact, checked before anything uses it ---------------------------
+
+MODULE_TYPES = ("RNNCell", "LSTMCell", "GRUCell", "RNN", "LSTM", "GRU")
+FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
+_GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
+_JSON_KEYS = ("refq.modules", "refq.spec", "refq.source", "refq.producer")
+_TEXT_FIELDS = {"refq.source": ("name", "format", "sha256"), "refq.producer": ("refq", "torch")}
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int and -(2**63) <= value < 2**63
+
+
+def _is_number(value: Any) -> bool:
+    return _is_int(value) or (type(value) is float and math.isfinite(value))
+
+
+# kind of value -> (test, what the message says it must be)
+_KINDS = {
+    "object": (lambda v: isinstance(v, dict), "a JSON object"),
+    "text": (lambda v: isinstance(v, str), "text"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "int": (_is_int, "a 64-bit integer"),
+    "count": (lambda v: _is_int(v) and v >= 0, "an integer of at least 0"),
+    "size": (lambda v: _is_int(v) and v >= 1, "an integer of at least 1"),
+    "axis": (lambda v: v is None or (_is_int(v) and v >= 0), "null or an integer of at least 0"),
+    "fraction": (lambda v: _is_number(v) and 0 <= v <= 1, "a number from 0 to 1"),
+    "sqnr": (lambda v: v is None or _is_number(v), "null or a finite number"),
+}
+_CELL_CONFIG = {"input_size": "count", "hidden_size": "size", "bias": "bool"}
+_SEQUENCE_CONFIG = {
+    **_CELL_CONFIG,
+    "num_layers": "size",
+    "batch_first": "bool",
+    "dropout": "fraction",
+    "bidirectional": "bool",
+}
+_NONLINEARITY = ("tanh", "relu")
+CONFIG_KINDS: dict[str, dict[str, Any]] = {  # module type -> its constructor arguments' kinds
+    "RNNCell": {**_CELL_CONFIG, "nonlinearity": _NONLINEARITY},
+    "LSTMCell": _CELL_CONFIG,
+    "GRUCell": _CELL_CONFIG,
+    "RNN": {**_SEQUENCE_CONFIG, "nonlinearity": _NONLINEARITY},
+    "LSTM": {**_SEQUENCE_CONFIG, "proj_size": "count"},
+    "GRU": _SEQUENCE_CONFIG,
+}
+_REQUIRED = object()
+
+
+def read_artifact(path: Path) -> tuple[Layout, dict[str, Any]]:
+    """The checked header of a refq artifact and its checked metadata (:func:`check_metadata`)."""
+    layout = read_artifact_layout(path)
+    return layout, check_metadata(path, layout)
+
+
+def check_metadata(path: Path, layout: Layout) -> dict[str, Any]:
+    """The artifact's metadata with its JSON values parsed, every value of the type refq writes,
+    and each module's config fitting the shapes of its tensors; ArtifactError says what does
+    not. What passes can be shown, and rebuilt into modules no larger than the tensors."""
+    metadata: dict[str, Any] = dict(layout.metadata)
+    for key in _JSON_KEYS:
+        if key not in metadata:
+            raise ArtifactError(f"{path}: corrupt artifact: metadata {key} is missing")
+        try:
+            metadata[key] = json.loads(metadata[key], parse_constant=_refuse_constant)
+        except (ValueError, RecursionError):
+            raise ArtifactError(f"{path}: corrupt artifact: metadata {key} is not JSON") from None
+    check = _Checker(path)
+    check.value(metadata["refq.spec"], "refq.spec", "object")
+    for key, fields in _TEXT_FIELDS.items():
+        check.value(metadata[key], key, "object")
+        for name in fields:
+            check.field(metadata[key], name, key, "text", default=None)
+    check.value(metadata["refq.modules"], "refq.modules", "object")
+    for module_path, info in metadata["refq.modules"].items():
+        check.module(module_path, info, layout.tensors)
+    return metadata
+
+
+def tensor_shapes(float_type: str, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The shapes of the tensors of a ``torch.nn`` module of this type and (checked) config,
+    by local name."""
+    hidden, inputs, bias = config["hidden_size"], config["input_size"], config.get("bias", True)
+    if float_type.endswith("Cell"):
+        rows = _GATES[float_type.removesuffix("Cell")] * hidden
+        shapes = {"weight_ih": (rows, inputs), "weight_hh": (rows, hidden)}
+        return shapes | ({"bias_ih": (rows,), "bias_hh": (rows,)} if bias else {})
+    rows, proj = _GATES[float_type] * hidden, config.get("proj_size", 0)
+    directions = ("", "_reverse") if config.get("bidirectional", False) else ("",)
+    shapes = {}
+    for layer in range(config.get("num_layers", 1)):
+        layer_inputs = inputs if layer == 0 else (proj or hidden) * len(directions)
+        for suffix in (f"_l{layer}{d}" for d in directions):
+            shapes[f"weight_ih{suffix}"] = (rows, layer_inputs)
+            shapes[f"weight_hh{suffix}"] = (rows, proj or hidden)
+            if bias:
+                shapes[f"bias_ih{suffix}"] = shapes[f"bias_hh{suffix}"] = (rows,)
+            if proj:
+                shapes[f"weight_hr{suffix}"] = (proj, hidden)
+    return shapes
+
+
+class _Checker:
+    """Checks metadata values; errors name the file and the value's place in the metadata."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def fail(self, message: str) -> ArtifactError:
+        return ArtifactError(f"{self.path}: corrupt artifact: metadata {message}")
+
+    def value(self, value: Any, where: str, kind: str | tuple[str, ...]) -> Any:
+        if isinstance(kind, tuple):
+            ok, wanted = isinstance(value, str) and value in kind, "one of " + ", ".join(kind)
+        else:
+            test, wanted = _KINDS[kind]
+            ok = test(value)
+        if not ok:
+            raise self.fail(f"{where} must be {wanted}, got {shorten(value)}")
+        return value
+
+    def field(
+        self, obj: dict, key: str, where: str, kind: str | tuple[str, ...], default: Any = _REQUIRED
+    ) -> Any:
+        if key not in obj:
+            if default is _REQUIRED:
+                raise self.fail(f"{where}.{key} is missing")
+            return default
+        return self.value(obj[key], f"{where}.{key}", kind)
+
+    def module(self, module_path: str, info: Any, tensors: dict[str, TensorEntry]) -> None:
+        where = f"refq.modules[{shorten(module_path)}]"
+        self.value(info, where, "object")
+        float_type = self.field(info, "float_type", where, MODULE_TYPES)
+        self.field(info, "float_dtype", where, FLOAT_DTYPES)
+        self.field(info, "is_decomposed", where, "bool")
+        self.field(info, "reference_type", where, "text", default=None)
+        config = self.field(info, "config", where, "object")
+        kinds = CONFIG_KINDS[float_type]
+        unknown = [k for k in config if k not in kinds]
+        if unknown:
+            raise self.fail(
+                f"{where}.config has {shorten(unknown[0])}, which a {float_type} does not take "
+                f"(it takes {', '.join(kinds)})"
+            )
+        for key, kind in kinds.items():
+            required = key in ("input_size", "hidden_size")
+            self.field(config, key, f"{where}.config", kind, _REQUIRED if required else None)
+        if config.get("proj_size", 0) >= config["hidden_size"]:
+            raise self.fail(f"{where}.config.proj_size must be smaller than its hidden_size")
+        per_layer = (2 + 2 * config.get("bias", True) + bool(config.get("proj_size", 0))) * (
+            1 + config.get("bidirectional", False)
+        )
+        if config.get("num_layers", 1) * per_layer > len(tensors):  # before listing them
+            raise self.fail(
+                f"{where}.config.num_layers is {config['num_layers']}, but the artifact holds "
+                f"{len(tensors)} tensors in all"
+            )
+        shapes = tensor_shapes(float_type, config)
+        weights = self.weights(where, info, [n for n in shapes if n.startswith("weight")])
+        for name, shape in shapes.items():
+            key = f"{module_path}.{name}" if module_path else name
+            self.tensor(tensors, key, shape, f"{where} ({float_type} {shorten(config)})")
+            w = weights.get(name)
+            if w is None or w["qscheme"] == "none":
+                continue
+            per_channel = w["qscheme"].startswith("per_channel")
+            axis = w["axis"] or 0
+            if per_channel and axis >= len(shape):
+                raise self.fail(f"{where}.weights[{name!r}].axis {axis} is past its 2 dimensions")
+            channels = shape[axis] if per_channel else 1
+            for suffix in ("_scale", "_zero_point"):
+                needed_by = f"{where}.weights[{name!r}] ({w['qscheme']})"
+                self.tensor(tensors, key + suffix, (channels,), needed_by)
+
+    def weights(self, where: str, info: dict, names: list[str]) -> dict[str, dict[str, Any]]:
+        weights = self.field(info, "weights", where, "object")
+        if sorted(weights) != sorted(names):
+            raise self.fail(
+                f"{where}.weights names {shorten(sorted(weights))}, but its type and config have "
+                f"weights {', '.join(names)}"
+            )
+        for name, w in weights.items():
+            at = f"{where}.weights[{name!r}]"
+            self.value(w, at, "object")
+            if self.field(w, "qscheme", at, QSCHEME_NAMES) != "none":
+                self.field(w, "dtype", at, DTYPE_NAMES)
+                self.field(w, "axis", at, "axis")
+                self.field(w, "quant_min", at, "int")
+                self.field(w, "quant_max", at, "int")
+                self.field(w, "sqnr_db", at, "sqnr", default=None)
+            self.field(w, "observer", at, OBSERVER_NAMES, default=None)
+        return weights
+
+    def tensor(
+        self,
+        tensors: dict[str, TensorEntry],
+        key: str,
+        shape: tuple[int, ...],
+        needed_by: str,
+    ) -> None:
+        """Tensor ``key`` must exist with ``shape``; a 0-d one passes for ``(1,)``."""
+        entry = tensors.get(key)
+        if entry is None:
+            raise ArtifactError(
+                f"{self.path}: corrupt artifact: tensor {shorten(key)} is missing; the metadata "
+                f"of {needed_by} needs it"
+            )
+        if tuple(entry.shape) != shape and not (shape == (1,) and entry.shape == []):
+            raise ArtifactError(
+                f"{self.path}: corrupt artifact: tensor {shorten(key)} has shape "
+                f"{shorten(tuple(entry.shape))}, but the metadata of {needed_by} needs {shape}"
+            )

@@ -7,13 +7,11 @@ never the integer codes or float tensors, and imports no torch (:mod:`refq_cli.h
 from __future__ import annotations
 
 import fnmatch
-import json
 import statistics
 from pathlib import Path
 from typing import Any
 
-from refq_cli.errors import ArtifactError
-from refq_cli.header import read_artifact_layout, read_values
+from refq_cli.header import read_artifact, read_values
 
 _QUANTIZED_SUFFIXES = ("_scale", "_zero_point")
 
@@ -27,62 +25,48 @@ def describe_artifact(
 ) -> dict[str, Any]:
     """Everything ``refq inspect`` shows, as plain data; filters are globs."""
     path = Path(path)
-    layout = read_artifact_layout(path)
-    header, tensors = layout.metadata, layout.tensors
-    try:
-        modules = json.loads(header["refq.modules"])
-        source = json.loads(header.get("refq.source", "{}"))
-        producer = json.loads(header.get("refq.producer", "{}"))
-    except (KeyError, json.JSONDecodeError):
-        raise ArtifactError(f"{path}: metadata refq.modules is missing or not JSON") from None
+    layout, metadata = read_artifact(path)
+    tensors, modules = layout.tensors, metadata["refq.modules"]
     weights = []
     owned = set()
-    try:
-        for module_path, info in modules.items():
-            for weight_name, w in info["weights"].items():
-                key = f"{module_path}.{weight_name}" if module_path else weight_name
-                owned.add(key)
-                if w["qscheme"] == "none":
-                    continue
-                owned.update(key + s for s in _QUANTIZED_SUFFIXES)
-                if not (
-                    fnmatch.fnmatchcase(module_path, module)
-                    and fnmatch.fnmatchcase(weight_name, weight)
-                ):
-                    continue
-                for needed in (key, key + "_scale", key + "_zero_point"):
-                    if needed not in tensors:
-                        raise ArtifactError(f"{path}: tensor {needed!r} is missing")
-                scale, zero_point = (
-                    read_values(path, key + s, tensors[key + s]) for s in _QUANTIZED_SUFFIXES
-                )
-                row = {
-                    "module": module_path,
-                    "module_type": info["float_type"],
-                    "weight": weight_name,
-                    "shape": tensors[key].shape,
-                    "dtype": w["dtype"],
-                    "qscheme": w["qscheme"],
-                    "axis": w["axis"],
-                    "quant_min": w["quant_min"],
-                    "quant_max": w["quant_max"],
-                    "sqnr_db": w.get("sqnr_db"),
-                    "scale": _summary(scale),
-                    "zero_point": _summary(zero_point),
-                }
-                if channels:
-                    row["scales"], row["zero_points"] = scale, zero_point
-                weights.append(row)
-    except (KeyError, TypeError, AttributeError, ValueError) as exc:
-        raise ArtifactError(
-            f"{path}: malformed refq.modules metadata ({type(exc).__name__}: {exc})"
-        ) from None
+    for module_path, info in modules.items():
+        for weight_name, w in info["weights"].items():
+            key = f"{module_path}.{weight_name}" if module_path else weight_name
+            owned.add(key)
+            if w["qscheme"] == "none":
+                continue
+            owned.update(key + s for s in _QUANTIZED_SUFFIXES)
+            if not (
+                fnmatch.fnmatchcase(module_path, module)
+                and fnmatch.fnmatchcase(weight_name, weight)
+            ):
+                continue
+            scale, zero_point = (
+                read_values(path, key + s, tensors[key + s]) for s in _QUANTIZED_SUFFIXES
+            )
+            row = {
+                "module": module_path,
+                "module_type": info["float_type"],
+                "weight": weight_name,
+                "shape": tensors[key].shape,
+                "dtype": w["dtype"],
+                "qscheme": w["qscheme"],
+                "axis": w["axis"],
+                "quant_min": w["quant_min"],
+                "quant_max": w["quant_max"],
+                "sqnr_db": w.get("sqnr_db"),
+                "scale": _summary(scale),
+                "zero_point": _summary(zero_point),
+            }
+            if channels:
+                row["scales"], row["zero_points"] = scale, zero_point
+            weights.append(row)
     floats = sorted(n for n in tensors if n not in owned)
     return {
         "path": str(path),
-        "source": source,
-        "producer": producer,
-        "format_version": int(header["refq.format_version"]),
+        "source": metadata["refq.source"],
+        "producer": metadata["refq.producer"],
+        "format_version": int(metadata["refq.format_version"]),
         "totals": {
             "modules": len(modules),
             "quantized_weights": sum(

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from refq_cli.errors import RefqError
+from refq_cli.errors import RefqError, markdown_cell, printable
 from refq_cli.quant import WeightQParams, _for_rows, quantize_blocks
 
 PROBE_STEPS = 16
@@ -200,10 +200,10 @@ def to_markdown(report: dict[str, Any]) -> str:
     source = report["source"]
     totals = report["totals"]
     lines = [
-        f"# refq conversion report: {source['name']}",
+        f"# refq conversion report: {printable(source['name'])}",
         "",
         f"- source sha256: `{source['sha256']}` ({source['format']})",
-        f"- spec: `{report['spec']}`",
+        f"- spec: `{printable(report['spec'])}`",
         f"- bytes: {totals['float_bytes']:,} float -> {totals['quantized_bytes']:,} quantized "
         f"({totals['compression_ratio']:.2f}x smaller)",
         f"- worst weight SQNR: {_fmt(totals['worst_sqnr_db'])} dB over "
@@ -220,7 +220,8 @@ def to_markdown(report: dict[str, Any]) -> str:
         scale = _range(w["scale_min"], w["scale_max"])
         zp = _range(w["zero_point_min"], w["zero_point_max"])
         lines.append(
-            f"| {w['module'] or '<root>'} | {w['weight']} | {'x'.join(map(str, w['shape']))} | "
+            f"| {markdown_cell(w['module'] or '<root>')} | {w['weight']} | "
+            f"{'x'.join(map(str, w['shape']))} | "
             f"{w['qscheme']} | {w['dtype']} | {scale} | {zp} | {_fmt(w['sqnr_db'])} | "
             f"{_fmt(w['max_abs_error'])} | {w['clipped_fraction']:.2%} |"
         )
@@ -233,10 +234,13 @@ def to_markdown(report: dict[str, Any]) -> str:
     ]
     for m in report["modules"]:
         if m["skipped"]:
-            lines.append(f"| {m['path'] or '<root>'} | {m['float_type']} | kept float | | | |")
+            lines.append(
+                f"| {markdown_cell(m['path'] or '<root>')} | {m['float_type']} | kept float | | | |"
+            )
             continue
         lines.append(
-            f"| {m['path'] or '<root>'} | {m['float_type']} | {m['reference_type']} | "
+            f"| {markdown_cell(m['path'] or '<root>')} | {m['float_type']} | "
+            f"{m['reference_type']} | "
             f"{_fmt(m['output_sqnr_db'])} | {_fmt(m['output_max_abs_error'])} | "
             f"{_fmt(m['hidden_error_per_step'][-1])} |"
         )

@@ -7,7 +7,7 @@ from typing import Any
 
 from refq_cli.artifact import ArtifactError, load_artifact
 from refq_cli.checkpoint import load_checkpoint, read_tensors
-from refq_cli.convert import check_module_matches
+from refq_cli.convert import check_calibration_names, check_module_matches
 from refq_cli.report import probe_for, probe_module
 
 _FACTS = ("batch_first", "dropout", "nonlinearity")
@@ -18,12 +18,13 @@ def verify(
     checkpoint_path: str | Path,
     *,
     calibration: str | Path | None = None,
-    trust_pickle: bool = False,
+    trust_code: bool = False,
 ) -> dict[str, Any]:
     """Per-module output error of the artifact's reference modules against the float ones."""
     artifact = load_artifact(artifact_path)
-    checkpoint = load_checkpoint(checkpoint_path, trust_pickle=trust_pickle)
-    inputs = read_tensors(Path(calibration))[2] if calibration else {}
+    checkpoint = load_checkpoint(checkpoint_path, trust_code=trust_code)
+    inputs = read_tensors(calibration, what="calibration")[2] if calibration else {}
+    check_calibration_names(calibration, inputs, artifact.modules)
     rows = []
     for path, ref in artifact.modules.items():
         info = artifact.metadata["refq.modules"][path]

@@ -18,7 +18,8 @@ from typing import Any, ClassVar
 import yaml
 from yaml.constructor import SafeConstructor
 
-from refq_cli.errors import RefqError
+from refq_cli.errors import RefqError, shorten
+from refq_cli.inputs import read_at_most, why_unreadable
 
 MAX_BYTES = 4 * 1024 * 1024
 MAX_NODES = 100_000
@@ -63,6 +64,14 @@ class Setting:
 Settings = dict[str, Setting]
 
 
+def _is_finite(value: float) -> bool:
+    """Whether ``value`` is a finite float, or an integer a float can hold."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an integer of more than 308 digits
+        return False
+
+
 class _Loader(yaml.SafeLoader):
     """PyYAML's safe loader, reading ``1e-3`` as a float as YAML 1.2 (and editors) do."""
 
@@ -79,18 +88,11 @@ def read_document(path: str | Path, what: str, error_type: type[RefqError]) -> y
     path = Path(path)
     name = str(path)
     try:
-        if path.is_dir():
-            raise error_type(f"{name}: is a directory, not a {what} file")
-        size = path.stat().st_size
-        if size > MAX_BYTES:
-            raise error_type(
-                f"{name}: {size} bytes is too large for a {what} (limit {MAX_BYTES} bytes)"
-            )
-        data = path.read_bytes()
-    except FileNotFoundError:
-        raise error_type(f"{name}: no such {what} file") from None
+        data = read_at_most(path, MAX_BYTES)
     except OSError as exc:
-        raise error_type(f"{name}: cannot read the {what}: {exc.strerror or exc}") from None
+        raise error_type(f"{name}: {why_unreadable(exc, what)}") from None
+    if len(data) > MAX_BYTES:
+        raise error_type(f"{name}: too large for a {what} (limit {MAX_BYTES:,} bytes)")
     return compose(data, name, what, error_type)
 
 
@@ -225,11 +227,13 @@ class YamlReader:
             return value
         if kind == "int":
             if isinstance(value, bool) or not isinstance(value, int):
-                raise self.fail(node, f"{key} must be an integer, got {value!r}")
+                raise self.fail(node, f"{key} must be an integer, got {shorten(value)}")
+            if not -(2**63) <= value < 2**63:
+                raise self.fail(node, f"{key} must be a 64-bit integer, got {shorten(value)}")
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise self.fail(node, f"{key} must be a number, got {value!r}")
-        elif not math.isfinite(value):
-            raise self.fail(node, f"{key} must be a finite number, got {value!r}")
+            raise self.fail(node, f"{key} must be a number, got {shorten(value)}")
+        elif not _is_finite(value):
+            raise self.fail(node, f"{key} must be a finite number, got {shorten(value)}")
         self.check_range(node, key, spec, value)
         return value
 
@@ -237,9 +241,9 @@ class YamlReader:
         lo, hi = spec.minimum, spec.maximum
         if lo is not None and (value <= lo if spec.exclusive_minimum else value < lo):
             bound = f"greater than {lo:g}" if spec.exclusive_minimum else f"at least {lo:g}"
-            raise self.fail(node, f"{key} must be {bound}, got {value!r}")
+            raise self.fail(node, f"{key} must be {bound}, got {shorten(value)}")
         if hi is not None and value > hi:
-            raise self.fail(node, f"{key} must be at most {hi:g}, got {value!r}")
+            raise self.fail(node, f"{key} must be at most {hi:g}, got {shorten(value)}")
 
     def settings(self, node: yaml.Node, fields: Mapping[str, Field], what: str) -> Settings:
         items = self.mapping(node, list(fields), what)
@@ -259,6 +263,6 @@ class YamlReader:
         if type(version) is not int or version != supported:
             raise self.fail(
                 node,
-                f"{self.what} version {version!r} is not supported; this refq reads version "
+                f"{self.what} version {shorten(version)} is not supported; this refq reads version "
                 f"{supported}",
             )

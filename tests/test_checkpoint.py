@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
 
 from refq_cli.checkpoint import find_recurrent_modules, load_checkpoint
-from refq_cli.errors import CheckpointError
+from refq_cli.convert import convert
+from refq_cli.errors import CheckpointError, SpecError
+from refq_cli.header import read_header
 from tests.checkpoints import FORMATS, silero_file, speech_state, write
 
 SPEECH_MODULES = {
@@ -70,9 +74,9 @@ def test_torchscript_archive_with_a_nested_module(tmp_path):
 
 def test_pickled_modules_need_trust(tmp_path):
     path = write(tmp_path, "pickle")
-    with pytest.raises(CheckpointError, match=r"refused to unpickle .*pass --trust-pickle"):
+    with pytest.raises(CheckpointError, match=r"refused to unpickle .*pass --trust-code"):
         load_checkpoint(path)
-    ckpt = load_checkpoint(path, trust_pickle=True)
+    ckpt = load_checkpoint(path, trust_code=True)
     assert ckpt.format == "pickle" and set(ckpt.modules) == set(SPEECH_MODULES)
 
 
@@ -128,7 +132,7 @@ def test_unreadable_files(tmp_path, content, message):
 
 
 def test_missing_and_directory_paths(tmp_path):
-    with pytest.raises(CheckpointError, match="no such file"):
+    with pytest.raises(CheckpointError, match=r"nope\.pt: no such checkpoint file"):
         load_checkpoint(tmp_path / "nope.pt")
     with pytest.raises(CheckpointError, match="is a directory"):
         load_checkpoint(tmp_path)
@@ -223,7 +227,7 @@ def test_released_tensors_leave_memory_and_keep_their_values(tmp_path, kind):
         torch.save(module, path)
     else:
         torch.save(tensors, path) if kind == "pt" else save_file(tensors, path)
-    checkpoint = load_checkpoint(path, trust_pickle=kind == "pickle")
+    checkpoint = load_checkpoint(path, trust_code=kind == "pickle")
     assert checkpoint.format == {"pt": "state_dict"}.get(kind, kind)
     a = checkpoint.tensors["a"]
     total = float(a.sum(dtype=torch.float64))  # reads every page of the 32 MiB tensor
@@ -248,3 +252,76 @@ def test_memory_that_is_not_mapped_from_the_file_is_never_released(tmp_path):
     )  # anonymous memory: released, it would read 0
     checkpoint.release([other])
     assert torch.equal(other, torch.arange(8 << 20, dtype=torch.float32))
+
+
+def pickled_rnns(tmp_path) -> Path:
+    model = nn.Module()
+    model.rnn = nn.RNN(4, 3, nonlinearity="relu", batch_first=True)
+    model.gru = nn.GRU(4, 3, num_layers=2, dropout=0.25)
+    model.cell = nn.RNNCell(4, 3, nonlinearity="relu")
+    path = tmp_path / "module.pt"
+    torch.save(model, path)
+    return path
+
+
+def test_a_pickled_modules_facts_are_taken_from_it(tmp_path):
+    checkpoint = load_checkpoint(pickled_rnns(tmp_path), trust_code=True)
+    recorded = {p: m.recorded for p, m in checkpoint.modules.items()}
+    assert recorded == {
+        "rnn": {"batch_first": True, "dropout": 0.0, "nonlinearity": "relu"},
+        "gru": {"batch_first": False, "dropout": 0.25},
+        "cell": {"nonlinearity": "relu"},
+    }
+    built = checkpoint.modules["rnn"].build(checkpoint.tensors, {})
+    assert (built.nonlinearity, built.batch_first) == ("relu", True)
+
+
+def test_facts_that_contradict_the_file_are_refused(tmp_path):
+    path = pickled_rnns(tmp_path)
+    spec = tmp_path / "q.yaml"
+    spec.write_text("version: 1\nmodules:\n  rnn: {nonlinearity: tanh}\n")
+    with pytest.raises(SpecError, match=r"q.yaml:3:.*nonlinearity is 'tanh', but .* records "):
+        convert(path, spec, tmp_path / "x.refq.safetensors", trust_code=True)
+    checkpoint = load_checkpoint(path, trust_code=True)
+    with pytest.raises(CheckpointError, match="given batch_first=False, but the file's module"):
+        checkpoint.modules["rnn"].build(checkpoint.tensors, {"batch_first": False})
+
+
+def test_a_converted_pickled_module_keeps_its_facts(tmp_path):
+    spec = tmp_path / "q.yaml"
+    spec.write_text("version: 1\n")
+    out = tmp_path / "x.refq.safetensors"
+    convert(pickled_rnns(tmp_path), spec, out, trust_code=True)
+    config = json.loads(read_header(out)["refq.modules"])["rnn"]["config"]
+    assert (config["nonlinearity"], config["batch_first"]) == ("relu", True)
+
+
+class ScriptedRNNs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.rnn = nn.RNN(4, 3, nonlinearity="relu", batch_first=True)
+        self.gru = nn.GRU(4, 3, num_layers=2, dropout=0.25)
+        self.cell = nn.RNNCell(4, 3, nonlinearity="relu")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.rnn(x)[0]
+
+
+def test_a_torchscript_archives_facts_are_read_as_torch_jit_load_gives_them(tmp_path):
+    path = tmp_path / "scripted.pt"
+    torch.jit.script(ScriptedRNNs()).save(str(path))
+    safe, trusted = (load_checkpoint(path, trust_code=t) for t in (False, True))
+    recorded = {p: m.recorded for p, m in safe.modules.items()}
+    assert recorded == {p: m.recorded for p, m in trusted.modules.items()}
+    assert recorded["rnn"] == {"batch_first": True, "dropout": 0.0, "nonlinearity": "relu"}
+    assert recorded["gru"]["dropout"] == 0.25
+    assert recorded["cell"] == {"nonlinearity": "relu"}
+
+
+def test_silero_converts_to_the_same_bytes_as_with_torch_jit_load(tmp_path):
+    source = silero_file("silero_vad.jit")
+    spec = Path(__file__).resolve().parents[1] / "configs" / "int8-per-channel-symmetric.yaml"
+    outputs = [tmp_path / f"{name}.refq.safetensors" for name in ("safe", "trusted")]
+    for out, trust in zip(outputs, (False, True), strict=True):
+        convert(source, spec, out, trust_code=trust)
+    assert outputs[0].read_bytes() == outputs[1].read_bytes()

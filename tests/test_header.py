@@ -108,7 +108,53 @@ BAD = {
         None,
         "not JSON",
     ),
+    "two __metadata__": (
+        b'{"__metadata__":{"format":"refq"},"__metadata__":{"format":"refq"}}',
+        b"",
+        None,
+        "its header has two __metadata__",
+    ),
+    "__metadata__ again after the tensors": (
+        b'{"__metadata__":{},"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},'
+        b'"__metadata__":{}}',
+        b"\0" * 8,
+        None,
+        "its header has two __metadata__",
+    ),
+    "dtype twice": (
+        b'{"w":{"dtype":"F32","dtype":"F32","shape":[2],"data_offsets":[0,8]}}',
+        b"\0" * 8,
+        None,
+        "tensor 'w' gives dtype twice",
+    ),
+    "data_offsets twice": (
+        b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8],"data_offsets":[0,8]}}',
+        b"\0" * 8,
+        None,
+        "tensor 'w' gives data_offsets twice",
+    ),
 }
+
+# Repeated names the library reads, the last one winning: refq reads them the same way.
+REPEATED = {
+    "tensor name": b'{"w":{"dtype":"I32","shape":[1],"data_offsets":[0,4]},'
+    b'"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}',
+    "metadata key": b'{"__metadata__":{"k":"1","k":"2"},'
+    b'"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}',
+    "unknown field of a tensor": b'{"w":{"dtype":"F32","shape":[2],"data_offsets":[0,8],'
+    b'"x":1,"x":2}}',
+}
+
+
+@pytest.mark.parametrize("case", REPEATED, ids=list(REPEATED))
+def test_repeated_names_the_library_reads_are_read_alike(tmp_path, case):
+    path = raw_file(tmp_path / "repeated.safetensors", REPEATED[case], struct.pack("<2f", 1, 2))
+    layout = read_layout(path)
+    with safe_open(str(path), "pt") as f:
+        assert layout.metadata == (f.metadata() or {})
+        assert list(layout.tensors) == list(f.keys()) == ["w"]
+        assert layout.tensors["w"].dtype == f.get_slice("w").get_dtype() == "F32"
+        assert read_values(path, "w", layout.tensors["w"]) == f.get_tensor("w").tolist()
 
 
 @pytest.mark.parametrize("case", BAD, ids=list(BAD))

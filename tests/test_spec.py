@@ -183,7 +183,7 @@ def test_specs_with_too_many_values_are_refused():
 def test_files_that_are_not_specs(tmp_path):
     big = tmp_path / "big.yaml"
     big.write_bytes(b"# " + b"x" * (5 * 1024 * 1024) + b"\n")
-    with pytest.raises(SpecError, match=r"big.yaml: .* too large for a spec"):
+    with pytest.raises(SpecError, match=r"big.yaml: too large for a spec"):
         load_spec(big)
     latin = tmp_path / "latin.yaml"
     latin.write_bytes(b"version: 1\n# caf\xe9\n")

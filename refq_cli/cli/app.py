@@ -21,7 +21,7 @@ from refq_cli.cli.init_config import init_config_command
 from refq_cli.cli.inspect import inspect_command
 from refq_cli.cli.schema import schema_command
 from refq_cli.cli.verify import verify_command
-from refq_cli.errors import RefqError
+from refq_cli.errors import RefqError, printable
 
 app = typer.Typer(
     name="refq",
@@ -43,7 +43,9 @@ _TORCH_NOISE = (
 def reporting_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     """Map refq's errors to one line on stderr and their exit code (2 bad input, 1 failed).
 
-    Any other exception is a bug: one line too, and the traceback with REFQ_DEBUG=1.
+    Any other exception is a bug: one line too, and the traceback with REFQ_DEBUG=1. The line
+    is :func:`~refq_cli.errors.printable`: escaped and of bounded length, whatever the message
+    quotes.
     """
 
     @functools.wraps(command)
@@ -56,7 +58,7 @@ def reporting_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except RefqError as exc:
             if os.environ.get("REFQ_DEBUG") == "1":
                 raise
-            typer.echo(f"refq: error: {exc}", err=True)
+            typer.echo(f"refq: error: {printable(str(exc))}", err=True)
             raise typer.Exit(exc.exit_code) from None
         except (typer.Exit, typer.Abort, KeyboardInterrupt):
             raise
@@ -64,7 +66,7 @@ def reporting_errors(command: Callable[..., Any]) -> Callable[..., Any]:
             if os.environ.get("REFQ_DEBUG") == "1":
                 raise
             typer.echo(
-                f"refq: internal error: {type(exc).__name__}: {exc} "
+                f"refq: internal error: {printable(f'{type(exc).__name__}: {exc}')} "
                 "(rerun with REFQ_DEBUG=1 for the traceback)",
                 err=True,
             )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
@@ -20,10 +19,10 @@ from refq_cli.cli.options import (
     Shard,
     SkipUnchanged,
     SummaryMarkdown,
-    TrustPickle,
+    TrustCode,
     Workers,
 )
-from refq_cli.errors import ConversionError, RefqError
+from refq_cli.errors import ConversionError, RefqError, printable, strict_json
 
 
 def batch_command(
@@ -39,7 +38,7 @@ def batch_command(
     summary_md: SummaryMarkdown = None,
     device: Device = "cpu",
     force: Force = False,
-    trust_pickle: TrustPickle = False,
+    trust_code: TrustCode = False,
     json_output: JsonOutput = False,
     quiet: Quiet = False,
 ) -> None:
@@ -49,7 +48,8 @@ def batch_command(
 
     run_batch(
         load_manifest(manifest),
-        Options(force, skip_unchanged, device, trust_pickle),
+        Options(force, skip_unchanged, device, trust_code),
+        inputs=[("manifest", manifest)],
         shard=shard,
         list_jobs=list_jobs,
         workers=workers,
@@ -71,13 +71,24 @@ def run_batch(
     summary_md: Path | None,
     json_output: bool,
     quiet: bool,
+    inputs: Sequence[tuple[str, Path]] = (),
 ) -> None:
-    """Shard, list or run jobs; print a line per job (or a progress bar), then the summaries."""
+    """Shard, list or run jobs; print a line per job (or a progress bar), then the summaries.
+    ``inputs`` are files of the run besides the jobs' own (the manifest): no output replaces
+    them."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from refq_cli.batch import check_jobs, parse_shard, run_jobs, select_shard, summary_markdown
-    from refq_cli.files import write_atomic
+    from refq_cli.batch import (
+        check_jobs,
+        check_run,
+        is_summary,
+        parse_shard,
+        run_jobs,
+        select_shard,
+        summary_markdown,
+    )
+    from refq_cli.files import write_file
 
     if workers < 1:
         raise RefqError(f"--jobs {workers}: give at least 1")
@@ -89,20 +100,23 @@ def run_batch(
             {"input": str(j.input), "output": str(j.output), "spec": str(j.spec)} for j in jobs
         ]
         if json_output:
-            typer.echo(json.dumps({"jobs": listing}, indent=2))
+            typer.echo(strict_json({"jobs": listing}))
         else:
             for item in listing:
-                typer.echo(f"{item['input']} -> {item['output']} ({item['spec']})")
+                typer.echo(printable(f"{item['input']} -> {item['output']} ({item['spec']})"))
         return
 
     for job in jobs:  # batch outputs go to folders made for them (--out-dir, out_dir:)
         for folder in {job.output.parent, job.report.parent}:
             try:
                 folder.mkdir(parents=True, exist_ok=True)
+            except FileExistsError:
+                raise RefqError(f"{folder}: is not a folder; give a folder for outputs") from None
             except OSError as exc:
                 raise RefqError(
                     f"{folder}: cannot create the output folder: {exc.strerror or exc}"
                 ) from None
+    options = check_run(jobs, options, summary=summary_md, inputs=inputs)
     console = Console(stderr=json_output)
     show_bar = console.is_terminal and not quiet and not json_output
     bar = Progress(
@@ -123,19 +137,25 @@ def run_batch(
             )
         if result.error:
             line += f": {result.error}"
-        console.print(line, highlight=False, markup=False, soft_wrap=True)
+        console.print(printable(line), highlight=False, markup=False, soft_wrap=True)
 
     with bar if show_bar else nullcontext():
         results = run_jobs(jobs, options, workers=workers, fail_fast=fail_fast, on_result=report)
     if summary_md is not None:
-        text = summary_markdown(results)
-        write_atomic(summary_md, lambda p: p.write_text(text), force=True)
+        write_file(
+            summary_md,
+            summary_markdown(results).encode(),
+            inputs=options.protected,
+            force=options.force,
+            flag="--summary-md",
+            replaceable=is_summary,
+        )
     counts = {
         s: sum(r.status == s for r in results)
         for s in ("converted", "skipped", "gate", "failed", "not run")
     }
     if json_output:
-        typer.echo(json.dumps({"jobs": [r.record() for r in results], "totals": counts}, indent=2))
+        typer.echo(strict_json({"jobs": [r.record() for r in results], "totals": counts}))
     elif not quiet:
         console.print(
             ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no jobs", highlight=False

@@ -6,7 +6,6 @@ one line each, through the same runner as ``refq batch``.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 from contextlib import nullcontext
@@ -26,10 +25,10 @@ from refq_cli.cli.options import (
     Shard,
     SkipUnchanged,
     SummaryMarkdown,
-    TrustPickle,
+    TrustCode,
     Workers,
 )
-from refq_cli.errors import ConversionError, RefqError
+from refq_cli.errors import ConversionError, RefqError, printable, strict_json
 
 
 def convert_command(
@@ -95,7 +94,7 @@ def convert_command(
     ] = None,
     device: Device = "cpu",
     force: Force = False,
-    trust_pickle: TrustPickle = False,
+    trust_code: TrustCode = False,
     workers: Workers = 1,
     shard: Shard = None,
     list_jobs: ListJobs = False,
@@ -117,7 +116,7 @@ def convert_command(
         Job(p, qconfig, *output_paths(p, output, out_dir, report), calibration, min_sqnr)
         for p in paths
     ]
-    options = Options(force, skip_unchanged, device, trust_pickle)
+    options = Options(force, skip_unchanged, device, trust_code)
     batch = (
         len(jobs) > 1
         or out_dir is not None
@@ -182,7 +181,7 @@ def _convert_one(job: Any, options: Any, *, json_output: bool, quiet: bool) -> N
         "below_min_sqnr": report["below_min_sqnr"],
     }
     if json_output:
-        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
+        sys.stdout.write(strict_json(summary) + "\n")
     elif not quiet:
         _print_summary(summary)
     if report["below_min_sqnr"]:
@@ -197,9 +196,11 @@ def _print_summary(summary: dict) -> None:
     worst = totals["worst_sqnr_db"]
     worst_text = "exact" if worst is None else f"{worst:.1f} dB"
     typer.echo(
-        f"{summary['input']} -> {summary['output']}: {totals['weights_quantized']} weights "
-        f"quantized, worst SQNR {worst_text}, {totals['float_bytes']:,} -> "
-        f"{totals['quantized_bytes']:,} bytes ({totals['compression_ratio']:.2f}x), "
-        f"{summary['seconds']:.2f} s"
+        printable(
+            f"{summary['input']} -> {summary['output']}: {totals['weights_quantized']} weights "
+            f"quantized, worst SQNR {worst_text}, {totals['float_bytes']:,} -> "
+            f"{totals['quantized_bytes']:,} bytes ({totals['compression_ratio']:.2f}x), "
+            f"{summary['seconds']:.2f} s"
+        )
     )
-    typer.echo(f"report: {summary['report_md']} and {summary['report_json']}")
+    typer.echo(printable(f"report: {summary['report_md']} and {summary['report_json']}"))

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from refq_cli.cli.options import Checkpoint, Force, TrustPickle
+from refq_cli.cli.options import Checkpoint, Force, TrustCode
 
 
 def init_config_command(
@@ -19,16 +19,17 @@ def init_config_command(
         ),
     ] = None,
     force: Force = False,
-    trust_pickle: TrustPickle = False,
+    trust_code: TrustCode = False,
 ) -> None:
     """Print a spec skeleton listing every recurrent module and weight in the checkpoint."""
     from refq_cli.checkpoint import load_checkpoint
-    from refq_cli.files import check_outputs, write_atomic
+    from refq_cli.files import Outputs
     from refq_cli.init_config import skeleton
 
-    text = skeleton(load_checkpoint(input_path, trust_pickle=trust_pickle))
     if output is None:
-        typer.echo(text, nl=False)
-    else:
-        check_outputs({"--output": output}, {"input": input_path}, force=force)
-        write_atomic(output, lambda p: p.write_text(text), force=force)
+        typer.echo(skeleton(load_checkpoint(input_path, trust_code=trust_code)), nl=False)
+        return
+    with Outputs({"--output": output}, {"input": input_path}, force=force) as outputs:
+        text = skeleton(load_checkpoint(input_path, trust_code=trust_code))
+        outputs.write(output, text.encode())
+        outputs.commit()

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from refq_cli.cli.options import JsonOutput
-from refq_cli.errors import ConversionError, RefqError
+from refq_cli.errors import ConversionError, RefqError, printable, strict_json
 
 
 def inspect_command(
@@ -55,7 +54,7 @@ def inspect_command(
         )
         changes = diff_artifacts(a, b)
         if json_output:
-            typer.echo(json.dumps({"differences": changes}, indent=2))
+            typer.echo(strict_json({"differences": changes}))
         else:
             render_diff(changes, console, *artifacts)
         if changes:
@@ -68,13 +67,25 @@ def inspect_command(
     if sort == "sqnr":
         desc["weights"].sort(key=lambda w: (w["sqnr_db"] is None, w["sqnr_db"] or 0.0))
     if json_output:
-        typer.echo(json.dumps(desc, indent=2))
+        typer.echo(strict_json(desc))
         return
     render_header(desc, console)
     render_table(desc, console)
     render_floats(desc, console, all_tensors)
     if channels:
         render_channels(desc, console)
+
+
+def plain(value: object) -> Any:
+    """``value`` as rich text that shows as written: escaped (:func:`printable`), no markup,
+    no emoji codes. Names, paths and metadata come from untrusted files."""
+    from rich.text import Text
+
+    return Text(printable(str(value)))
+
+
+def _line(console: Any, text: str) -> None:
+    console.print(plain(text))
 
 
 def _number(x: float) -> str:
@@ -89,19 +100,17 @@ def _spread(summary: dict[str, float]) -> str:
 
 def render_header(desc: dict[str, Any], console: Any) -> None:
     source, producer, totals = desc["source"], desc["producer"], desc["totals"]
-    console.print(f"artifact: {desc['path']} (format {desc['format_version']})", highlight=False)
-    console.print(
+    _line(console, f"artifact: {desc['path']} (format {desc['format_version']})")
+    _line(
+        console,
         f"source: {source.get('name')} ({source.get('format')}), sha256 {source.get('sha256')}",
-        highlight=False,
     )
-    console.print(
-        f"producer: refq {producer.get('refq')}, torch {producer.get('torch')}", highlight=False
-    )
-    console.print(
+    _line(console, f"producer: refq {producer.get('refq')}, torch {producer.get('torch')}")
+    _line(
+        console,
         f"totals: {totals['modules']} modules, {totals['quantized_weights']} quantized weights, "
         f"{totals['float_tensors']} float tensors, {totals['tensor_bytes']:,} tensor bytes, "
         f"{totals['file_bytes']:,} file bytes",
-        highlight=False,
     )
 
 
@@ -127,7 +136,7 @@ def render_table(desc: dict[str, Any], console: Any) -> None:
     ):
         table.add_column(column, no_wrap=column in ("module", "weight"))
     for w in desc["weights"]:
-        table.add_row(
+        cells = (
             w["module"] or "<root>",
             w["module_type"],
             w["weight"],
@@ -139,39 +148,38 @@ def render_table(desc: dict[str, Any], console: Any) -> None:
             _spread(w["zero_point"]),
             "exact" if w["sqnr_db"] is None else f"{w['sqnr_db']:.2f}",
         )
+        table.add_row(*map(plain, cells))
     console.print(table)
 
 
 def render_floats(desc: dict[str, Any], console: Any, list_them: bool) -> None:
     floats = desc["float_tensors"]
     if not list_them:
-        console.print(
-            f"{len(floats)} float tensors kept as they were (list them with --all)", highlight=False
-        )
+        _line(console, f"{len(floats)} float tensors kept as they were (list them with --all)")
         return
     for t in floats:
-        console.print(
-            f"  {t['name']}: {t['dtype']} {'x'.join(map(str, t['shape']))}", highlight=False
-        )
+        _line(console, f"  {t['name']}: {t['dtype']} {'x'.join(map(str, t['shape']))}")
 
 
 def render_channels(desc: dict[str, Any], console: Any) -> None:
     for w in desc["weights"]:
         name = f"{w['module']}.{w['weight']}" if w["module"] else w["weight"]
-        console.print(f"{name}: channel scale zero_point", highlight=False)
+        _line(console, f"{name}: channel scale zero_point")
         for c, (s, z) in enumerate(zip(w["scales"], w["zero_points"], strict=True)):
-            console.print(f"  {c} {s!r} {z}", highlight=False)
+            _line(console, f"  {c} {s!r} {z}")
 
 
 def render_diff(changes: list[dict[str, Any]], console: Any, a: Path, b: Path) -> None:
     if not changes:
-        console.print(f"{a} and {b}: no differences", highlight=False)
+        _line(console, f"{a} and {b}: no differences")
         return
     from rich.table import Table
 
-    table = Table(title=f"{a} -> {b}", title_justify="left")
+    table = Table(title=plain(f"{a} -> {b}"), title_justify="left")
     for column in ("weight", "change", "before", "after"):
         table.add_column(column)
     for c in changes:
-        table.add_row(c["weight"], c["change"], str(c.get("before", "")), str(c.get("after", "")))
+        table.add_row(
+            *map(plain, (c["weight"], c["change"], c.get("before", ""), c.get("after", "")))
+        )
     console.print(table)

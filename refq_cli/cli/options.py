@@ -12,12 +12,14 @@ Quiet = Annotated[bool, typer.Option("--quiet", help="Print nothing but errors (
 JsonOutput = Annotated[
     bool, typer.Option("--json", help="Print a JSON summary on stdout, for scripts.")
 ]
-TrustPickle = Annotated[
+TrustCode = Annotated[
     bool,
     typer.Option(
+        "--trust-code",
         "--trust-pickle",
-        help="Allow checkpoints that unpickle Python objects (a whole nn.Module). Unpickling "
-        "can run code: only for files you trust.",
+        help="This file may run code: unpickle Python objects (a whole nn.Module) and load "
+        "TorchScript with torch.jit.load. Only for files you trust; without it, refq reads "
+        "them without running anything, or refuses them. --trust-pickle is the old name.",
     ),
 ]
 Device = Annotated[
@@ -60,7 +62,8 @@ SummaryMarkdown = Annotated[
     Path | None,
     typer.Option(
         "--summary-md",
-        help="Write a Markdown table of the jobs here (for a CI step summary; overwritten).",
+        help="Write a Markdown table of the jobs here (for a CI step summary). It replaces "
+        "a summary refq wrote before; any other file only with --force.",
         show_default=False,
     ),
 ]

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from refq_cli.cli.options import JsonOutput, TrustPickle
-from refq_cli.errors import ConversionError
+from refq_cli.cli.options import JsonOutput, TrustCode
+from refq_cli.errors import ConversionError, strict_json
 
 
 def verify_command(
@@ -34,27 +33,28 @@ def verify_command(
             show_default=False,
         ),
     ] = None,
-    trust_pickle: TrustPickle = False,
+    trust_code: TrustCode = False,
     json_output: JsonOutput = False,
 ) -> None:
     """Reload an artifact, rerun its modules and the float ones on a probe, print the error."""
     from rich.console import Console
     from rich.table import Table
 
+    from refq_cli.cli.inspect import plain
     from refq_cli.verify import verify
 
-    result = verify(artifact, against, calibration=calibration, trust_pickle=trust_pickle)
+    result = verify(artifact, against, calibration=calibration, trust_code=trust_code)
     failing = [
         f"{m['path'] or '<root>'} ({m['output_sqnr_db']:.2f} dB)"
         for m in result["modules"]
         if min_sqnr is not None
         and m["output_sqnr_db"] is not None
-        and m["output_sqnr_db"] < min_sqnr
+        and not m["output_sqnr_db"] >= min_sqnr  # NaN fails
     ]
     if json_output:
-        typer.echo(json.dumps({**result, "below_min_sqnr": failing}, indent=2))
+        typer.echo(strict_json({**result, "below_min_sqnr": failing}))
     else:
-        table = Table(title=f"{artifact} against {against}", title_justify="left")
+        table = Table(title=plain(f"{artifact} against {against}"), title_justify="left")
         for column in (
             "module",
             "type",
@@ -66,7 +66,7 @@ def verify_command(
             table.add_column(column)
         for m in result["modules"]:
             sqnr = m["output_sqnr_db"]
-            table.add_row(
+            cells = (
                 m["path"] or "<root>",
                 m["float_type"],
                 m["probe"],
@@ -74,6 +74,7 @@ def verify_command(
                 f"{m['output_max_abs_error']:.4g}",
                 f"{m['hidden_error_per_step'][-1]:.4g}",
             )
+            table.add_row(*map(plain, cells))
         Console().print(table)
     if not result["source_matches"]:
         raise ConversionError(

@@ -174,11 +174,12 @@ def test_cuda_when_absent(tmp_path):
     assert "--device cuda: CUDA is not available on this machine" in result.output
 
 
-def test_pickled_module_is_refused_with_the_flag_to_use(tmp_path):
+@pytest.mark.parametrize("flag", ["--trust-code", "--trust-pickle"])
+def test_pickled_module_is_refused_with_the_flag_to_use(tmp_path, flag):
     source = write(tmp_path, "pickle")
     result = invoke("convert", source, "-q", spec(tmp_path))
-    assert result.exit_code == 2 and "--trust-pickle" in result.output
-    assert invoke("convert", source, "-q", spec(tmp_path), "--trust-pickle").exit_code == 0
+    assert result.exit_code == 2 and "--trust-code" in result.output
+    assert invoke("convert", source, "-q", spec(tmp_path), flag, "--force").exit_code == 0
 
 
 def test_debug_shows_the_traceback(tmp_path):

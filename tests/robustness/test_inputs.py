@@ -69,7 +69,7 @@ def test_code_running_pickles_are_refused_even_when_torch_is_told_otherwise(
 def test_a_pickled_module_needs_the_flag(tmp_path):
     assert_refused(
         convert(tmp_path, write(tmp_path, "pickle")),
-        r"refused to unpickle .*pass --trust-pickle only for a file you trust",
+        r"refused to unpickle .*pass --trust-code only for a file you trust",
     )
 
 
@@ -126,14 +126,14 @@ def test_paths_that_are_not_files(tmp_path):
     empty.write_bytes(b"")
     assert_refused(convert(tmp_path, empty), "the file is empty")
     assert_refused(convert(tmp_path, tmp_path), "is a directory")
-    assert_refused(convert(tmp_path, tmp_path / "missing.pt"), "no such file")
+    assert_refused(convert(tmp_path, tmp_path / "missing.pt"), "no such checkpoint file")
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their mode")
 def test_unreadable_file(tmp_path):
     path = write(tmp_path, "pt")
     path.chmod(0)
-    assert_refused(convert(tmp_path, path), "cannot read: Permission denied")
+    assert_refused(convert(tmp_path, path), "cannot read the checkpoint: Permission denied")
 
 
 def state_with(**changes):
@@ -155,7 +155,7 @@ def state_with(**changes):
         ),
         (
             state_with(weight_hh_l0=torch.zeros(16, 4, dtype=torch.int32)),
-            "weight_hh_l0 has dtype int32; recurrent weights must be floating point",
+            "weight_hh_l0 has dtype int32; recurrent weights must be float16, bfloat16, float32",
         ),
     ],
     ids=["nan", "inf", "integer"],
