@@ -22,7 +22,7 @@ DEMO_OUT := out/demo
 
 demo: install
 	mkdir -p $(DEMO_OUT)
-	$(BIN)/refq convert examples/models/example.pt --qconfig configs/int8-per-channel-symmetric.yaml \
+	$(BIN)/refq convert examples/models/example.pt --qconfig examples/models/example.yaml \
 		--output $(DEMO_OUT)/example.refq.safetensors --force
 	cat $(DEMO_OUT)/example.refq.report.md
 	$(BIN)/refq inspect $(DEMO_OUT)/example.refq.safetensors

@@ -243,7 +243,11 @@ _NO_KERNEL_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL}
 
 @dataclass
 class Artifact:
-    """An artifact read back: runnable reference modules and every other tensor."""
+    """An artifact read back: runnable reference modules and every other tensor.
+
+    The modules are in eval mode, as the conversion measured them: dropout between layers is
+    off, so the same input gives the same output. ``module.train()`` turns it back on.
+    """
 
     path: Path
     modules: dict[str, nn.Module]
@@ -256,7 +260,9 @@ class Artifact:
         Everything is checked before anything changes: where the model's modules or tensors do
         not match the artifact's, ArtifactError says how, and the model is left as it was.
         Returns the model (or the reference module itself when the artifact's module is the
-        root).
+        root). The swapped-in modules stay in eval mode whatever mode the model is in (the
+        rest of the model keeps its own); ``model.train()`` afterwards puts them in training
+        mode, with dropout, like any other module.
         """
         from refq_cli.convert import check_module_matches
 
@@ -307,7 +313,8 @@ def load_artifact(path: str | Path) -> Artifact:
     modules = {}
     for module_path, info in metadata["refq.modules"].items():
         try:
-            modules[module_path] = reference_from_artifact(module_path, info, tensors, path)
+            ref = reference_from_artifact(module_path, info, tensors, path)
+            modules[module_path] = ref.train(False)
         except ArtifactError:
             raise
         except (RefqError, KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:

@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from refq_cli.errors import RefqError, markdown_cell, strict_json
-from refq_cli.files import Outputs, check_outputs, starts_with
+from refq_cli.files import Outputs, Paths, Replaceable, check_outputs, starts_with
+from refq_cli.gate import Gate, gate_error, weights_below
 
 ARTIFACT_SUFFIX = ".refq.safetensors"
 REPORT_MD_HEADING = "# refq conversion report"  # what report.to_markdown starts with
@@ -112,11 +113,12 @@ def check_run(
     the options for the jobs, which carry the run's inputs so that each job protects them all."""
     by_flags = len(jobs) == 1 and not inputs
     protected = [*inputs, *(pair for job in jobs for pair in job.inputs())]
-    outputs = [pair for job in jobs for pair in job.outputs(by_flags)]
-    replaceable = {}
-    if options.skip_unchanged:
-        for job in jobs:
-            replaceable |= replaceable_outputs(job, by_flags)
+    outputs: list[tuple[str, Path]] = []
+    replaceable: dict[str, Replaceable] = {}
+    for job in jobs:
+        paths, tests = job_outputs(job, by_flags, options.skip_unchanged)
+        outputs += paths
+        replaceable |= tests
     if summary is not None:
         outputs.append(("--summary-md", summary))
         replaceable["--summary-md"] = is_summary
@@ -201,6 +203,68 @@ def select_shard(jobs: Sequence[Job], k: int, n: int) -> list[Job]:
     return [job for job in jobs if shard_index(job.key, n) == k - 1]
 
 
+# --- quality gates ----------------------------------------------------------------------------
+
+
+def rejected_job(job: Job) -> Job:
+    """Where a conversion that missed its gate goes: each output's name with ``.rejected``
+    before its suffix (``m.refq.rejected.safetensors``, ``m.refq.rejected.report.json``)."""
+
+    def aside(path: Path) -> Path:
+        return path.with_name(f"{path.stem}.rejected{path.suffix}")
+
+    output = aside(job.output)
+    default_report = output_paths(job.input, job.output)[1] == job.report
+    report = output_paths(job.input, output)[1] if default_report else aside(job.report)
+    return replace(job, output=output, report=report)
+
+
+def job_outputs(
+    job: Job, by_flags: bool, skip_unchanged: bool
+) -> tuple[list[tuple[str, Path]], dict[str, Replaceable]]:
+    """Every file a job may write and the ``replaceable`` tests of :class:`Outputs`: its
+    outputs (refq's own replaceable with ``skip_unchanged``) and, with a gate, where they go
+    when it is missed (refq's own earlier rejection always replaceable)."""
+    paths = job.outputs(by_flags)
+    tests = replaceable_outputs(job, by_flags) if skip_unchanged else {}
+    if job.min_sqnr is not None:
+        rejected = rejected_job(job)
+        aside = replaceable_outputs(rejected, by_flags)
+        for flag, path in rejected.outputs(by_flags):
+            paths.append((f"{flag} (rejected)", path))
+            tests[f"{flag} (rejected)"] = aside[flag]
+    return paths, tests
+
+
+def _recorded_gate(metadata: dict[str, Any]) -> dict[str, Any] | None:
+    """The artifact's ``refq.gate`` (checked), None without one; ArtifactError if malformed."""
+    from refq_cli.errors import ArtifactError
+
+    text = metadata.get("refq.gate")
+    if text is None:
+        return None
+    try:
+        gate = json.loads(text)
+    except (ValueError, RecursionError):
+        gate = None
+    if not (
+        isinstance(gate, dict)
+        and type(gate.get("passed")) is bool
+        and type(gate.get("min_sqnr")) in (int, float)
+    ):
+        raise ArtifactError("corrupt artifact: metadata refq.gate is malformed")
+    return gate
+
+
+def _recorded_sqnrs(metadata: dict[str, Any]) -> list[tuple[str, float | None]]:
+    """(module.weight, SQNR dB) of every weight, from checked artifact metadata."""
+    return [
+        (f"{module}.{name}", w.get("sqnr_db"))
+        for module, info in metadata["refq.modules"].items()
+        for name, w in info["weights"].items()
+    ]
+
+
 # --- running ----------------------------------------------------------------------------------
 
 
@@ -259,12 +323,16 @@ def _convert_job(
     from refq_cli.convert import convert
     from refq_cli.report import to_markdown
 
-    replaceable = replaceable_outputs(job, options.by_flags) if options.skip_unchanged else None
-    with Outputs(
-        job.outputs(options.by_flags),
+    paths, tests = job_outputs(job, options.by_flags, options.skip_unchanged)
+    gate = Gate(float(job.min_sqnr)) if job.min_sqnr is not None else None
+    rejected = rejected_job(job)
+    with _GatedOutputs(
+        paths,
         [*job.inputs(), *options.protected],
         force=options.force,
-        replaceable=replaceable,
+        replaceable=tests,
+        gate=gate,
+        artifact=(job.output, rejected.output),
     ) as outputs:
         conversion = convert(
             job.input,
@@ -276,34 +344,77 @@ def _convert_job(
             calibration=job.calibration,
             progress=progress,
             outputs=outputs,
+            gate=gate,
         )
-        report_text = strict_json(conversion.report, sort_keys=True) + "\n"
-        outputs.write(job.report, report_text.encode())
-        outputs.write(job.report_md, to_markdown(conversion.report).encode())
+        report = conversion.report
+        below: list[str] = []
+        if gate is not None:
+            assert gate.below is not None  # judged as the artifact's metadata was made
+            below = gate.below
+            report["gate"] = {"min_sqnr": gate.min_sqnr, "passed": not below, "below": below}
+        target = rejected if below else job
+        markdown = to_markdown(report)
+        if gate is not None:
+            verdict = gate_error(gate.min_sqnr, below) if below else "passed"
+            markdown += f"\nQuality gate (--min-sqnr {gate.min_sqnr:g} dB): {verdict}.\n"
+        outputs.write(target.report, (strict_json(report, sort_keys=True) + "\n").encode())
+        outputs.write(target.report_md, markdown.encode())
         outputs.commit()
-    report = conversion.report
-    report["below_min_sqnr"] = conversion.below(job.min_sqnr) if job.min_sqnr is not None else []
+    report["below_min_sqnr"] = below
     return report
 
 
+class _GatedOutputs(Outputs):
+    """A job's outputs, where an artifact that missed its gate (judged before it is staged,
+    as its metadata is made) is staged under its rejected name instead of its own."""
+
+    def __init__(
+        self,
+        outputs: Paths,
+        inputs: Paths,
+        *,
+        force: bool,
+        replaceable: dict[str, Replaceable],
+        gate: Gate | None,
+        artifact: tuple[Path, Path],
+    ) -> None:
+        super().__init__(outputs, inputs, force=force, replaceable=replaceable)
+        self.gate, self.artifact = gate, artifact
+
+    def write(self, path: Path, content: Any) -> None:
+        accepted, rejected = self.artifact
+        if self.gate is not None and self.gate.below and Path(path) == accepted:
+            path = rejected
+        super().write(path, content)
+
+
 def is_unchanged(job: Job) -> bool:
-    """Whether the job's artifact exists and records this input's sha256, this spec and this
-    format version (so converting again would give the same file)."""
+    """Whether the job's artifact exists, records this input's sha256, this spec and this
+    format version (so converting again would give the same tensors), and did not miss the
+    gate it was converted with. Whether it passes the job's gate is :func:`run_job`'s to say."""
+    return _unchanged_metadata(job) is not None
+
+
+def _unchanged_metadata(job: Job) -> dict[str, Any] | None:
+    """The checked metadata of the job's artifact when :func:`is_unchanged`, else None."""
     from refq_cli.digest import sha256_of
     from refq_cli.header import FORMAT_VERSION, read_artifact
     from refq_cli.spec import load_spec
 
     if not (job.output.is_file() and job.report.is_file() and job.report_md.is_file()):
-        return False
+        return None
     try:
         _, metadata = read_artifact(job.output)
+        gate = _recorded_gate(metadata)
     except RefqError:  # not an artifact this refq reads: converting again replaces it
-        return False
-    return (
+        return None
+    unchanged = (
         metadata["refq.format_version"] == str(FORMAT_VERSION)
+        and (gate is None or gate["passed"])  # a rejected one put in place is never up to date
         and metadata["refq.source"].get("sha256") == sha256_of(job.input)
         and metadata["refq.spec"] == json.loads(json.dumps(load_spec(job.spec).to_dict()))
     )
+    return metadata if unchanged else None
 
 
 def run_job(job: Job, options: Options) -> JobResult:
@@ -311,18 +422,27 @@ def run_job(job: Job, options: Options) -> JobResult:
     started = time.perf_counter()
     result = JobResult(str(job.input), str(job.output), "converted")
     try:
-        if options.skip_unchanged and job.input.is_file() and is_unchanged(job):
-            result.status = "skipped"
+        metadata = None
+        if options.skip_unchanged and job.input.is_file():
+            metadata = _unchanged_metadata(job)
+        if metadata is not None:  # the gate is judged again, on the SQNRs the artifact records
+            sqnrs = _recorded_sqnrs(metadata)
+            known = [s for _, s in sqnrs if s is not None]
+            result.status, result.worst_sqnr_db = "skipped", min(known) if known else None
+            below = weights_below(sqnrs, job.min_sqnr) if job.min_sqnr is not None else []
         else:  # with --skip-unchanged, refq's own outputs that are out of date are replaced
             report = convert_job(job, options)
             result.worst_sqnr_db = report["totals"]["worst_sqnr_db"]
             result.detail = report
-            if report["below_min_sqnr"]:
-                result.status, result.exit_code = "gate", 1
-                result.error = (
-                    f"{len(report['below_min_sqnr'])} weight(s) below --min-sqnr "
-                    f"{job.min_sqnr:g} dB: " + ", ".join(report["below_min_sqnr"])
-                )
+            below = report["below_min_sqnr"]
+            if below:
+                result.output = str(rejected_job(job).output)
+        if below:
+            assert job.min_sqnr is not None
+            result.status, result.exit_code = "gate", 1
+            result.error = gate_error(job.min_sqnr, below)
+            if metadata is not None:  # not converted again: it passed the gate it records
+                result.error += "; the artifact in place, accepted by an earlier gate, is kept"
     except RefqError as exc:
         result.status, result.error, result.exit_code = "failed", str(exc), exc.exit_code
     result.seconds = round(time.perf_counter() - started, 3)

@@ -36,6 +36,7 @@ from refq_cli.digest import sha256_of
 from refq_cli.errors import CheckpointError, shorten
 from refq_cli.inputs import open_regular, why_unreadable
 from refq_cli.pickles import MAX_HUGE_NUMBERS, count_huge_numbers
+from refq_cli.spec import facts_of
 from refq_cli.torchscript import is_torchscript, read_torchscript
 
 Facts = dict[str, dict[str, Any]]  # module path -> constructor arguments a file records
@@ -188,15 +189,7 @@ def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> Checkpoint
     return Checkpoint(path, fmt, digest, tensors, modules, _input=opened)
 
 
-# What a module records beyond its weights; only these are taken as facts.
-_RECORDED_FACTS = {
-    "RNN": ("batch_first", "dropout", "nonlinearity"),
-    "LSTM": ("batch_first", "dropout"),
-    "GRU": ("batch_first", "dropout"),
-    "RNNCell": ("nonlinearity",),
-    "LSTMCell": (),
-    "GRUCell": (),
-}
+_TYPES = (*_CELL_TYPES.values(), *_SEQUENCE_TYPES.values())
 _CONSTRUCTOR_KEYS = (
     "input_size",
     "hidden_size",
@@ -218,7 +211,7 @@ def _with_recorded(module: RecurrentModule, recorded: Mapping[str, Any], source:
                 f"{_where(module.path, source)}: the module records {key}={recorded[key]!r}, "
                 f"but its weights say {inferred!r}; the file is inconsistent"
             )
-    facts = {k: recorded[k] for k in _RECORDED_FACTS[module.float_type] if k in recorded}
+    facts = {k: recorded[k] for k in facts_of(module.float_type) if k in recorded}
     return replace(module, recorded=facts)
 
 
@@ -229,8 +222,8 @@ def _module_facts(root: nn.Module) -> dict[str, dict[str, Any]]:
         if isinstance(module, torch.jit.ScriptModule):  # trusted TorchScript
             kind = getattr(module, "original_name", None)
         else:
-            kind = next((t for t in _RECORDED_FACTS if type(module) is getattr(nn, t)), None)
-        if kind in _RECORDED_FACTS:
+            kind = next((t for t in _TYPES if type(module) is getattr(nn, t)), None)
+        if kind in _TYPES:
             found[name] = {k: getattr(module, k) for k in _CONSTRUCTOR_KEYS if hasattr(module, k)}
     return found
 

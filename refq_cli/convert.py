@@ -7,6 +7,7 @@ before any weight is observed.
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
@@ -28,11 +29,20 @@ from refq_cli.artifact import (
 from refq_cli.checkpoint import Checkpoint, RecurrentModule, load_checkpoint, read_tensors
 from refq_cli.errors import CheckpointError, RefqError, SpecError
 from refq_cli.files import Outputs
+from refq_cli.gate import Gate, weights_below
 from refq_cli.observers import observe
 from refq_cli.quant import WeightQParams, dequantize
 from refq_cli.registry import converter_for
 from refq_cli.report import module_output, probe_for, probe_result, quantize_and_measure
-from refq_cli.spec import ModulePlan, Spec, display_path, load_spec, resolve
+from refq_cli.spec import (
+    FACT_DEFAULTS,
+    ModulePlan,
+    Spec,
+    display_path,
+    facts_of,
+    load_spec,
+    resolve,
+)
 
 
 @dataclass
@@ -45,12 +55,8 @@ class ConvertedModule:
 
     @property
     def config(self) -> dict[str, Any]:
-        """Constructor arguments of the float module: inferred from weights, or spec facts."""
-        keys = list(self.info.config)
-        if not self.info.float_type.endswith("Cell"):
-            keys += ["batch_first", "dropout"]
-        if self.info.float_type in ("RNN", "RNNCell"):
-            keys.append("nonlinearity")
+        """Constructor arguments of the float module: inferred from weights, or facts."""
+        keys = [*self.info.config, *facts_of(self.info.float_type)]
         return {k: getattr(self.float_module, k) for k in keys}
 
 
@@ -60,6 +66,7 @@ class Conversion:
     spec: Spec
     modules: dict[str, ConvertedModule]
     report: dict[str, Any]
+    gate: Gate | None = None
 
     def metadata(self) -> dict[str, Any]:
         modules = {}
@@ -90,20 +97,23 @@ class Conversion:
                 "is_decomposed": self.spec.is_decomposed,
                 "weights": weights,
             }
-        return {
+        metadata = {
             "refq.modules": modules,
             "refq.spec": self.spec.to_dict(),
             "refq.source": self.report["source"],
             "refq.producer": {"refq": __version__, "torch": torch.__version__.split("+")[0]},
         }
+        if self.gate is not None:  # the --min-sqnr asked for and its verdict
+            metadata["refq.gate"] = self.gate.judge(self)
+        return metadata
 
     def below(self, min_sqnr: float) -> list[str]:
-        """Weights whose SQNR is under ``min_sqnr`` dB (exact weights never are)."""
-        return [
-            f"{w['module']}.{w['weight']} ({w['sqnr_db']:.2f} dB)"
-            for w in self.report["weights"]
-            if w["sqnr_db"] is not None and not w["sqnr_db"] >= min_sqnr  # NaN fails
-        ]
+        """Weights whose SQNR is under ``min_sqnr`` dB, worst first (exact weights never are,
+        NaN always is)."""
+        return weights_below(
+            ((f"{w['module']}.{w['weight']}", w["sqnr_db"]) for w in self.report["weights"]),
+            min_sqnr,
+        )
 
 
 def resolve_device(device: str) -> torch.device:
@@ -129,6 +139,7 @@ def convert(
     calibration: str | Path | None = None,
     progress: Callable[[str, int, int | None], None] | None = None,
     outputs: Outputs | None = None,
+    gate: Gate | None = None,
 ) -> Conversion:
     """Convert one checkpoint as the spec says and write the artifact to ``output``.
 
@@ -173,8 +184,9 @@ def convert(
         for key in checkpoint.other_tensor_names:
             writer.add(key, checkpoint.tensors[key])
             checkpoint.release([checkpoint.tensors[key]])
-        conversion = Conversion(checkpoint, spec, modules, {})
+        conversion = Conversion(checkpoint, spec, modules, {}, gate)
         conversion.report = _report(checkpoint, weight_rows, module_rows, spec_path, writer.size)
+        conversion.report["assumed_facts"] = assumed_facts(checkpoint, plans)
         checkpoint.check_unchanged()  # its sha256 is in the metadata: it must cover these bytes
         writer.finish(artifact_header(conversion.metadata()))
     conversion.report["totals"]["seconds"] = round(time.perf_counter() - started, 3)
@@ -210,6 +222,40 @@ def check_calibration_names(
             f"--calibration {calibration}: {', '.join(sorted(unknown))} is no recurrent module; "
             f"modules: {', '.join(shown)}"
         )
+
+
+def assumed_facts(
+    checkpoint: Checkpoint, plans: Mapping[str, ModulePlan]
+) -> dict[str, dict[str, Any]]:
+    """By module (as specs name it): the facts weights cannot tell that neither the file nor
+    the spec gave, with PyTorch's defaults, which the conversion assumed."""
+    assumed = {}
+    for path, info in checkpoint.modules.items():
+        plan = plans[path]
+        facts = {
+            fact: FACT_DEFAULTS[fact]
+            for fact in facts_of(info.float_type)
+            if fact not in info.recorded and fact not in plan.facts
+        }
+        if facts and not plan.skip:
+            assumed[display_path(path)] = facts
+    return assumed
+
+
+def assumed_facts_warning(report: Mapping[str, Any]) -> str | None:
+    """One line naming each assumed fact and the spec key that sets it, or None."""
+    assumed = report.get("assumed_facts") or {}
+    if not assumed:
+        return None
+    named = ", ".join(
+        f"modules.{path}.{fact}: {json.dumps(value)}"
+        for path, facts in assumed.items()
+        for fact, value in facts.items()
+    )
+    return (
+        f"{report['source']['name']}: weights cannot tell these facts, so PyTorch's defaults "
+        f"were assumed; set them in the spec if the model differs: {named}"
+    )
 
 
 def _artifact_names(checkpoint: Checkpoint, plans: Mapping[str, ModulePlan]) -> Iterable[str]:
@@ -287,7 +333,8 @@ class _ModuleConversion:
             self._release(names)
         if not cell:  # on CUDA, the one-layer modules took its tensors into buffers of their own
             module.flatten_parameters()
-        ref = self.result.reference = converter_for(module)(module, self._qdict(info.tensor_names))
+        ref = converter_for(module)(module, self._qdict(info.tensor_names)).train(False)
+        self.result.reference = ref
         row["reference_type"] = ref._get_name()
         row["probe"] = "random" if calibration is None else "calibration"
         row.update(probe_result(expected, got, x, getattr(module, "batch_first", False)))
@@ -461,6 +508,11 @@ def reference_from_artifact(
                 f"{str(want).removeprefix('torch.')} {tuple(expected.shape)}"
             )
         if qp is not None:
+            if value.numel() and not qp.quant_min <= value.min() <= value.max() <= qp.quant_max:
+                raise ArtifactError(
+                    f"{source}: tensor {key(name)!r} holds codes outside its range "
+                    f"{qp.quant_min}..{qp.quant_max}"
+                )
             value = dequantize(value, qp, decomposed=ref.is_decomposed).to(dtype)
         setattr(ref, name, nn.Parameter(value))
     return ref
@@ -477,7 +529,10 @@ def check_module_matches(module: nn.Module, info: Mapping[str, Any]) -> list[str
     for k, v in info["config"].items():
         mine = getattr(module, k, None)
         if mine != v:
-            problems.append(f"{k}: model has {mine}, artifact has {v}")
+            fix = ""
+            if k in FACT_DEFAULTS:  # weights cannot tell it: the spec said so, or assumed it
+                fix = f" (set {k}: {json.dumps(mine)} for this module under modules: in the spec)"
+            problems.append(f"{k}: model has {mine}, artifact has {v}{fix}")
     param = next(module.parameters(), None)
     dtype = str(param.dtype).removeprefix("torch.") if param is not None else None
     if dtype is not None and dtype != info["float_dtype"]:

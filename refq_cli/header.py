@@ -19,7 +19,7 @@ import struct
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 from refq_cli.errors import ArtifactError, shorten
 from refq_cli.spec import DTYPE_NAMES, OBSERVER_NAMES, QSCHEME_NAMES
@@ -199,6 +199,78 @@ def read_values(path: Path, name: str, entry: TensorEntry) -> list[float] | list
     return list(struct.unpack(f"<{math.prod(entry.shape)}{code}", data))
 
 
+def open_data(path: Path) -> BinaryIO:
+    """``path`` open for reading its tensors' bytes (with :func:`read_block`), without waiting
+    on a FIFO; ArtifactError if it cannot be opened."""
+    try:
+        return open(path, "rb", opener=_without_blocking)
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+def read_block(f: BinaryIO, path: Path, name: str, start: int, size: int) -> bytes:
+    """``size`` bytes of tensor ``name`` from absolute offset ``start`` of the open file ``f``;
+    ArtifactError if the file ends sooner (it changed since its header was read)."""
+    try:
+        f.seek(start)
+        data = f.read(size)
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if len(data) != size:
+        raise ArtifactError(
+            f"{path}: corrupt or truncated artifact: tensor {shorten(name)} is cut short"
+        )
+    return data
+
+
+_UNSIGNED = {1: "B", 2: "H", 4: "I", 8: "Q"}
+_DECODE_CODES = _STRUCT_CODES | {"U16": "H", "U32": "I", "U64": "Q", "BOOL": "B"}
+
+
+def element_bits(dtype: str, data: bytes) -> tuple[int, ...]:
+    """Each element of ``data`` (of ``dtype``) as an unsigned integer of its bytes: equal bits,
+    equal numbers (so NaN equals the same NaN, and -0.0 differs from 0.0)."""
+    size = DTYPE_SIZES[dtype]
+    return struct.unpack(f"<{len(data) // size}{_UNSIGNED[size]}", data)
+
+
+def _float8_table(exponent_bits: int, bias: int, ieee_specials: bool) -> list[float]:
+    mantissa_bits = 7 - exponent_bits
+    table = []
+    for byte in range(256):
+        sign = -1.0 if byte & 0x80 else 1.0
+        exponent, mantissa = (
+            (byte >> mantissa_bits) & ((1 << exponent_bits) - 1),
+            byte & ((1 << mantissa_bits) - 1),
+        )
+        top = exponent == (1 << exponent_bits) - 1
+        if ieee_specials and top:  # E5M2: infinities and NaNs as in IEEE 754
+            table.append(sign * math.inf if mantissa == 0 else math.nan)
+        elif not ieee_specials and top and mantissa == (1 << mantissa_bits) - 1:  # E4M3fn: NaN
+            table.append(math.nan)
+        elif exponent == 0:
+            table.append(sign * mantissa * 2.0 ** (1 - bias - mantissa_bits))
+        else:
+            table.append(sign * (1 + mantissa / (1 << mantissa_bits)) * 2.0 ** (exponent - bias))
+    return table
+
+
+_FLOAT8 = {"F8_E4M3": _float8_table(4, 7, False), "F8_E5M2": _float8_table(5, 15, True)}
+
+
+def decode_values(dtype: str, data: bytes) -> list[float] | list[int]:
+    """The numbers in ``data``, little-endian elements of any dtype :data:`DTYPE_SIZES` names
+    (booleans as 0 and 1)."""
+    if dtype in _FLOAT8:
+        table = _FLOAT8[dtype]
+        return [table[b] for b in data]
+    if dtype == "BF16":  # the top half of a float32
+        widened = bytearray(2 * len(data))
+        widened[2::4], widened[3::4] = data[0::2], data[1::2]
+        data, dtype = bytes(widened), "F32"
+    return list(struct.unpack(f"<{len(data) // DTYPE_SIZES[dtype]}{_DECODE_CODES[dtype]}", data))
+
+
 def read_artifact_layout(path: Path) -> Layout:
     """The checked header of a refq artifact of a format version this refq reads."""
     layout = read_layout(path)
@@ -290,6 +362,10 @@ def check_metadata(path: Path, layout: Layout) -> dict[str, Any]:
             metadata[key] = json.loads(metadata[key], parse_constant=_refuse_constant)
         except (ValueError, RecursionError):
             raise ArtifactError(f"{path}: corrupt artifact: metadata {key} is not JSON") from None
+        if _depth(metadata[key]) > _MAX_DEPTH:
+            raise ArtifactError(
+                f"{path}: corrupt artifact: metadata {key} nests deeper than {_MAX_DEPTH} levels"
+            )
     check = _Checker(path)
     check.value(metadata["refq.spec"], "refq.spec", "object")
     for key, fields in _TEXT_FIELDS.items():
@@ -300,6 +376,23 @@ def check_metadata(path: Path, layout: Layout) -> dict[str, Any]:
     for module_path, info in metadata["refq.modules"].items():
         check.module(module_path, info, layout.tensors)
     return metadata
+
+
+_MAX_DEPTH = 32  # refq writes 5 levels; printing and JSON encoders recurse on deeper ones
+
+
+def _depth(value: Any) -> int:
+    """How deeply lists and objects nest in a parsed JSON value (without recursing)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth <= _MAX_DEPTH:
+                stack.extend(
+                    (v, depth + 1) for v in (item.values() if isinstance(item, dict) else item)
+                )
+    return deepest
 
 
 def tensor_shapes(float_type: str, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -394,9 +487,11 @@ class _Checker:
             if per_channel and axis >= len(shape):
                 raise self.fail(f"{where}.weights[{name!r}].axis {axis} is past its 2 dimensions")
             channels = shape[axis] if per_channel else 1
-            for suffix in ("_scale", "_zero_point"):
+            if channels == 0:
+                raise self.fail(f"{where}.weights[{name!r}] has no channels along axis {axis}")
+            for suffix, dtype in (("_scale", "F32"), ("_zero_point", "I32")):
                 needed_by = f"{where}.weights[{name!r}] ({w['qscheme']})"
-                self.tensor(tensors, key + suffix, (channels,), needed_by)
+                self.tensor(tensors, key + suffix, (channels,), needed_by, dtype)
 
     def weights(self, where: str, info: dict, names: list[str]) -> dict[str, dict[str, Any]]:
         weights = self.field(info, "weights", where, "object")
@@ -423,8 +518,10 @@ class _Checker:
         key: str,
         shape: tuple[int, ...],
         needed_by: str,
+        dtype: str | None = None,
     ) -> None:
-        """Tensor ``key`` must exist with ``shape``; a 0-d one passes for ``(1,)``."""
+        """Tensor ``key`` must exist with ``shape`` (a 0-d one passes for ``(1,)``) and, given
+        one, ``dtype``: the one refq writes."""
         entry = tensors.get(key)
         if entry is None:
             raise ArtifactError(
@@ -435,4 +532,9 @@ class _Checker:
             raise ArtifactError(
                 f"{self.path}: corrupt artifact: tensor {shorten(key)} has shape "
                 f"{shorten(tuple(entry.shape))}, but the metadata of {needed_by} needs {shape}"
+            )
+        if dtype is not None and entry.dtype != dtype:
+            raise ArtifactError(
+                f"{self.path}: corrupt artifact: tensor {shorten(key)} is {shorten(entry.dtype)}, "
+                f"but refq stores it as {dtype}"
             )

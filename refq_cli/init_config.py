@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 
 from refq_cli.checkpoint import Checkpoint
-from refq_cli.spec import BUILTIN_DEFAULTS, display_path
+from refq_cli.spec import BUILTIN_DEFAULTS, FACT_DEFAULTS, display_path, facts_of
 
 
 def skeleton(checkpoint: Checkpoint) -> str:
-    """YAML text that loads as a valid spec: the defaults, plus one commented rule per module."""
+    """YAML text that loads as a valid spec: the defaults, one commented rule per module, and
+    every fact weights cannot tell for every module, as the file records it or with PyTorch's
+    default, so that editing the skeleton is the way to get them right."""
     lines = [
         "# yaml-language-server: $schema=refq.schema.json",
         f"# refq spec for {checkpoint.path.name} (sha256 {checkpoint.sha256[:12]}): "
@@ -36,14 +38,21 @@ def skeleton(checkpoint: Checkpoint) -> str:
         ]
     if not checkpoint.modules:
         lines[-1] = "rules: []"
-    facts = [p for p, m in checkpoint.modules.items() if m.float_type in ("RNN", "RNNCell")]
-    lines.append("modules:" if facts else "modules: {}")
-    for path in facts:
-        lines += [
-            f"  {json.dumps(display_path(path))}:",
-            "    nonlinearity: tanh  # or relu: weights cannot tell",
-        ]
+    with_facts = {p: m for p, m in checkpoint.modules.items() if facts_of(m.float_type)}
+    lines.append("modules:" if with_facts else "modules: {}")
+    for path, module in with_facts.items():
+        lines.append(f"  {json.dumps(display_path(path))}:")
+        for fact in facts_of(module.float_type):
+            if fact in module.recorded:
+                value, note = module.recorded[fact], "as the file records it"
+            else:
+                value, note = FACT_DEFAULTS[fact], "PyTorch's default: weights cannot tell"
+                note += _CHOICES.get(fact, "")
+            lines.append(f"    {fact}: {json.dumps(value)}  # {note}")
     return "\n".join(lines) + "\n"
+
+
+_CHOICES = {"nonlinearity": "; tanh or relu", "batch_first": "; true for (batch, time, features)"}
 
 
 def _quote(path: str) -> str:

@@ -17,7 +17,7 @@ from dataclasses import replace
 import torch
 
 from refq_cli.errors import QParamsError
-from refq_cli.quant import DTYPES, QSCHEMES, WeightQParams, fake_quantize
+from refq_cli.quant import DTYPES, QSCHEMES, WeightQParams, fake_quantize, row_sums_of_squares
 from refq_cli.spec import QParamSpec
 
 _EPS = torch.finfo(torch.float32).eps
@@ -124,7 +124,9 @@ def mse(w: torch.Tensor, spec: QParamSpec, where: str) -> WeightQParams:
     flat_spec = replace(spec, axis=0)  # rows are channels along axis 0
     for r in torch.linspace(1.0, 0.01, MSE_CANDIDATES).tolist():
         qp = _from_range(lo * r, hi * r, flat_spec, where)
-        err = (fake_quantize(rows, qp).double() - rows.double()).pow(2).sum(dim=1)
+        # summed in an order the thread count does not change: a near tie between two ratios
+        # must not go another way under OMP_NUM_THREADS=1
+        err = row_sums_of_squares(fake_quantize(rows, qp).double().sub_(rows), in_place=True)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_lo = torch.where(better, lo * r, best_lo)

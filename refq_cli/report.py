@@ -6,6 +6,7 @@ plain data; both are deterministic for the same input, spec and probe.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from typing import Any
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from refq_cli.errors import RefqError, markdown_cell, printable
-from refq_cli.quant import WeightQParams, _for_rows, quantize_blocks
+from refq_cli.quant import WeightQParams, _for_rows, quantize_blocks, row_sums_of_squares
 
 PROBE_STEPS = 16
 PROBE_BATCH = 4
@@ -26,10 +27,9 @@ def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
 
 
 def _energy(t: torch.Tensor) -> float:
-    """Sum of squares, as a float32 dot product: over a block of a weight (about 262k values)
-    its relative error is a few 1e-7, and the blocks add up in float64."""
-    flat = t.float().reshape(-1)
-    return float(torch.dot(flat, flat)) if t.numel() else 0.0
+    """Sum of squares in float64, the same whatever the thread count (a float32 dot product's
+    last digits change with it, and so would the report's and the artifact's bytes)."""
+    return float(row_sums_of_squares(t.detach().reshape(1, -1))[0])
 
 
 def _db(signal: float, noise: float) -> float:
@@ -64,7 +64,7 @@ def quantize_and_measure(
     flat = tuple(d for d in range(w.dim()) if d != varying)
     signal = noise = max_error = 0.0
     clipped = 0
-    errors = None  # one buffer for every block's errors: fresh memory costs page faults
+    pairs = None  # each block and its error, one buffer for all: fresh memory costs page faults
     for rows, codes, block_values in quantize_blocks(w, qp, decomposed=decomposed):
         if on_codes is not None:
             on_codes(codes)
@@ -72,17 +72,21 @@ def quantize_and_measure(
         if not codes.numel():
             continue
         block = w[rows].float()
-        if errors is None:
-            errors = torch.empty(block.numel(), device=block.device)
+        if pairs is None:
+            pairs = torch.empty(2, block.numel(), device=block.device)
+        pair = pairs[:, : block.numel()]
+        pair[0].copy_(block.reshape(-1))
         error = torch.sub(
             block,
             block_values if values.dtype == torch.float32 else values[rows].float(),
-            out=errors[: block.numel()].view(block.shape),
+            out=pair[1].view(block.shape),
         )
-        signal += _energy(block)
-        noise += _energy(error)
         lo, hi = torch.aminmax(error)
         max_error = max(max_error, -lo.item(), hi.item())
+        # sums the thread count does not change (a dot product's does); the pair is scratch
+        block_signal, block_noise = row_sums_of_squares(pair, in_place=True).tolist()
+        signal += block_signal  # the blocks add up in their order, fixed by the weight's shape
+        noise += block_noise
         step = _for_rows(qp, qp.scale, w.dim(), rows)
         zero = _for_rows(qp, qp.zero_point, w.dim(), rows).float()
         # Clipped: beyond half a step outside the codes' range, where rounding alone cannot reach.
@@ -209,6 +213,7 @@ def to_markdown(report: dict[str, Any]) -> str:
         f"- worst weight SQNR: {_fmt(totals['worst_sqnr_db'])} dB over "
         f"{totals['weights_quantized']} quantized weights",
         f"- conversion time: {totals['seconds']:.2f} s",
+        *_assumed_lines(report.get("assumed_facts") or {}),
         "",
         "## Weights",
         "",
@@ -245,6 +250,17 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"{_fmt(m['hidden_error_per_step'][-1])} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _assumed_lines(assumed: dict[str, dict[str, Any]]) -> list[str]:
+    """The facts weights cannot tell that were assumed, and where the spec sets them."""
+    if not assumed:
+        return []
+    named = "; ".join(  # sorted, as the report's JSON is
+        f"{printable(path)}: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in sorted(facts.items()))
+        for path, facts in sorted(assumed.items())
+    )
+    return [f"- assumed, as weights cannot tell (set them under `modules:` in the spec): {named}"]
 
 
 def _range(lo: Any, hi: Any) -> str:

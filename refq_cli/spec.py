@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from refq_cli.errors import QParamsError, SpecError
+from refq_cli.errors import QParamsError, SpecError, shorten
 from refq_cli.yaml_reader import Field, Loc, Setting, Settings, YamlReader, compose, read_document
 
 SPEC_VERSION = 1
@@ -151,7 +151,16 @@ def parse_spec(data: bytes | str, name: str = "<spec>") -> Spec:
     return _SpecReader(name, "spec", SpecError).read(compose(data, name, "spec", SpecError))
 
 
+# Python's fnmatch translates a glob in time growing with the square of its brackets: a glob of
+# 20,000 '[' took 15 s. No module path or weight name comes near this length.
+MAX_GLOB = 1_000
+
+
 class _SpecReader(YamlReader):
+    def check_glob(self, node: yaml.Node, key: str, glob: str) -> None:
+        if len(glob) > MAX_GLOB:
+            raise self.fail(node, f"{key} is a glob of {len(glob)} characters; at most {MAX_GLOB}")
+
     """Reads a spec document."""
 
     def read(self, root: yaml.Node) -> Spec:
@@ -189,6 +198,7 @@ class _SpecReader(YamlReader):
         if "match" not in items:
             raise self.fail(node, "a rule needs 'match: <glob over module paths>'")
         match = self.value(items["match"][1], "match", Field("str", ""))
+        self.check_glob(items["match"][1], "match", match)
         skip = None
         if "skip" in items:
             skip = self.value(items["skip"][1], "skip", Field("bool", ""))
@@ -202,6 +212,7 @@ class _SpecReader(YamlReader):
             for key, (key_node, value_node) in self.mapping(
                 items["weights"][1], None, "weights"
             ).items():
+                self.check_glob(key_node, f"weights key {shorten(key)}", key)
                 weights[key] = (
                     self.loc(key_node),
                     self.settings(value_node, QPARAM_FIELDS, f"weights.{key}"),
@@ -228,11 +239,19 @@ def display_path(path: str) -> str:
     return path or ROOT
 
 
-_FACT_TYPES = {
+# Constructor facts weights cannot tell: the module types each applies to, and PyTorch's default,
+# which refq assumes for a state dict when neither the file nor the spec says otherwise.
+FACT_TYPES = {
     "nonlinearity": ("RNN", "RNNCell"),
     "batch_first": ("RNN", "LSTM", "GRU"),
     "dropout": ("RNN", "LSTM", "GRU"),
 }
+FACT_DEFAULTS: dict[str, Any] = {"nonlinearity": "tanh", "batch_first": False, "dropout": 0.0}
+
+
+def facts_of(float_type: str) -> list[str]:
+    """The facts weights cannot tell for a module of ``float_type`` (``LSTM``, ``RNNCell``...)."""
+    return [fact for fact, types in FACT_TYPES.items() if float_type in types]
 
 
 def resolve(
@@ -256,10 +275,10 @@ def resolve(
             )
         float_type = (types or {}).get(shown[key])
         for fact, setting in facts.items():
-            if float_type is not None and float_type not in _FACT_TYPES[fact]:
+            if float_type is not None and float_type not in FACT_TYPES[fact]:
                 raise SpecError(
                     f"{setting.loc}: modules.{key}.{fact} does not apply to {float_type}; "
-                    f"it is for {', '.join(_FACT_TYPES[fact])}"
+                    f"it is for {', '.join(FACT_TYPES[fact])}"
                 )
     for rule in spec.rules:
         matched = [p for name, p in shown.items() if fnmatch.fnmatchcase(name, rule.match)]

@@ -9,8 +9,7 @@ from refq_cli.artifact import ArtifactError, load_artifact
 from refq_cli.checkpoint import load_checkpoint, read_tensors
 from refq_cli.convert import check_calibration_names, check_module_matches
 from refq_cli.report import probe_for, probe_module
-
-_FACTS = ("batch_first", "dropout", "nonlinearity")
+from refq_cli.spec import FACT_TYPES
 
 
 def verify(
@@ -34,8 +33,8 @@ def verify(
                 f"{checkpoint_path}: no recurrent module at {path or '<root>'}, which the "
                 f"artifact holds; found: {', '.join(checkpoint.modules) or 'none'}"
             )
-        facts = {k: v for k, v in info["config"].items() if k in _FACTS}
-        float_module = found.build(checkpoint.tensors, facts)
+        facts = {k: v for k, v in info["config"].items() if k in FACT_TYPES}
+        float_module = found.build(checkpoint.tensors, facts).train(False)  # as converted
         problems = check_module_matches(float_module, info)
         if problems:
             raise ArtifactError(
@@ -48,7 +47,7 @@ def verify(
                 "path": path,
                 "float_type": info["float_type"],
                 "probe": "calibration" if (path or "<root>") in inputs else "random",
-                **probe_module(float_module, ref, x),
+                **probe_module(float_module, ref.train(False), x),  # no dropout: repeatable
             }
         )
     expected = artifact.metadata["refq.source"].get("sha256")

@@ -72,8 +72,23 @@ def _is_finite(value: float) -> bool:
         return False
 
 
+class _TooManyNodes(Exception):
+    def __init__(self, mark: yaml.Mark) -> None:
+        self.mark = mark
+
+
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader, reading ``1e-3`` as a float as YAML 1.2 (and editors) do."""
+    """PyYAML's safe loader, reading ``1e-3`` as a float as YAML 1.2 (and editors) do, and
+    stopping at the :data:`MAX_NODES`-th node: composing millions of them first would cost a
+    minute and gigabytes (aliases are counted where they are used, by :class:`YamlReader`)."""
+
+    composed = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self.composed += 1
+        if self.composed > MAX_NODES:
+            raise _TooManyNodes(self.peek_event().start_mark)
+        return super().compose_node(parent, index)
 
 
 _Loader.add_implicit_resolver(
@@ -115,6 +130,11 @@ def compose(data: bytes | str, name: str, what: str, error_type: type[RefqError]
         raise error_type(f"{name}: YAML error: {exc}") from None
     except RecursionError:
         raise error_type(f"{name}: the {what} is nested too deeply") from None
+    except _TooManyNodes as exc:
+        raise error_type(
+            f"{name}:{exc.mark.line + 1}:{exc.mark.column + 1}: the {what} has more than "
+            f"{MAX_NODES} values"
+        ) from None
     if root is None:
         raise error_type(f"{name}:1:1: the {what} is empty; it needs at least 'version: 1'")
     return root

@@ -189,7 +189,9 @@ def test_gates_fail_the_job_after_writing_it(tmp_path):
         and result.exit_code == 1
         and "below --min-sqnr 200" in (result.error)
     )
-    assert jobs[0].output.exists()
+    aside = jobs[0].output.with_name("m0.refq.rejected.safetensors")
+    assert result.output == str(aside) and aside.exists() and not jobs[0].output.exists()
+    assert aside.with_name("m0.report.rejected.json").exists()
 
 
 def test_worker_processes_give_the_same_artifacts(tmp_path):

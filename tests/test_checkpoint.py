@@ -325,3 +325,55 @@ def test_silero_converts_to_the_same_bytes_as_with_torch_jit_load(tmp_path):
     for out, trust in zip(outputs, (False, True), strict=True):
         convert(source, spec, out, trust_code=trust)
     assert outputs[0].read_bytes() == outputs[1].read_bytes()
+
+
+def test_assumed_facts_are_named_in_the_report_and_written_by_init_config(tmp_path):
+    from refq_cli.convert import assumed_facts_warning
+    from refq_cli.init_config import skeleton
+
+    path = write(tmp_path, "pt")
+    spec = tmp_path / "q.yaml"
+    spec.write_text("version: 1\nmodules:\n  aux: {nonlinearity: relu}\n")
+    report = convert(path, spec, tmp_path / "x.refq.safetensors").report
+    assert report["assumed_facts"]["encoder"] == {"batch_first": False, "dropout": 0.0}
+    assert report["assumed_facts"]["aux"] == {"batch_first": False, "dropout": 0.0}
+    assert report["assumed_facts"]["tanh_cell"] == {"nonlinearity": "tanh"}
+    assert "decoder.cell" not in report["assumed_facts"]  # an LSTMCell: weights tell all
+    line = assumed_facts_warning(report)
+    assert "\n" not in line and "modules.encoder.batch_first: false" in line
+    assert "modules.aux.nonlinearity" not in line  # the spec set it
+
+    text = skeleton(load_checkpoint(path))
+    assert '  "encoder":\n    batch_first: false  # PyTorch\'s default' in text
+    assert '  "tanh_cell":\n    nonlinearity: "tanh"' in text
+    recorded = skeleton(load_checkpoint(pickled_rnns(tmp_path), trust_code=True))
+    assert '  "rnn":\n    nonlinearity: "relu"  # as the file records it' in recorded
+
+
+def test_a_spec_init_config_wrote_for_a_pickled_module_converts(tmp_path):
+    from refq_cli.init_config import skeleton
+
+    path = pickled_rnns(tmp_path)
+    spec = tmp_path / "q.yaml"
+    spec.write_text(skeleton(load_checkpoint(path, trust_code=True)))
+    assert convert(path, spec, tmp_path / "x.refq.safetensors", trust_code=True).report
+
+
+def test_an_apply_to_mismatch_of_a_fact_says_which_spec_key_fixes_it(tmp_path):
+    from refq_cli.artifact import load_artifact
+    from refq_cli.errors import ArtifactError
+
+    model = nn.Module()
+    model.encoder = nn.LSTM(3, 4, batch_first=True)
+    path = tmp_path / "m.pt"
+    torch.save(model.state_dict(), path)
+    spec = tmp_path / "q.yaml"
+    spec.write_text("version: 1\n")
+    convert(path, spec, tmp_path / "x.refq.safetensors")
+    artifact = load_artifact(tmp_path / "x.refq.safetensors")
+    with pytest.raises(
+        ArtifactError,
+        match=r"batch_first: model has True, artifact has False "
+        r"\(set batch_first: true for this module under modules: in the spec\)",
+    ):
+        artifact.apply_to(model)

@@ -88,7 +88,10 @@ def convert_command(
         float | None,
         typer.Option(
             "--min-sqnr",
-            help="Quality gate: exit 1 when a weight's SQNR (dB) is below this.",
+            help="Quality gate: exit 1 when a weight's SQNR (dB) is below this; the artifact "
+            "and its reports then go beside their places, named NAME.rejected.EXT "
+            "(m.refq.rejected.safetensors), never in the place of an accepted one. The gate "
+            "and its result are recorded in the artifact and the report.",
             show_default=False,
         ),
     ] = None,
@@ -147,7 +150,8 @@ def _convert_one(job: Any, options: Any, *, json_output: bool, quiet: bool) -> N
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from refq_cli.batch import convert_job
+    from refq_cli.batch import convert_job, gate_error, rejected_job
+    from refq_cli.convert import assumed_facts_warning
 
     stderr = Console(stderr=True)
     show_progress = not quiet and not json_output and stderr.is_terminal
@@ -167,6 +171,11 @@ def _convert_one(job: Any, options: Any, *, json_output: bool, quiet: bool) -> N
                 task, description=what, completed=done, total=total
             ),
         )
+    warning = assumed_facts_warning(report)
+    if warning and not quiet:
+        typer.echo(f"refq: warning: {printable(warning)}", err=True)
+    if report["below_min_sqnr"]:
+        job = rejected_job(job)  # where the files went
     summary = {
         "input": str(job.input),
         "output": str(job.output),
@@ -186,8 +195,8 @@ def _convert_one(job: Any, options: Any, *, json_output: bool, quiet: bool) -> N
         _print_summary(summary)
     if report["below_min_sqnr"]:
         raise ConversionError(
-            f"quality gate: {len(report['below_min_sqnr'])} weight(s) below --min-sqnr "
-            f"{job.min_sqnr:g} dB: " + ", ".join(report["below_min_sqnr"])
+            f"quality gate: {gate_error(job.min_sqnr, report['below_min_sqnr'])}; the artifact "
+            f"and its reports were set aside as {job.output}, {job.report} and {job.report_md}"
         )
 
 

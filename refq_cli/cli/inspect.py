@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -28,7 +29,9 @@ def inspect_command(
     diff: Annotated[
         bool,
         typer.Option(
-            "--diff", help="Compare two artifacts weight by weight; exit 1 if they differ."
+            "--diff",
+            help="Compare two artifacts: metadata, modules and every tensor's bytes; exit 1 "
+            "if they differ. --module/--weight narrow it to those tensors and modules.",
         ),
     ] = False,
     json_output: JsonOutput = False,
@@ -37,9 +40,13 @@ def inspect_command(
     from rich.console import Console
 
     from refq_cli.inspect import describe_artifact, diff_artifacts
+    from refq_cli.spec import MAX_GLOB
 
     if sort not in ("artifact", "sqnr"):
         raise RefqError(f"--sort {sort}: use artifact or sqnr")
+    for flag, glob in (("--module", module), ("--weight", weight)):
+        if len(glob) > MAX_GLOB:
+            raise RefqError(f"{flag}: a glob of {len(glob)} characters; at most {MAX_GLOB}")
     if len(artifacts) != (2 if diff else 1):
         raise RefqError(
             "--diff takes two artifacts"
@@ -49,18 +56,14 @@ def inspect_command(
     # Wide enough that logs and pipes get whole rows; a terminal wraps at its own width.
     console = Console(width=None if Console().is_terminal else 200)
     if diff:
-        a, b = (
-            describe_artifact(p, module=module, weight=weight, channels=True) for p in artifacts
-        )
-        changes = diff_artifacts(a, b)
+        changes = diff_artifacts(*artifacts, module=module, weight=weight)
         if json_output:
             typer.echo(strict_json({"differences": changes}))
         else:
             render_diff(changes, console, *artifacts)
         if changes:
             raise ConversionError(
-                f"{artifacts[0]} and {artifacts[1]} differ in "
-                f"{len({c['weight'] for c in changes})} weight(s)"
+                f"{artifacts[0]} and {artifacts[1]} differ ({len(changes)} difference(s))"
             )
         return
     desc = describe_artifact(artifacts[0], module=module, weight=weight, channels=channels)
@@ -169,17 +172,75 @@ def render_channels(desc: dict[str, Any], console: Any) -> None:
             _line(console, f"  {c} {s!r} {z}")
 
 
+_ROLES = {"codes": "codes", "scales": "scales", "zero_points": "zero points"}
+
+
 def render_diff(changes: list[dict[str, Any]], console: Any, a: Path, b: Path) -> None:
     if not changes:
         _line(console, f"{a} and {b}: no differences")
         return
-    from rich.table import Table
-
-    table = Table(title=plain(f"{a} -> {b}"), title_justify="left")
-    for column in ("weight", "change", "before", "after"):
-        table.add_column(column)
+    _line(console, f"{a} → {b}: {len(changes):,} difference(s)")
     for c in changes:
-        table.add_row(
-            *map(plain, (c["weight"], c["change"], c.get("before", ""), c.get("after", "")))
-        )
-    console.print(table)
+        _line(console, "  " + diff_line(c, a, b))
+
+
+def diff_line(c: dict[str, Any], a: Path, b: Path) -> str:
+    """One record of ``diff_artifacts`` as a line a person reads."""
+    if c["section"] == "tensors":
+        what, change = c["tensor"], c["change"]
+        if change in ("added", "removed"):
+            where = b if change == "added" else a
+            return f"{what}: only in {where} ({c['dtype']} {_shape(c['shape'])})"
+        if change == "changed":
+            show = _shape if c["field"] == "shape" else str
+            return f"{what}: tensor {c['field']} {show(c['before'])} → {show(c['after'])}"
+        role, worst = _ROLES.get(c["role"], "values"), c["max_abs_diff"]
+        if isinstance(worst, int):  # codes, zero points
+            return f"{what}: {c['differ']:,} of {c['of']:,} {role} differ (max |Δ| {worst:,})"
+        worst = "nan" if worst != worst else _number(worst)
+        return f"{what}: {c['differ']:,} of {c['of']:,} {role} differ, max |Δ| {worst}"
+    label = f"module {c['module']}" if c["section"] == "modules" else c["section"]
+    if "field" not in c:  # a module in one artifact only
+        return f"{label}: only in {b if c['change'] == 'added' else a} ({c['type']})"
+    before, after = _pair(c.get("before", _ABSENT), c.get("after", _ABSENT))
+    field = c["field"]
+    if c["section"] == "modules" and field.startswith("weights."):  # gate.weight_hh: dtype ...
+        weight, _, field = field.removeprefix("weights.").partition(".")
+        label = f"{c['module']}.{weight}" if c["module"] else weight
+        return f"{label}: {field or 'parameters'} {before} → {after}"
+    if not field:
+        return f"{label}: {before} → {after}"
+    if c["section"] == "source":  # source sha256: 1a2b… → 4d5e…
+        return f"{label} {field}: {before} → {after}"
+    return f"{label}: {field} {before} → {after}"
+
+
+_ABSENT = object()
+
+
+def _shape(shape: list[int]) -> str:
+    return "x".join(map(str, shape)) or "scalar"
+
+
+def _pair(x: Any, y: Any) -> tuple[str, str]:
+    """Two JSON values as short text that still shows how they differ: numbers with as many
+    digits as that takes, sha256 digests by their first dozen or so."""
+    if all(type(v) is float for v in (x, y)):
+        for digits in range(3, 18):
+            shown = f"{x:.{digits}g}", f"{y:.{digits}g}"
+            if shown[0] != shown[1]:
+                return shown
+    if all(isinstance(v, str) and len(v) == 64 and v.isalnum() for v in (x, y)):
+        keep = next(n for n in range(12, 65) if x[:n] != y[:n])
+        return x[:keep] + "…", y[:keep] + "…"
+    return _value(x), _value(y)
+
+
+def _value(v: Any) -> str:
+    if v is _ABSENT:
+        return "(absent)"
+    if type(v) is float:
+        return _number(v)
+    if isinstance(v, (bool, type(None), dict, list)):
+        return json.dumps(v)  # true, null, {}, []: the leaves of flattened metadata
+    return str(v)

@@ -16,6 +16,7 @@ from tests.checkpoints import FORMATS, silero_file, write
 from tests.scripts import run_refq
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+EXAMPLES = CONFIGS.parent / "examples"
 PRESETS = sorted(p.name for p in CONFIGS.glob("*.yaml"))
 FACTS = "modules:\n  aux: {nonlinearity: relu}\n  context: {batch_first: true}\n"
 
@@ -154,7 +155,8 @@ def test_quality_gate_exits_1_after_writing_the_report(tmp_path):
     result = run_refq("convert", source, "-q", q, "--min-sqnr", "200")
     assert result.returncode == 1
     assert "quality gate" in result.stderr and "below --min-sqnr 200 dB" in result.stderr
-    assert source.with_name("model.refq.report.md").exists()
+    assert source.with_name("model.refq.rejected.report.md").exists()  # set aside
+    assert not source.with_name("model.refq.report.md").exists()
     assert invoke("convert", source, "-q", q, "--min-sqnr", "10", "--force").exit_code == 0
 
 
@@ -197,7 +199,7 @@ def test_init_config_writes_a_spec_that_converts(tmp_path):
     text = skeleton.read_text()
     for path in ("encoder", "context", "aux", "decoder.cell", "gate", "tanh_cell"):
         assert f'- match: "{path}"' in text
-    assert "weight_hr_l1_reverse 3x8" in text and "nonlinearity: tanh" in text
+    assert "weight_hr_l1_reverse 3x8" in text and 'nonlinearity: "tanh"' in text
     load_spec(skeleton)
     result = invoke("convert", source, "-q", skeleton)
     assert result.exit_code == 0, result.output
@@ -295,3 +297,27 @@ def test_help_shows_the_defaults_and_the_argument_name():
     result = CliRunner().invoke(app, ["convert", "--help"], env={"COLUMNS": "200"})
     assert "[default: CHECKPOINT stem + .refq.safetensors]" in result.output
     assert "Usage: refq convert [OPTIONS] {CHECKPOINT}..." in result.output
+
+
+def test_assumed_facts_get_one_warning_line_naming_the_spec_keys(tmp_path):
+    source = write(tmp_path, "pt")
+    result = run_refq(
+        "convert", source, "-q", spec(tmp_path), "-o", tmp_path / "x.refq.safetensors"
+    )
+    assert result.returncode == 0, result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("refq: warning: model.pt: weights cannot tell these facts")
+    assert 'modules.tanh_cell.nonlinearity: "tanh"' in line and "modules.context.dropout" in line
+    quiet = run_refq(
+        "convert", source, "-q", spec(tmp_path), "-o", tmp_path / "y.refq.safetensors", "--quiet"
+    )
+    assert quiet.returncode == 0 and quiet.stderr == ""
+    bundled = run_refq(
+        "convert",
+        EXAMPLES / "models" / "example.pt",
+        "-q",
+        EXAMPLES / "models" / "example.yaml",
+        "-o",
+        tmp_path / "example.refq.safetensors",
+    )
+    assert bundled.returncode == 0 and bundled.stderr == ""  # its spec sets every fact

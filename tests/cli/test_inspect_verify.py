@@ -155,10 +155,15 @@ def test_diff_of_equal_and_different_artifacts(tmp_path):
     result = invoke("inspect", "--diff", a, c, "--json")
     assert result.exit_code == 1
     changes = json.loads(result.stdout)["differences"]
-    kinds = {(c["weight"], c["change"]) for c in changes}
-    assert ("encoder.weight_ih_l0", "removed") in kinds
-    assert ("gate.weight_hh", "qscheme changed") in kinds
-    assert ("gate.weight_hh", "scales changed") in kinds
+    kinds = {
+        (c["section"], c.get("module") or c.get("tensor"), c.get("field"), c["change"])
+        for c in changes
+    }
+    assert ("modules", "encoder", None, "removed") in kinds
+    assert ("tensors", "encoder.weight_ih_l0_scale", None, "removed") in kinds
+    assert ("tensors", "encoder.weight_ih_l0", "dtype", "changed") in kinds
+    assert ("modules", "gate", "weights.weight_hh.qscheme", "changed") in kinds
+    assert ("tensors", "gate.weight_hh_scale", "shape", "changed") in kinds
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,22 @@ import pytest
 from tests.scripts import run_refq
 
 BAD = {
+    # fnmatch translates brackets in quadratic time: 20,000 of them took 15 s
+    "long-glob": (
+        b'version: 1\nrules:\n  - match: "' + b"[" * 20_000 + b'"\n',
+        r"q.yaml:3:12: match is a glob of 20000 characters; at most 1000",
+    ),
+    "long-weight-glob": (
+        b"version: 1\nrules:\n  - match: x\n    weights:\n      ? "
+        + b"a" * 2000
+        + b"\n      : {}\n",
+        r"q.yaml:5:9: weights key 'a+\.\.\.a+' is a glob of 2000 characters",
+    ),
+    # composing 2 million nodes before counting them took a minute and 1.5 GB
+    "two-million-values": (
+        b"version: 1\nrules: [" + b"1," * 2_000_000 + b"1]\n",
+        r"q.yaml:2:\d+: the spec has more than 100000 values",
+    ),
     "syntax": (b"version: 1\ndefaults: {dtype: qint8\n", r"q.yaml:3:1: YAML syntax error"),
     "tab": (b"version: 1\ndefaults:\n\tdtype: qint8\n", r"q.yaml:3:1: YAML syntax error"),
     "duplicate-key": (
