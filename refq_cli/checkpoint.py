@@ -203,7 +203,9 @@ _CONSTRUCTOR_KEYS = (
 )
 
 
-def _with_recorded(module: RecurrentModule, recorded: Mapping[str, Any], source: str) -> Any:
+def _with_recorded(
+    module: RecurrentModule, recorded: Mapping[str, Any], source: str
+) -> RecurrentModule:
     """``module`` with the facts its file records; refused where they contradict its weights."""
     for key, inferred in {"proj_size": 0, **module.config}.items():
         if key in recorded and recorded[key] != inferred:

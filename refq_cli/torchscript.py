@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from refq_cli.errors import CheckpointError
+from refq_cli.inputs import NotRegularFile, open_regular
 
 _MAX_PICKLE = 32 << 20  # bytes of data.pkl: torch writes about 100 bytes per tensor
 _MAX_CODE_FILE = 16 << 20  # bytes of one code file, uncompressed
@@ -165,11 +166,11 @@ class _Reader:
     # --- the zip file -------------------------------------------------------------------------
 
     def read(self) -> TorchScriptContents:
-        fd = os.open(self.path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+        try:
+            fd = open_regular(self.path)
+        except (NotRegularFile, IsADirectoryError):
+            raise _Refused("not a regular file") from None
         info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            os.close(fd)
-            raise _Refused("not a regular file")
         with open(fd, "rb") as file:  # closes fd; the mapping outlives it
             if info.st_size < 22:
                 raise _Refused("too short to be a zip file")
