@@ -8,7 +8,7 @@ keeps going past failures (unless told to stop at the first) and reports every j
 from __future__ import annotations
 
 import glob
-import hashlib
+import heapq
 import json
 import os
 import sys
@@ -22,7 +22,8 @@ from typing import Any
 
 from refq_cli.errors import RefqError, markdown_cell, strict_json
 from refq_cli.files import Outputs, Paths, Replaceable, check_outputs, starts_with
-from refq_cli.gate import Gate, gate_error, weights_below
+from refq_cli.gate import WEIGHT_SQNR, Gate, gate_error, gate_record, named_below
+from refq_cli.inputs import read_at_most
 
 ARTIFACT_SUFFIX = ".refq.safetensors"
 REPORT_MD_HEADING = "# refq conversion report"  # what report.to_markdown starts with
@@ -32,8 +33,7 @@ _REPORT_LIMIT = 1 << 26  # bytes of a JSON report read to tell whether refq wrot
 
 @dataclass(frozen=True)
 class Job:
-    """One conversion. ``key`` (input and output as written, or relative to the manifest's
-    folder) is what sharding hashes, so it depends neither on the machine nor on job order."""
+    """One conversion. Its shard depends on its input alone (:attr:`input_key`)."""
 
     input: Path
     spec: Path
@@ -44,11 +44,10 @@ class Job:
     base: Path | None = None  # the manifest's folder: keys are relative to it
 
     @property
-    def key(self) -> str:
-        def shown(p: Path) -> str:
-            return Path(os.path.relpath(p, self.base)).as_posix() if self.base else p.as_posix()
-
-        return f"{shown(self.input)}\n{shown(self.output)}"
+    def input_key(self) -> str:
+        """The input's path relative to the manifest's folder (to the working directory for
+        ``refq convert``): the same on every machine that checks the project out anywhere."""
+        return Path(os.path.relpath(self.input, self.base or os.getcwd())).as_posix()
 
     @property
     def report_md(self) -> Path:
@@ -194,13 +193,54 @@ def parse_shard(text: str) -> tuple[int, int]:
     return k, n
 
 
-def shard_index(key: str, shards: int) -> int:
-    """Which of ``shards`` shards (0-based) a job key falls in: a hash, the same everywhere."""
-    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % shards
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/v1\n"
+_LFS_POINTER_MAX = 1024  # bytes: Git LFS pointer files are about 130
+
+
+def input_bytes(path: Path) -> int:
+    """The size of an input as sharding weighs it: its size on disk, or for a Git LFS pointer
+    the size of the file it stands for (so runners that pulled it and runners that did not
+    agree); 0 for what is not a regular file (the job fails later, naming why)."""
+    try:
+        head = read_at_most(path, _LFS_POINTER_MAX)
+        size = os.stat(path).st_size
+    except OSError:
+        return 0
+    if head.startswith(_LFS_POINTER):
+        for line in head.decode("ascii", "replace").splitlines():
+            key, _, value = line.partition(" ")
+            if key == "size" and value.isdigit():
+                return int(value)
+    return size
+
+
+def assign_shards(
+    jobs: Sequence[Job], shards: int, weigh: Callable[[Path], int] = input_bytes
+) -> list[int]:
+    """The shard (0-based) of each job: the same on every runner given the same jobs in any
+    order, whatever their outputs, with the input bytes of the shards as even as greedy
+    balancing makes them. Jobs of one input go together; inputs, largest first (ties by
+    path), each join the shard with the fewest bytes so far (then the fewest inputs, then the
+    lowest number). The largest and smallest shard differ by at most the largest input."""
+    sizes: dict[str, int] = {}
+    weight: dict[str, int] = {}  # bytes an input costs its shard: its size, once per job
+    for job in jobs:
+        key = job.input_key
+        if key not in sizes:
+            sizes[key] = weigh(job.input)
+        weight[key] = weight.get(key, 0) + sizes[key]
+    loads = [(0, 0, s) for s in range(shards)]  # (bytes, inputs, shard): a heap
+    shard_of: dict[str, int] = {}
+    for key in sorted(weight, key=lambda k: (-weight[k], k)):
+        load, count, shard = heapq.heappop(loads)
+        shard_of[key] = shard
+        heapq.heappush(loads, (load + weight[key], count + 1, shard))
+    return [shard_of[job.input_key] for job in jobs]
 
 
 def select_shard(jobs: Sequence[Job], k: int, n: int) -> list[Job]:
-    return [job for job in jobs if shard_index(job.key, n) == k - 1]
+    """The jobs of shard ``k`` of ``n`` (1-based), in their order: see :func:`assign_shards`."""
+    return [job for job, shard in zip(jobs, assign_shards(jobs, n), strict=True) if shard == k - 1]
 
 
 # --- quality gates ----------------------------------------------------------------------------
@@ -268,23 +308,55 @@ def _recorded_sqnrs(metadata: dict[str, Any]) -> list[tuple[str, float | None]]:
 # --- running ----------------------------------------------------------------------------------
 
 
+STATUSES = ("converted", "skipped", "gate", "failed", "not_run", "listed")
+
+
 @dataclass
 class JobResult:
+    """What became of a job: its record in ``--json`` output (:meth:`record`) and summaries.
+    The paths are where its files are: the rejected names when it missed its gate."""
+
     input: str
+    spec: str
     output: str
-    status: str  # converted | skipped | failed | gate | not run
+    report_json: str
+    report_md: str
+    status: str  # one of STATUSES
     error: str | None = None
     seconds: float = 0.0
     worst_sqnr_db: float | None = None
+    gate: dict[str, Any] | None = None  # gate_record, when the job has a gate it was judged by
     exit_code: int = 0
     detail: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    @classmethod
+    def of(cls, job: Job, status: str, **fields: Any) -> JobResult:
+        paths = (job.input, job.spec, job.output, job.report, job.report_md)
+        return cls(*map(str, paths), status, **fields)
+
     def record(self) -> dict[str, Any]:
-        """The job's line in --json summaries."""
+        """The job's record in --json output."""
         out = asdict(self)
         out.pop("detail")
         out.pop("exit_code")
         return out
+
+
+def totals(results: Sequence[JobResult]) -> dict[str, int]:
+    """How many jobs ended in each status, every status named."""
+    return {s: sum(r.status == s for r in results) for s in STATUSES}
+
+
+def totals_line(results: Sequence[JobResult]) -> str:
+    """``2 converted, 1 gate`` (statuses with no job left out), for people."""
+    counts = totals(results).items()
+    return ", ".join(f"{n} {s.replace('_', ' ')}" for s, n in counts if n) or "no jobs"
+
+
+def run_summary(results: Sequence[JobResult]) -> dict[str, Any]:
+    """The ``--json`` output of ``refq convert`` and ``refq batch``, one shape for one job or
+    many (``refq_cli/schemas/output.schema.json``)."""
+    return {"jobs": [r.record() for r in results], "totals": totals(results)}
 
 
 @dataclass(frozen=True)
@@ -347,11 +419,11 @@ def _convert_job(
             gate=gate,
         )
         report = conversion.report
-        below: list[str] = []
+        below: list[dict[str, Any]] = []
         if gate is not None:
             assert gate.below is not None  # judged as the artifact's metadata was made
             below = gate.below
-            report["gate"] = {"min_sqnr": gate.min_sqnr, "passed": not below, "below": below}
+            report["gate"] = gate_record(gate.min_sqnr, WEIGHT_SQNR, below)
         target = rejected if below else job
         markdown = to_markdown(report)
         if gate is not None:
@@ -360,8 +432,30 @@ def _convert_job(
         outputs.write(target.report, (strict_json(report, sort_keys=True) + "\n").encode())
         outputs.write(target.report_md, markdown.encode())
         outputs.commit()
-    report["below_min_sqnr"] = below
     return report
+
+
+def missed_gate(report: dict[str, Any]) -> bool:
+    """Whether a report (of :func:`convert_job`) records a gate its conversion missed."""
+    return report.get("gate") is not None and not report["gate"]["passed"]
+
+
+def converted_result(job: Job, report: dict[str, Any]) -> JobResult:
+    """The result of a job :func:`convert_job` converted into ``report``."""
+    placed = rejected_job(job) if missed_gate(report) else job
+    result = JobResult.of(
+        placed,
+        "gate" if missed_gate(report) else "converted",
+        seconds=report["totals"]["seconds"],
+        worst_sqnr_db=report["totals"]["worst_sqnr_db"],
+        gate=report.get("gate"),
+        exit_code=int(missed_gate(report)),
+        detail=report,
+    )
+    if missed_gate(report):
+        assert job.min_sqnr is not None
+        result.error = gate_error(job.min_sqnr, report["gate"]["below"])
+    return result
 
 
 class _GatedOutputs(Outputs):
@@ -420,32 +514,35 @@ def _unchanged_metadata(job: Job) -> dict[str, Any] | None:
 def run_job(job: Job, options: Options) -> JobResult:
     """One job, never raising for refq's own errors: they become a failed result."""
     started = time.perf_counter()
-    result = JobResult(str(job.input), str(job.output), "converted")
     try:
         metadata = None
         if options.skip_unchanged and job.input.is_file():
             metadata = _unchanged_metadata(job)
-        if metadata is not None:  # the gate is judged again, on the SQNRs the artifact records
-            sqnrs = _recorded_sqnrs(metadata)
-            known = [s for _, s in sqnrs if s is not None]
-            result.status, result.worst_sqnr_db = "skipped", min(known) if known else None
-            below = weights_below(sqnrs, job.min_sqnr) if job.min_sqnr is not None else []
-        else:  # with --skip-unchanged, refq's own outputs that are out of date are replaced
+        if metadata is None:  # with --skip-unchanged, refq's own outputs out of date are replaced
             report = convert_job(job, options)
-            result.worst_sqnr_db = report["totals"]["worst_sqnr_db"]
-            result.detail = report
-            below = report["below_min_sqnr"]
-            if below:
-                result.output = str(rejected_job(job).output)
-        if below:
-            assert job.min_sqnr is not None
-            result.status, result.exit_code = "gate", 1
-            result.error = gate_error(job.min_sqnr, below)
-            if metadata is not None:  # not converted again: it passed the gate it records
-                result.error += "; the artifact in place, accepted by an earlier gate, is kept"
+            result = converted_result(job, report)
+        else:
+            result = _skipped_result(job, metadata)
     except RefqError as exc:
-        result.status, result.error, result.exit_code = "failed", str(exc), exc.exit_code
+        result = JobResult.of(job, "failed", error=str(exc), exit_code=exc.exit_code)
     result.seconds = round(time.perf_counter() - started, 3)
+    return result
+
+
+def _skipped_result(job: Job, metadata: dict[str, Any]) -> JobResult:
+    """An up-to-date job: skipped, its gate judged again on the SQNRs the artifact records."""
+    sqnrs = _recorded_sqnrs(metadata)
+    known = [s for _, s in sqnrs if s is not None]
+    result = JobResult.of(job, "skipped", worst_sqnr_db=min(known) if known else None)
+    if job.min_sqnr is not None:
+        below = named_below(sqnrs, job.min_sqnr)
+        result.gate = gate_record(job.min_sqnr, WEIGHT_SQNR, below)
+        if below:  # not converted again: the artifact in place passed the gate it records
+            result.status, result.exit_code = "gate", 1
+            result.error = (
+                gate_error(job.min_sqnr, below)
+                + "; the artifact in place, accepted by an earlier gate, is kept"
+            )
     return result
 
 
@@ -465,7 +562,7 @@ def run_jobs(
 ) -> list[JobResult]:
     """Run every job (in ``workers`` processes, each converting whole files) and report each,
     in the order of ``jobs``. With ``fail_fast``, jobs not started after a failure are
-    reported as "not run"."""
+    reported as "not_run"."""
     results: dict[int, JobResult] = {}
     report = on_result or (lambda _: None)
     stopped = False
@@ -492,29 +589,24 @@ def run_jobs(
                         other.cancel()
     for i, job in enumerate(jobs):
         if i not in results:
-            results[i] = JobResult(
-                str(job.input), str(job.output), "not run", error="stopped by --fail-fast"
-            )
+            results[i] = JobResult.of(job, "not_run", error="stopped by --fail-fast")
             report(results[i])
     return [results[i] for i in range(len(jobs))]
 
 
 def summary_markdown(results: Sequence[JobResult]) -> str:
     """A Markdown table of the jobs, for CI step summaries."""
-    counts = {
-        s: sum(r.status == s for r in results)
-        for s in ("converted", "skipped", "gate", "failed", "not run")
-    }
     lines = [
         SUMMARY_HEADING,
         "",
-        ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no jobs",
+        totals_line(results),
         "",
         "| input | output | status | worst SQNR dB | seconds | error |",
         "|---|---|---|---|---|---|",
     ]
     for r in results:
         sqnr = "" if r.worst_sqnr_db is None else f"{r.worst_sqnr_db:.2f}"
-        cells = [r.input, r.output, r.status, sqnr, f"{r.seconds:.2f}", r.error or ""]
+        status = r.status.replace("_", " ")
+        cells = [r.input, r.output, status, sqnr, f"{r.seconds:.2f}", r.error or ""]
         lines.append("| " + " | ".join(map(markdown_cell, cells)) + " |")
     return "\n".join(lines) + "\n"

@@ -29,7 +29,7 @@ from refq_cli.artifact import (
 from refq_cli.checkpoint import Checkpoint, RecurrentModule, load_checkpoint, read_tensors
 from refq_cli.errors import CheckpointError, RefqError, SpecError
 from refq_cli.files import Outputs
-from refq_cli.gate import Gate, weights_below
+from refq_cli.gate import Gate, named_below
 from refq_cli.observers import observe
 from refq_cli.quant import WeightQParams, dequantize
 from refq_cli.registry import converter_for
@@ -107,10 +107,10 @@ class Conversion:
             metadata["refq.gate"] = self.gate.judge(self)
         return metadata
 
-    def below(self, min_sqnr: float) -> list[str]:
+    def below(self, min_sqnr: float) -> list[dict[str, Any]]:
         """Weights whose SQNR is under ``min_sqnr`` dB, worst first (exact weights never are,
-        NaN always is)."""
-        return weights_below(
+        NaN always is): :func:`refq_cli.gate.named_below`."""
+        return named_below(
             ((f"{w['module']}.{w['weight']}", w["sqnr_db"]) for w in self.report["weights"]),
             min_sqnr,
         )

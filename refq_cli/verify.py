@@ -8,8 +8,9 @@ from typing import Any
 from refq_cli.artifact import ArtifactError, load_artifact
 from refq_cli.checkpoint import load_checkpoint, read_tensors
 from refq_cli.convert import check_calibration_names, check_module_matches
+from refq_cli.gate import OUTPUT_SQNR, gate_record, named_below
 from refq_cli.report import probe_for, probe_module
-from refq_cli.spec import FACT_TYPES
+from refq_cli.spec import FACT_TYPES, display_path
 
 
 def verify(
@@ -18,8 +19,10 @@ def verify(
     *,
     calibration: str | Path | None = None,
     trust_code: bool = False,
+    min_sqnr: float | None = None,
 ) -> dict[str, Any]:
-    """Per-module output error of the artifact's reference modules against the float ones."""
+    """Per-module output error of the artifact's reference modules against the float ones;
+    with ``min_sqnr``, the gate those output SQNRs are judged by (``gate``, else None)."""
     artifact = load_artifact(artifact_path)
     checkpoint = load_checkpoint(checkpoint_path, trust_code=trust_code)
     inputs = read_tensors(calibration, what="calibration")[2] if calibration else {}
@@ -51,9 +54,14 @@ def verify(
             }
         )
     expected = artifact.metadata["refq.source"].get("sha256")
+    gate = None
+    if min_sqnr is not None:
+        named = ((display_path(m["path"]), m["output_sqnr_db"]) for m in rows)
+        gate = gate_record(min_sqnr, OUTPUT_SQNR, named_below(named, min_sqnr))
     return {
         "artifact": str(artifact_path),
         "checkpoint": str(checkpoint_path),
         "source_matches": expected == checkpoint.sha256,
         "modules": rows,
+        "gate": gate,
     }

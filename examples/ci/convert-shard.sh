@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Convert one CI job's shard of the checkpoints a manifest lists.
 #   usage: examples/ci/convert-shard.sh K N [MANIFEST]
-# Every shard K of N converts a fixed subset (a hash of each job's paths), so N CI jobs convert
+# Every shard K of N converts a fixed part (by input path, balanced by bytes), so N CI jobs convert
 # every checkpoint exactly once. Outputs already up to date are skipped. The JSON and Markdown
 # summaries are written even when a job fails; the exit code is refq's (1: a job failed).
 set -euo pipefail

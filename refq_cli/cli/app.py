@@ -5,11 +5,14 @@ Nothing imported at module level may import torch: ``refq --help`` must stay ins
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import os
+import sys
 import warnings
-from collections.abc import Callable
-from typing import Annotated, Any
+from collections.abc import Callable, Iterable
+from typing import IO, Annotated, Any
 
 import typer
 
@@ -108,11 +111,73 @@ for _name, _command in {
     app.command(_name)(reporting_errors(_command))
 
 
+class QuietPipe:
+    """A standard stream that drops its output, quietly, once its reader has gone.
+
+    Python ignores SIGPIPE, so writing into a pipe whose reader closed it (``refq schema | head
+    -1``) raises BrokenPipeError: out of click's echo (then "refq: internal error"), out of rich's
+    print (which exits 1), or at exit, out of Python's last flush ("Exception ignored", exit 120).
+    Through this wrapper the first such error points the stream's descriptor at /dev/null instead:
+    the command goes on with its work, its output lost, and exits with the code that work earns.
+    Everything else goes to the stream itself, its ``buffer`` (where click writes bytes, and
+    where it reads from when it re-wraps a stream it finds misconfigured) wrapped the same way.
+    """
+
+    def __init__(self, stream: IO[Any]) -> None:
+        self._stream = stream
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    @property
+    def buffer(self) -> QuietPipe:
+        return QuietPipe(self._stream.buffer)  # type: ignore[attr-defined]
+
+    def write(self, data: Any) -> int:
+        try:
+            return self._stream.write(data)
+        except OSError as exc:
+            self._drop_output(exc)
+            return len(data)
+
+    def writelines(self, lines: Iterable[Any]) -> None:
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except OSError as exc:
+            self._drop_output(exc)
+
+    def _drop_output(self, exc: OSError) -> None:
+        """Re-raise ``exc`` unless it says the pipe is broken; if it does, write to /dev/null
+        from now on (what is still buffered too, so Python's flush at exit succeeds)."""
+        if exc.errno != errno.EPIPE:
+            raise exc
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        with contextlib.suppress(OSError, ValueError):  # no descriptor: each write fails, dropped
+            os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point: the app, with its standard streams :class:`QuietPipe`."""
     # PyTorch's CPU allocator backs tensors of 2 MB and more with transparent huge pages when
     # this is set before torch loads (and the kernel allows it): one page fault per 2 MB instead
     # of per 4 kB. oneDNN's per-call copies of the recurrent weights and the fake-quantized
     # weights are such tensors; conversions take about a sixth less time with it.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    app()
+    streams = sys.stdout, sys.stderr
+    quiet = [None if stream is None else QuietPipe(stream) for stream in streams]
+    sys.stdout, sys.stderr = quiet  # type: ignore[assignment]
+    try:
+        app()
+    finally:
+        # A pipe that broke since the last flush shows here, in time to point it at /dev/null.
+        # Any other error Python's own flush at exit reports, as it would without the wrapper.
+        for stream in quiet:
+            if stream is not None:
+                with contextlib.suppress(OSError):
+                    stream.flush()
+        sys.stdout, sys.stderr = streams

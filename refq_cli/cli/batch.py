@@ -80,13 +80,16 @@ def run_batch(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from refq_cli.batch import (
+        JobResult,
         check_jobs,
         check_run,
         is_summary,
         parse_shard,
         run_jobs,
+        run_summary,
         select_shard,
         summary_markdown,
+        totals_line,
     )
     from refq_cli.files import write_file
 
@@ -96,14 +99,11 @@ def run_batch(
     if shard is not None:
         jobs = select_shard(jobs, *parse_shard(shard))
     if list_jobs:
-        listing = [
-            {"input": str(j.input), "output": str(j.output), "spec": str(j.spec)} for j in jobs
-        ]
         if json_output:
-            typer.echo(strict_json({"jobs": listing}))
+            typer.echo(strict_json(run_summary([JobResult.of(j, "listed") for j in jobs])))
         else:
-            for item in listing:
-                typer.echo(printable(f"{item['input']} -> {item['output']} ({item['spec']})"))
+            for j in jobs:
+                typer.echo(printable(f"{j.input} -> {j.output} ({j.spec})"))
         return
 
     for job in jobs:  # batch outputs go to folders made for them (--out-dir, out_dir:)
@@ -128,7 +128,7 @@ def run_batch(
         bar.advance(task)
         if json_output or (quiet and result.exit_code == 0):
             return
-        line = f"{result.status.upper():9} {result.input}"
+        line = f"{result.status.replace('_', ' ').upper():9} {result.input}"
         if result.status in ("converted", "gate"):
             sqnr = result.worst_sqnr_db
             line += (
@@ -150,16 +150,10 @@ def run_batch(
             flag="--summary-md",
             replaceable=is_summary,
         )
-    counts = {
-        s: sum(r.status == s for r in results)
-        for s in ("converted", "skipped", "gate", "failed", "not run")
-    }
     if json_output:
-        typer.echo(strict_json({"jobs": [r.record() for r in results], "totals": counts}))
+        typer.echo(strict_json(run_summary(results)))
     elif not quiet:
-        console.print(
-            ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no jobs", highlight=False
-        )
+        console.print(totals_line(results), highlight=False)
     failed = [r for r in results if r.exit_code != 0]
     if failed:
         raise ConversionError(

@@ -7,7 +7,6 @@ one line each, through the same runner as ``refq batch``.
 from __future__ import annotations
 
 import math
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
@@ -150,7 +149,7 @@ def _convert_one(job: Any, options: Any, *, json_output: bool, quiet: bool) -> N
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from refq_cli.batch import convert_job, gate_error, rejected_job
+    from refq_cli.batch import convert_job, converted_result, run_summary
     from refq_cli.convert import assumed_facts_warning
 
     stderr = Console(stderr=True)
@@ -171,45 +170,30 @@ def _convert_one(job: Any, options: Any, *, json_output: bool, quiet: bool) -> N
                 task, description=what, completed=done, total=total
             ),
         )
+    result = converted_result(job, report)
     warning = assumed_facts_warning(report)
     if warning and not quiet:
         typer.echo(f"refq: warning: {printable(warning)}", err=True)
-    if report["below_min_sqnr"]:
-        job = rejected_job(job)  # where the files went
-    summary = {
-        "input": str(job.input),
-        "output": str(job.output),
-        "report_json": str(job.report),
-        "report_md": str(job.report_md),
-        "seconds": report["totals"]["seconds"],
-        "totals": report["totals"],
-        "modules": [
-            {k: m.get(k) for k in ("path", "float_type", "skipped", "output_sqnr_db")}
-            for m in report["modules"]
-        ],
-        "below_min_sqnr": report["below_min_sqnr"],
-    }
     if json_output:
-        sys.stdout.write(strict_json(summary) + "\n")
+        typer.echo(strict_json(run_summary([result])))
     elif not quiet:
-        _print_summary(summary)
-    if report["below_min_sqnr"]:
+        _print_summary(result, report["totals"])
+    if result.error:
         raise ConversionError(
-            f"quality gate: {gate_error(job.min_sqnr, report['below_min_sqnr'])}; the artifact "
-            f"and its reports were set aside as {job.output}, {job.report} and {job.report_md}"
+            f"quality gate: {result.error}; the artifact and its reports were set aside as "
+            f"{result.output}, {result.report_json} and {result.report_md}"
         )
 
 
-def _print_summary(summary: dict) -> None:
-    totals = summary["totals"]
+def _print_summary(result: Any, totals: dict[str, Any]) -> None:
     worst = totals["worst_sqnr_db"]
     worst_text = "exact" if worst is None else f"{worst:.1f} dB"
     typer.echo(
         printable(
-            f"{summary['input']} -> {summary['output']}: {totals['weights_quantized']} weights "
+            f"{result.input} -> {result.output}: {totals['weights_quantized']} weights "
             f"quantized, worst SQNR {worst_text}, {totals['float_bytes']:,} -> "
             f"{totals['quantized_bytes']:,} bytes ({totals['compression_ratio']:.2f}x), "
-            f"{summary['seconds']:.2f} s"
+            f"{result.seconds:.2f} s"
         )
     )
-    typer.echo(printable(f"report: {summary['report_md']} and {summary['report_json']}"))
+    typer.echo(printable(f"report: {result.report_md} and {result.report_json}"))

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from refq_cli.cli.options import JsonOutput, TrustCode
-from refq_cli.errors import ConversionError, strict_json
+from refq_cli.errors import ConversionError, RefqError, strict_json
+from refq_cli.gate import gate_error
 
 
 def verify_command(
@@ -43,16 +45,13 @@ def verify_command(
     from refq_cli.cli.inspect import plain
     from refq_cli.verify import verify
 
-    result = verify(artifact, against, calibration=calibration, trust_code=trust_code)
-    failing = [
-        f"{m['path'] or '<root>'} ({m['output_sqnr_db']:.2f} dB)"
-        for m in result["modules"]
-        if min_sqnr is not None
-        and m["output_sqnr_db"] is not None
-        and not m["output_sqnr_db"] >= min_sqnr  # NaN fails
-    ]
+    if min_sqnr is not None and not math.isfinite(min_sqnr):
+        raise RefqError(f"--min-sqnr {min_sqnr}: give a finite number of dB")
+    result = verify(
+        artifact, against, calibration=calibration, trust_code=trust_code, min_sqnr=min_sqnr
+    )
     if json_output:
-        typer.echo(strict_json({**result, "below_min_sqnr": failing}))
+        typer.echo(strict_json(result))
     else:
         table = Table(title=plain(f"{artifact} against {against}"), title_justify="left")
         for column in (
@@ -80,8 +79,8 @@ def verify_command(
         raise ConversionError(
             f"{against} is not the checkpoint {artifact} was converted from (sha256 differs)"
         )
-    if failing:
+    gate = result["gate"]
+    if gate is not None and not gate["passed"]:
         raise ConversionError(
-            f"quality gate: {len(failing)} module(s) below --min-sqnr "
-            f"{min_sqnr:g} dB: " + ", ".join(failing)
+            f"quality gate: {gate_error(gate['min_sqnr_db'], gate['below'], noun='module')}"
         )

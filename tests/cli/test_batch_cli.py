@@ -38,8 +38,6 @@ def test_many_inputs_and_globs_in_one_convert(tmp_path, monkeypatch):
         f"out/model{i}.refq.safetensors" for i in range(3)
     ]
     assert all((tmp_path / r["output"]).exists() for r in summary["jobs"])
-    record = summary["jobs"][0]
-    assert set(record) == {"input", "output", "status", "error", "seconds", "worst_sqnr_db"}
 
 
 def test_a_failure_among_good_jobs_exits_1_and_reports_every_job(tmp_path, monkeypatch):

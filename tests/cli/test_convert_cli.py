@@ -57,8 +57,10 @@ def test_every_preset_on_a_real_trained_model(tmp_path, preset):
         "--json",
     )
     assert result.exit_code == 0, result.output
-    summary = json.loads(result.stdout)
-    assert summary["output"] == str(out) and summary["totals"]["weights_quantized"] == 2
+    (record,) = json.loads(result.stdout)["jobs"]
+    assert record["output"] == str(out) and record["status"] == "converted"
+    report = json.loads(Path(record["report_json"]).read_text())
+    assert report["totals"]["weights_quantized"] == 2
 
 
 @pytest.mark.parametrize("observer", ["minmax", "mse", "percentile", "fixed"])
@@ -68,7 +70,7 @@ def test_every_observer(tmp_path, observer):
         body = "defaults: {observer: fixed, qscheme: per_tensor_symmetric, scale: 0.01}\n"
     result = invoke("convert", write(tmp_path, "pt"), "-q", spec(tmp_path, body), "--json")
     assert result.exit_code == 0, result.output
-    report = json.loads(Path(json.loads(result.stdout)["report_json"]).read_text())
+    report = json.loads(Path(json.loads(result.stdout)["jobs"][0]["report_json"]).read_text())
     assert {w["observer"] for w in report["weights"]} == {observer}
 
 
