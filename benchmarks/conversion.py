@@ -102,10 +102,10 @@ save_file(out, sys.argv[2])
 NO_PROBE = """
 import os, sys
 os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-from refq_cli import digest
+from refq_cli.io import digest
 digest.start(sys.argv[2])
-import refq_cli.convert
-refq_cli.convert.module_output = lambda module, x, cell: x
+import refq_cli.pipeline.convert
+refq_cli.pipeline.convert.module_output = lambda module, x, cell: x
 from refq_cli.cli.app import main
 sys.argv[0] = "refq"
 main()

@@ -14,11 +14,11 @@ import statistics
 import sys
 from pathlib import Path
 
-from refq_cli.checkpoint import load_checkpoint
-from refq_cli.observers import _from_range, observe
-from refq_cli.quant import fake_quantize
-from refq_cli.report import sqnr_db, weight_stats
-from refq_cli.spec import QParamSpec
+from refq_cli.io.checkpoint import load_checkpoint
+from refq_cli.pipeline.report import sqnr_db, weight_stats
+from refq_cli.quant.numerics import fake_quantize
+from refq_cli.quant.observers import _from_range, observe
+from refq_cli.spec.spec import QParamSpec
 
 SCHEMES = [
     ("qint8", "per_tensor_affine"),

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from model import CHECKPOINT, ExampleModel  # noqa: E402
 
 from refq_cli import reference  # noqa: E402
-from refq_cli.quant import DTYPES  # noqa: E402
+from refq_cli.quant.numerics import DTYPES  # noqa: E402
 
 
 def int8_symmetric_per_channel(weight: torch.Tensor) -> dict:

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from refq_cli.artifact import ArtifactError, SafetensorsWriter, write_safetensors
+from refq_cli.pipeline.artifact import ArtifactError, SafetensorsWriter, write_safetensors
 
 TENSORS = {
     "b.weight": torch.arange(12, dtype=torch.int8).reshape(3, 4),

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from refq_cli.batch import Job, Options, is_unchanged, run_jobs
-from refq_cli.manifest import ManifestError, load_manifest
+from refq_cli.pipeline.batch import Job, Options, is_unchanged, run_jobs
+from refq_cli.pipeline.manifest import ManifestError, load_manifest
 from tests.checkpoints import write
 
 

@@ -10,10 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from refq_cli.checkpoint import find_recurrent_modules, load_checkpoint
-from refq_cli.convert import convert
 from refq_cli.errors import CheckpointError, SpecError
-from refq_cli.header import read_header
+from refq_cli.io.checkpoint import find_recurrent_modules, load_checkpoint
+from refq_cli.io.header import read_header
+from refq_cli.pipeline.convert import convert
 from tests.checkpoints import FORMATS, silero_file, speech_state, write
 
 SPEECH_MODULES = {
@@ -197,7 +197,7 @@ def test_a_bare_module_state_dict_sits_at_the_root():
 
 
 def test_an_artifact_is_not_an_input(tmp_path):
-    from refq_cli.artifact import write_safetensors
+    from refq_cli.pipeline.artifact import write_safetensors
 
     path = tmp_path / "a.refq.safetensors"
     write_safetensors(path, {"w": torch.zeros(2)}, {"format": "refq"})
@@ -328,8 +328,8 @@ def test_silero_converts_to_the_same_bytes_as_with_torch_jit_load(tmp_path):
 
 
 def test_assumed_facts_are_named_in_the_report_and_written_by_init_config(tmp_path):
-    from refq_cli.convert import assumed_facts_warning
-    from refq_cli.init_config import skeleton
+    from refq_cli.pipeline.convert import assumed_facts_warning
+    from refq_cli.pipeline.init_config import skeleton
 
     path = write(tmp_path, "pt")
     spec = tmp_path / "q.yaml"
@@ -351,7 +351,7 @@ def test_assumed_facts_are_named_in_the_report_and_written_by_init_config(tmp_pa
 
 
 def test_a_spec_init_config_wrote_for_a_pickled_module_converts(tmp_path):
-    from refq_cli.init_config import skeleton
+    from refq_cli.pipeline.init_config import skeleton
 
     path = pickled_rnns(tmp_path)
     spec = tmp_path / "q.yaml"
@@ -360,8 +360,8 @@ def test_a_spec_init_config_wrote_for_a_pickled_module_converts(tmp_path):
 
 
 def test_an_apply_to_mismatch_of_a_fact_says_which_spec_key_fixes_it(tmp_path):
-    from refq_cli.artifact import load_artifact
     from refq_cli.errors import ArtifactError
+    from refq_cli.pipeline.artifact import load_artifact
 
     model = nn.Module()
     model.encoder = nn.LSTM(3, 4, batch_first=True)

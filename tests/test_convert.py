@@ -12,9 +12,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 from refq_cli import reference
-from refq_cli.artifact import ArtifactError, load_artifact
-from refq_cli.convert import convert
 from refq_cli.errors import CheckpointError, SpecError
+from refq_cli.pipeline.artifact import ArtifactError, load_artifact
+from refq_cli.pipeline.convert import convert
 from tests.checkpoints import Speech, write
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -240,7 +240,7 @@ def test_is_decomposed_reaches_the_modules(tmp_path):
 def test_reading_files_that_are_not_refq_artifacts(tmp_path):
     from safetensors.torch import save_file
 
-    from refq_cli.artifact import write_safetensors
+    from refq_cli.pipeline.artifact import write_safetensors
 
     text = tmp_path / "text.safetensors"
     text.write_text("hello")
@@ -259,7 +259,7 @@ def test_reading_files_that_are_not_refq_artifacts(tmp_path):
 def test_our_safetensors_writer_reads_back_with_the_library(tmp_path):
     from safetensors.torch import load_file
 
-    from refq_cli.artifact import write_safetensors
+    from refq_cli.pipeline.artifact import write_safetensors
 
     tensors = {
         "b": torch.arange(5, dtype=torch.int8),

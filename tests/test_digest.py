@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from refq_cli import digest
+from refq_cli.io import digest
 
 
 def test_a_started_digest_is_the_files_sha256(tmp_path):
@@ -50,10 +50,14 @@ def test_a_failed_conversion_job_leaves_no_hash_running(tmp_path, monkeypatch):
     import importlib
     import sys
 
-    for name in ("refq_cli.artifact", "refq_cli.convert", "refq_cli.report"):
+    for name in (
+        "refq_cli.pipeline.artifact",
+        "refq_cli.pipeline.convert",
+        "refq_cli.pipeline.report",
+    ):
         importlib.import_module(name)  # now, so that the job imports no torch itself
-    from refq_cli.batch import Job, Options, convert_job
     from refq_cli.errors import RefqError
+    from refq_cli.pipeline.batch import Job, Options, convert_job
 
     source = tmp_path / "model.pt"
     source.write_bytes(b"x" * 100)
@@ -81,7 +85,7 @@ def test_digest_does_not_import_torch():
     import subprocess
     import sys
 
-    code = "import sys, refq_cli.digest; print('torch' in sys.modules)"
+    code = "import sys, refq_cli.io.digest; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from refq_cli.header import read_header
+from refq_cli.io.header import read_header
 from tests.checkpoints import write
 from tests.scripts import run_refq
 

@@ -11,7 +11,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from refq_cli.errors import ArtifactError
-from refq_cli.header import read_header, read_layout, read_values
+from refq_cli.io.header import read_header, read_layout, read_values
 
 TENSORS = {
     "f64": torch.randn(3, dtype=torch.float64),
@@ -48,8 +48,8 @@ def test_reads_what_the_library_reads(tmp_path):
 
 
 def test_every_dtype_refq_writes_has_its_size():
-    from refq_cli.artifact import _SAFETENSORS_DTYPES
-    from refq_cli.header import DTYPE_SIZES
+    from refq_cli.io.header import DTYPE_SIZES
+    from refq_cli.pipeline.artifact import _SAFETENSORS_DTYPES
 
     for dtype, name in _SAFETENSORS_DTYPES.items():
         assert DTYPE_SIZES[name] == torch.empty(0, dtype=dtype).element_size(), name

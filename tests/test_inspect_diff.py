@@ -15,11 +15,11 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from refq_cli import header
-from refq_cli import inspect as inspect_module
 from refq_cli.cli.app import app
-from refq_cli.convert import convert
-from refq_cli.header import read_layout
+from refq_cli.io import header
+from refq_cli.io.header import read_layout
+from refq_cli.pipeline import inspect as inspect_module
+from refq_cli.pipeline.convert import convert
 from tests.checkpoints import write
 from tests.scripts import run_and_check_torch, run_refq
 

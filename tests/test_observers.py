@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from refq_cli.errors import SpecError
-from refq_cli.observers import observe
-from refq_cli.report import weight_stats
-from refq_cli.spec import Loc, QParamSpec, parse_spec, resolve
+from refq_cli.pipeline.report import weight_stats
+from refq_cli.quant.observers import observe
+from refq_cli.spec.spec import Loc, QParamSpec, parse_spec, resolve
 
 
 def spec(observer="minmax", dtype="qint8", qscheme="per_channel_symmetric", **extra):

@@ -14,9 +14,9 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from refq_cli import quant
 from refq_cli.errors import QParamsError
-from refq_cli.quant import (
+from refq_cli.quant import numerics as quant
+from refq_cli.quant.numerics import (
     DTYPES,
     QuantizedWeight,
     WeightQParams,

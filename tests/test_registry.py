@@ -7,13 +7,14 @@ import textwrap
 import pytest
 from torch import nn
 
-from refq_cli import reference, registry
+from refq_cli import reference
+from refq_cli.reference import registry
 from tests.scripts import run_refq
 
 PLUGIN = '''
 from torch import nn
 
-from refq_cli.registry import register
+from refq_cli.reference.registry import register
 
 
 class FancyLSTM(nn.LSTM):

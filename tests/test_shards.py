@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from refq_cli.batch import Job, assign_shards, input_bytes, select_shard
 from refq_cli.cli.app import app
+from refq_cli.pipeline.batch import Job, assign_shards, input_bytes, select_shard
 
 
 def job(name: str, out: str = "out", spec: str = "q.yaml", base: Path | None = None) -> Job:

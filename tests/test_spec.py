@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from refq_cli.errors import SpecError
-from refq_cli.spec import json_schema, load_spec, parse_spec, resolve
+from refq_cli.spec.spec import json_schema, load_spec, parse_spec, resolve
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -43,8 +43,8 @@ def batch_command(
     quiet: Quiet = False,
 ) -> None:
     """Run the conversion jobs a manifest lists (one shard of them with --shard)."""
-    from refq_cli.batch import Options
-    from refq_cli.manifest import load_manifest
+    from refq_cli.pipeline.batch import Options
+    from refq_cli.pipeline.manifest import load_manifest
 
     run_batch(
         load_manifest(manifest),
@@ -79,7 +79,8 @@ def run_batch(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from refq_cli.batch import (
+    from refq_cli.io.outputs import write_file
+    from refq_cli.pipeline.batch import (
         JobResult,
         check_jobs,
         check_run,
@@ -91,7 +92,6 @@ def run_batch(
         summary_markdown,
         totals_line,
     )
-    from refq_cli.files import write_file
 
     if workers < 1:
         raise RefqError(f"--jobs {workers}: give at least 1")

@@ -107,7 +107,7 @@ def convert_command(
     quiet: Quiet = False,
 ) -> None:
     """Convert float checkpoints into reference-quantized artifacts and reports."""
-    from refq_cli.batch import Job, Options, expand_inputs, output_paths
+    from refq_cli.pipeline.batch import Job, Options, expand_inputs, output_paths
 
     if min_sqnr is not None and not math.isfinite(min_sqnr):
         raise RefqError(f"--min-sqnr {min_sqnr}: give a finite number of dB")
@@ -149,8 +149,8 @@ def _convert_one(job: Any, options: Any, *, json_output: bool, quiet: bool) -> N
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from refq_cli.batch import convert_job, converted_result, run_summary
-    from refq_cli.convert import assumed_facts_warning
+    from refq_cli.pipeline.batch import convert_job, converted_result, run_summary
+    from refq_cli.pipeline.convert import assumed_facts_warning
 
     stderr = Console(stderr=True)
     show_progress = not quiet and not json_output and stderr.is_terminal

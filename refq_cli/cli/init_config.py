@@ -22,9 +22,9 @@ def init_config_command(
     trust_code: TrustCode = False,
 ) -> None:
     """Print a spec skeleton listing every recurrent module and weight in the checkpoint."""
-    from refq_cli.checkpoint import load_checkpoint
-    from refq_cli.files import Outputs
-    from refq_cli.init_config import skeleton
+    from refq_cli.io.checkpoint import load_checkpoint
+    from refq_cli.io.outputs import Outputs
+    from refq_cli.pipeline.init_config import skeleton
 
     if output is None:
         typer.echo(skeleton(load_checkpoint(input_path, trust_code=trust_code)), nl=False)

@@ -39,8 +39,8 @@ def inspect_command(
     """Print the quantization parameters stored in an artifact written by refq convert."""
     from rich.console import Console
 
-    from refq_cli.inspect import describe_artifact, diff_artifacts
-    from refq_cli.spec import MAX_GLOB
+    from refq_cli.pipeline.inspect import describe_artifact, diff_artifacts
+    from refq_cli.spec.spec import MAX_GLOB
 
     if sort not in ("artifact", "sqnr"):
         raise RefqError(f"--sort {sort}: use artifact or sqnr")

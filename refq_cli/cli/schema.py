@@ -21,7 +21,7 @@ def schema_command(
 ) -> None:
     """Print a JSON Schema: of the YAML spec, or of the commands' --json output."""
     if of == "spec":
-        from refq_cli.spec import json_schema
+        from refq_cli.spec.spec import json_schema
 
         typer.echo(json.dumps(json_schema(), indent=2))
     elif of == "output":

@@ -10,7 +10,7 @@ import typer
 
 from refq_cli.cli.options import JsonOutput, TrustCode
 from refq_cli.errors import ConversionError, RefqError, strict_json
-from refq_cli.gate import gate_error
+from refq_cli.pipeline.gate import gate_error
 
 
 def verify_command(
@@ -43,7 +43,7 @@ def verify_command(
     from rich.table import Table
 
     from refq_cli.cli.inspect import plain
-    from refq_cli.verify import verify
+    from refq_cli.pipeline.verify import verify
 
     if min_sqnr is not None and not math.isfinite(min_sqnr):
         raise RefqError(f"--min-sqnr {min_sqnr}: give a finite number of dB")

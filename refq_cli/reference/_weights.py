@@ -22,7 +22,13 @@ import torch
 from torch import nn
 
 from refq_cli.errors import QParamsError
-from refq_cli.quant import QuantizedWeight, WeightQParams, canonical_name, fake_quantize, quantize
+from refq_cli.quant.numerics import (
+    QuantizedWeight,
+    WeightQParams,
+    canonical_name,
+    fake_quantize,
+    quantize,
+)
 
 # PyTorch's reference modules quantize every weight this way when given no weight_qparams_dict.
 _TORCH_DEFAULT_QPARAMS = {

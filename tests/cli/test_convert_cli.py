@@ -11,7 +11,7 @@ import yaml
 from typer.testing import CliRunner
 
 from refq_cli.cli.app import app
-from refq_cli.spec import load_spec
+from refq_cli.spec.spec import load_spec
 from tests.checkpoints import FORMATS, silero_file, write
 from tests.scripts import run_refq
 

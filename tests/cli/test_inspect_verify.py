@@ -14,11 +14,11 @@ from rich.console import Console
 from safetensors import safe_open
 from typer.testing import CliRunner
 
-from refq_cli.artifact import write_safetensors
 from refq_cli.cli.app import app
 from refq_cli.cli.inspect import render_table
-from refq_cli.convert import convert
-from refq_cli.inspect import describe_artifact
+from refq_cli.pipeline.artifact import write_safetensors
+from refq_cli.pipeline.convert import convert
+from refq_cli.pipeline.inspect import describe_artifact
 from tests.checkpoints import write
 from tests.scripts import run_and_check_torch
 
@@ -108,7 +108,7 @@ def test_header_and_float_tensors(tmp_path):
 
 
 def test_inspect_reads_only_the_header_scales_and_zero_points(tmp_path, monkeypatch):
-    from refq_cli import header
+    from refq_cli.io import header
 
     path, _ = make_artifact(tmp_path)
     reads = []  # (start, end) of every read from the artifact

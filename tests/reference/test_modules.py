@@ -13,7 +13,7 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from refq_cli import reference
 from refq_cli.errors import QParamsError
-from refq_cli.quant import QuantizedWeight, WeightQParams, fake_quantize
+from refq_cli.quant.numerics import QuantizedWeight, WeightQParams, fake_quantize
 from refq_cli.reference import _weights
 from tests.reference.helpers import REFERENCE_TYPE, tie_heavy_qparams, weight_names
 

@@ -18,12 +18,12 @@ from hypothesis import strategies as st
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from refq_cli.artifact import load_artifact
 from refq_cli.cli.app import app
-from refq_cli.convert import convert
 from refq_cli.errors import RefqError
-from refq_cli.header import read_header
-from refq_cli.inspect import describe_artifact
+from refq_cli.io.header import read_header
+from refq_cli.pipeline.artifact import load_artifact
+from refq_cli.pipeline.convert import convert
+from refq_cli.pipeline.inspect import describe_artifact
 from tests.checkpoints import write
 from tests.robustness.test_fuzz import FUZZ
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from torch import nn
 
-from refq_cli.artifact import load_artifact
-from refq_cli.convert import convert
 from refq_cli.errors import ArtifactError
+from refq_cli.pipeline.artifact import load_artifact
+from refq_cli.pipeline.convert import convert
 from tests.scripts import run_refq
 
 

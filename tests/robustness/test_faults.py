@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from refq_cli import artifact
-from refq_cli.batch import Job, Options, convert_job
 from refq_cli.errors import RefqError
+from refq_cli.pipeline import artifact
+from refq_cli.pipeline.batch import Job, Options, convert_job
 from tests.checkpoints import write
 from tests.scripts import run_refq
 
@@ -95,7 +95,7 @@ KILLED_WRITER = """
 import sys, time
 from pathlib import Path
 import torch
-from refq_cli import artifact
+from refq_cli.pipeline import artifact
 
 def slow(source, target, size):
     target.write(b"x" * 1_000_000)

@@ -16,11 +16,11 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from refq_cli.artifact import load_artifact
-from refq_cli.convert import convert
 from refq_cli.errors import RefqError
-from refq_cli.inspect import describe_artifact
-from refq_cli.spec import parse_spec, resolve
+from refq_cli.pipeline.artifact import load_artifact
+from refq_cli.pipeline.convert import convert
+from refq_cli.pipeline.inspect import describe_artifact
+from refq_cli.spec.spec import parse_spec, resolve
 from tests.checkpoints import write
 
 BUDGET = int(os.environ.get("REFQ_FUZZ_EXAMPLES", "400"))

@@ -17,10 +17,10 @@ import pytest
 import torch
 from torch import nn
 
-from refq_cli.batch import Job, Options, convert_job
-from refq_cli.checkpoint import load_checkpoint, read_tensors
-from refq_cli.convert import convert
 from refq_cli.errors import ArtifactError, CheckpointError
+from refq_cli.io.checkpoint import load_checkpoint, read_tensors
+from refq_cli.pipeline.batch import Job, Options, convert_job
+from refq_cli.pipeline.convert import convert
 from tests.scripts import run_refq
 
 LSTM = {"lstm.weight_ih": torch.randn(16, 4), "lstm.weight_hh": torch.randn(16, 4)}
@@ -209,7 +209,7 @@ def test_a_replaced_input_is_refused(tmp_path):
 TRUNCATE = """
 import os, sys, torch
 from torch import nn
-from refq_cli.convert import convert
+from refq_cli.pipeline.convert import convert
 model = nn.Module()
 model.a, model.b = nn.LSTM(256, 256), nn.LSTM(256, 256)
 torch.save(model.state_dict(), "big.pt")
@@ -236,7 +236,7 @@ def test_a_checkpoint_whose_artifact_header_would_be_unreadable_is_refused_befor
     tmp_path, monkeypatch
 ):
     """The case of 150,000 tensors with long names (a header over 100 MB), at a lower limit."""
-    monkeypatch.setattr("refq_cli.artifact.MAX_HEADER_BYTES", 20_000)
+    monkeypatch.setattr("refq_cli.pipeline.artifact.MAX_HEADER_BYTES", 20_000)
     path = saved(tmp_path, "many.pt", {f"{i:04d}." + "x" * 100: torch.ones(1) for i in range(200)})
     spec = tmp_path / "q.yaml"
     spec.write_text("version: 1\n")
@@ -270,7 +270,7 @@ def test_a_spec_or_manifest_that_is_not_a_regular_file_is_refused_unread(
 
 def test_a_link_swapped_after_hashing_cannot_show_other_weights(tmp_path, monkeypatch):
     """Every read goes to the file that was hashed, not to what the path names later."""
-    import refq_cli.checkpoint as checkpoint
+    import refq_cli.io.checkpoint as checkpoint
 
     first, second = (tmp_path / "A.pt", tmp_path / "B.pt")
     torch.save({"lstm.weight_ih": torch.ones(16, 4), "lstm.weight_hh": torch.ones(16, 4)}, first)

@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from refq_cli.artifact import load_artifact
+from refq_cli.pipeline.artifact import load_artifact
 from tests.checkpoints import write
 from tests.scripts import run_refq
 

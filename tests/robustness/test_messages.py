@@ -16,13 +16,13 @@ import typer
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from refq_cli.artifact import load_artifact
 from refq_cli.cli.app import app, reporting_errors
-from refq_cli.convert import convert
 from refq_cli.errors import ArtifactError, RefqError, SpecError
-from refq_cli.header import read_header
-from refq_cli.inspect import describe_artifact
-from refq_cli.spec import MODULE_FIELDS, QPARAM_FIELDS, parse_spec
+from refq_cli.io.header import read_header
+from refq_cli.pipeline.artifact import load_artifact
+from refq_cli.pipeline.convert import convert
+from refq_cli.pipeline.inspect import describe_artifact
+from refq_cli.spec.spec import MODULE_FIELDS, QPARAM_FIELDS, parse_spec
 from tests.checkpoints import write
 from tests.scripts import run_refq
 

@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from refq_cli.batch import Job, Options, convert_job
 from refq_cli.cli.app import app
 from refq_cli.errors import RefqError
+from refq_cli.pipeline.batch import Job, Options, convert_job
 from tests.checkpoints import write
 from tests.scripts import run_refq
 
@@ -133,7 +133,7 @@ def test_skip_unchanged_replaces_only_refqs_own_outdated_outputs(setup, tmp_path
 
 
 def test_a_link_planted_at_the_temporary_name_is_not_written_through(tmp_path):
-    from refq_cli.artifact import write_safetensors
+    from refq_cli.pipeline.artifact import write_safetensors
 
     source = write(tmp_path, "pt")
     before = snapshot(source)
@@ -150,7 +150,7 @@ LIVE_WRITER = """
 import os, sys
 from pathlib import Path
 import torch
-from refq_cli import artifact
+from refq_cli.pipeline import artifact
 
 os.getpid = lambda: 4194305  # a PID from another namespace: no process here has it
 real_copy = artifact._copy_data
@@ -168,7 +168,7 @@ artifact.write_safetensors(Path(sys.argv[1]), {"w": torch.full((3,), 7.0)}, {}, 
 def test_cleanup_never_removes_a_live_writers_temporary(tmp_path):
     from safetensors.torch import load_file
 
-    from refq_cli.artifact import write_safetensors
+    from refq_cli.pipeline.artifact import write_safetensors
 
     script = tmp_path / "writer.py"
     script.write_text(textwrap.dedent(LIVE_WRITER))
@@ -229,8 +229,8 @@ def test_outputs_that_share_a_report_are_refused(tmp_path):
 def test_concurrent_forced_runs_leave_one_runs_artifact_and_reports(tmp_path, monkeypatch):
     """Run A pauses after writing its artifact; run B writes everything; A finishes. The
     artifact and both reports must all be one run's."""
-    from refq_cli import report as report_module
-    from refq_cli.header import read_header
+    from refq_cli.io.header import read_header
+    from refq_cli.pipeline import report as report_module
 
     spec = tmp_path / "q.yaml"
     spec.write_text(SPEC)
@@ -308,7 +308,7 @@ def test_a_read_only_report_folder_is_one_line_naming_it(setup, tmp_path):
 
 
 def test_a_failing_report_write_is_one_error_and_leaves_nothing(tmp_path, monkeypatch):
-    from refq_cli import report as report_module
+    from refq_cli.pipeline import report as report_module
 
     source = write(tmp_path, "pt")
     (tmp_path / "q.yaml").write_text(SPEC)
@@ -329,7 +329,7 @@ def test_a_failing_report_write_is_one_error_and_leaves_nothing(tmp_path, monkey
 
 
 def test_a_header_refq_could_not_read_back_is_refused_before_writing(tmp_path):
-    from refq_cli.artifact import ArtifactError, SafetensorsWriter
+    from refq_cli.pipeline.artifact import ArtifactError, SafetensorsWriter
 
     target = tmp_path / "big.refq.safetensors"
     with pytest.raises(ArtifactError, match="header") as caught, SafetensorsWriter(target) as w:
@@ -342,8 +342,8 @@ def test_a_header_refq_could_not_read_back_is_refused_before_writing(tmp_path):
 
 
 def test_the_header_check_before_the_work_is_cheap(tmp_path):
-    from refq_cli.artifact import ArtifactError, check_header_fits, write_safetensors
-    from refq_cli.header import MAX_HEADER_BYTES
+    from refq_cli.io.header import MAX_HEADER_BYTES
+    from refq_cli.pipeline.artifact import ArtifactError, check_header_fits, write_safetensors
 
     names = (f"{i:07d}." + "x" * 700 for i in range(150_000))
     with pytest.raises(ArtifactError, match="shorter names"):
@@ -395,7 +395,7 @@ def test_init_config_output_is_checked_before_reading_the_checkpoint(setup, tmp_
 
 
 def test_an_output_replaced_by_a_link_meanwhile_is_not_written(tmp_path, monkeypatch):
-    from refq_cli import report as report_module
+    from refq_cli.pipeline import report as report_module
 
     source = write(tmp_path, "pt")
     before = snapshot(source)

@@ -1,4 +1,4 @@
-"""Reading TorchScript archives without running their code (refq_cli.torchscript).
+"""Reading TorchScript archives without running their code (refq_cli.io.torchscript).
 
 The reader must give what ``torch.jit.load(path).state_dict()`` gives, run nothing from the
 archive, and turn anything malformed or hostile into one CheckpointError line.
@@ -19,9 +19,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from refq_cli.checkpoint import load_checkpoint
 from refq_cli.errors import CheckpointError
-from refq_cli.torchscript import TorchScriptContents, is_torchscript, read_torchscript
+from refq_cli.io.checkpoint import load_checkpoint
+from refq_cli.io.torchscript import TorchScriptContents, is_torchscript, read_torchscript
 from tests.checkpoints import silero_file
 from tests.scripts import run_refq
 

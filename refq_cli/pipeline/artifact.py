@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from refq_cli.errors import ArtifactError, RefqError, shorten, strict_json
-from refq_cli.files import Outputs
-from refq_cli.header import FORMAT, FORMAT_VERSION, MAX_HEADER_BYTES, read_artifact
+from refq_cli.io.header import FORMAT, FORMAT_VERSION, MAX_HEADER_BYTES, read_artifact
+from refq_cli.io.outputs import Outputs
 
 _SAFETENSORS_DTYPES = {
     torch.float64: "F64",
@@ -264,7 +264,7 @@ class Artifact:
         rest of the model keeps its own); ``model.train()`` afterwards puts them in training
         mode, with dropout, like any other module.
         """
-        from refq_cli.convert import check_module_matches
+        from refq_cli.pipeline.convert import check_module_matches
 
         infos = self.metadata["refq.modules"]
         for path in self.modules:
@@ -300,7 +300,7 @@ def load_artifact(path: str | Path) -> Artifact:
     """Read an artifact written by ``refq convert`` into runnable reference modules."""
     from safetensors.torch import load_file
 
-    from refq_cli.convert import reference_from_artifact
+    from refq_cli.pipeline.convert import reference_from_artifact
 
     path = Path(path)
     _, metadata = read_artifact(path)  # checked against the tensors' shapes, no data read yet

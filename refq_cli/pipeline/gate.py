@@ -23,7 +23,7 @@ OUTPUT_SQNR = "output_sqnr"  # what refq verify's gate measures
 class Gate:
     """A conversion's ``min_sqnr``. :meth:`Conversion.metadata` records :meth:`judge`'s verdict
     in the artifact (``refq.gate``), and a job's artifact that missed its gate is staged under
-    its rejected name (``refq_cli.batch.rejected_job``), never in the accepted place."""
+    its rejected name (``refq_cli.pipeline.batch.rejected_job``), never in the accepted place."""
 
     min_sqnr: float
     below: list[dict[str, Any]] | None = None  # the weights under it, once judged

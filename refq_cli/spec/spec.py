@@ -15,7 +15,15 @@ from typing import Any
 import yaml
 
 from refq_cli.errors import QParamsError, SpecError, shorten
-from refq_cli.yaml_reader import Field, Loc, Setting, Settings, YamlReader, compose, read_document
+from refq_cli.spec.yaml_reader import (
+    Field,
+    Loc,
+    Setting,
+    Settings,
+    YamlReader,
+    compose,
+    read_document,
+)
 
 SPEC_VERSION = 1
 

@@ -19,7 +19,7 @@ import yaml
 from yaml.constructor import SafeConstructor
 
 from refq_cli.errors import RefqError, shorten
-from refq_cli.inputs import read_at_most, why_unreadable
+from refq_cli.io.inputs import read_at_most, why_unreadable
 
 MAX_BYTES = 4 * 1024 * 1024
 MAX_NODES = 100_000

@@ -5,12 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from refq_cli.artifact import ArtifactError, load_artifact
-from refq_cli.checkpoint import load_checkpoint, read_tensors
-from refq_cli.convert import check_calibration_names, check_module_matches
-from refq_cli.gate import OUTPUT_SQNR, gate_record, named_below
-from refq_cli.report import probe_for, probe_module
-from refq_cli.spec import FACT_TYPES, display_path
+from refq_cli.io.checkpoint import load_checkpoint, read_tensors
+from refq_cli.pipeline.artifact import ArtifactError, load_artifact
+from refq_cli.pipeline.convert import check_calibration_names, check_module_matches
+from refq_cli.pipeline.gate import OUTPUT_SQNR, gate_record, named_below
+from refq_cli.pipeline.report import probe_for, probe_module
+from refq_cli.spec.spec import FACT_TYPES, display_path
 
 
 def verify(

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from refq_cli.checkpoint import Checkpoint
-from refq_cli.spec import BUILTIN_DEFAULTS, FACT_DEFAULTS, display_path, facts_of
+from refq_cli.io.checkpoint import Checkpoint
+from refq_cli.spec.spec import BUILTIN_DEFAULTS, FACT_DEFAULTS, display_path, facts_of
 
 
 def skeleton(checkpoint: Checkpoint) -> str:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from refq_cli.errors import RefqError, markdown_cell, printable
-from refq_cli.quant import WeightQParams, _for_rows, quantize_blocks, row_sums_of_squares
+from refq_cli.quant.numerics import WeightQParams, _for_rows, quantize_blocks, row_sums_of_squares
 
 PROBE_STEPS = 16
 PROBE_BATCH = 4

@@ -4,7 +4,7 @@ Accepted inputs: a ``state_dict`` saved with ``torch.save`` (also nested under `
 ``model``), a ``.safetensors`` file, a TorchScript archive, and, only when trusted to run code
 (``trust_code``), a pickled ``nn.Module``. Files are recognised by their bytes, not their names.
 Unless trusted, ``torch.save`` files are read with ``weights_only=True`` and TorchScript archives
-by refq's own reader (:mod:`refq_cli.torchscript`), so no code from the file runs. What a file
+by refq's own reader (:mod:`refq_cli.io.torchscript`), so no code from the file runs. What a file
 cannot hold as plain data or would cost far more than its size to read is refused.
 
 Recurrent modules are found from key patterns and shapes: ``P.weight_ih`` / ``P.weight_hh`` is a
@@ -32,12 +32,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from refq_cli.digest import sha256_of
 from refq_cli.errors import CheckpointError, shorten
-from refq_cli.inputs import open_regular, why_unreadable
-from refq_cli.pickles import MAX_HUGE_NUMBERS, count_huge_numbers
-from refq_cli.spec import facts_of
-from refq_cli.torchscript import is_torchscript, read_torchscript
+from refq_cli.io.digest import sha256_of
+from refq_cli.io.inputs import open_regular, why_unreadable
+from refq_cli.io.pickles import MAX_HUGE_NUMBERS, count_huge_numbers
+from refq_cli.io.torchscript import is_torchscript, read_torchscript
+from refq_cli.spec.spec import facts_of
 
 Facts = dict[str, dict[str, Any]]  # module path -> constructor arguments a file records
 _CELL_TYPES = {1: "RNNCell", 3: "GRUCell", 4: "LSTMCell"}

@@ -1,7 +1,7 @@
 """Reading artifacts back without running them: per-weight parameters and diffs.
 
 ``describe_artifact`` reads the header and only the small ``_scale`` / ``_zero_point`` tensors,
-never the integer codes or float tensors, and imports no torch (:mod:`refq_cli.header`).
+never the integer codes or float tensors, and imports no torch (:mod:`refq_cli.io.header`).
 ``diff_artifacts`` compares everything two artifacts hold, every tensor's bytes included, read
 block by block with plain file reads, also without torch.
 """
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from refq_cli.errors import ArtifactError, shorten
-from refq_cli.header import (
+from refq_cli.io.header import (
     TensorEntry,
     decode_values,
     element_bits,

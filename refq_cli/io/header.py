@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from refq_cli.errors import ArtifactError, shorten
-from refq_cli.spec import DTYPE_NAMES, OBSERVER_NAMES, QSCHEME_NAMES
+from refq_cli.spec.spec import DTYPE_NAMES, OBSERVER_NAMES, QSCHEME_NAMES
 
 FORMAT = "refq"
 FORMAT_VERSION = 1

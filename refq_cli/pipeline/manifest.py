@@ -24,9 +24,9 @@ from pathlib import Path
 
 import yaml
 
-from refq_cli.batch import Job, check_jobs, output_paths
 from refq_cli.errors import RefqError
-from refq_cli.yaml_reader import Field, Settings, YamlReader, read_document
+from refq_cli.pipeline.batch import Job, check_jobs, output_paths
+from refq_cli.spec.yaml_reader import Field, Settings, YamlReader, read_document
 
 MANIFEST_VERSION = 1
 

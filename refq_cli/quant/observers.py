@@ -17,8 +17,14 @@ from dataclasses import replace
 import torch
 
 from refq_cli.errors import QParamsError
-from refq_cli.quant import DTYPES, QSCHEMES, WeightQParams, fake_quantize, row_sums_of_squares
-from refq_cli.spec import QParamSpec
+from refq_cli.quant.numerics import (
+    DTYPES,
+    QSCHEMES,
+    WeightQParams,
+    fake_quantize,
+    row_sums_of_squares,
+)
+from refq_cli.spec.spec import QParamSpec
 
 _EPS = torch.finfo(torch.float32).eps
 MSE_CANDIDATES = 100  # clipping ratios searched by the mse observer, from 1.0 down to 0.01

@@ -16,7 +16,7 @@ import stat
 import threading
 from pathlib import Path
 
-from refq_cli.inputs import open_regular
+from refq_cli.io.inputs import open_regular
 
 _BLOCK = 1 << 24
 

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from refq_cli.errors import RefqError, markdown_cell, strict_json
-from refq_cli.files import Outputs, Paths, Replaceable, check_outputs, starts_with
-from refq_cli.gate import WEIGHT_SQNR, Gate, gate_error, gate_record, named_below
-from refq_cli.inputs import read_at_most
+from refq_cli.io.inputs import read_at_most
+from refq_cli.io.outputs import Outputs, Paths, Replaceable, check_outputs, starts_with
+from refq_cli.pipeline.gate import WEIGHT_SQNR, Gate, gate_error, gate_record, named_below
 
 ARTIFACT_SUFFIX = ".refq.safetensors"
 REPORT_MD_HEADING = "# refq conversion report"  # what report.to_markdown starts with
@@ -81,7 +81,7 @@ def replaceable_outputs(job: Job, flags: bool = False) -> dict[str, Callable[[Pa
 
 
 def _is_artifact(path: Path) -> bool:
-    from refq_cli.header import read_header
+    from refq_cli.io.header import read_header
 
     try:
         read_header(path)
@@ -374,12 +374,12 @@ def convert_job(
 ) -> dict[str, Any]:
     """Convert one job and write its artifact and reports; return the report. Raises RefqError.
 
-    Output paths are checked before any work (see :class:`refq_cli.files.Outputs`): distinct
+    Output paths are checked before any work (see :class:`refq_cli.io.outputs.Outputs`): distinct
     from each other, from the job's inputs and ``options.protected``, and new unless ``force``
     (or, with ``skip_unchanged``, refq's own outputs out of date). The artifact and both
     reports are moved into place together once all three are written.
     """
-    from refq_cli import digest
+    from refq_cli.io import digest
 
     if "torch" not in sys.modules:  # hash while torch imports, below; later jobs gain nothing
         digest.start(job.input)
@@ -392,8 +392,8 @@ def convert_job(
 def _convert_job(
     job: Job, options: Options, progress: Callable[[str, int, int | None], None] | None
 ) -> dict[str, Any]:
-    from refq_cli.convert import convert
-    from refq_cli.report import to_markdown
+    from refq_cli.pipeline.convert import convert
+    from refq_cli.pipeline.report import to_markdown
 
     paths, tests = job_outputs(job, options.by_flags, options.skip_unchanged)
     gate = Gate(float(job.min_sqnr)) if job.min_sqnr is not None else None
@@ -491,9 +491,9 @@ def is_unchanged(job: Job) -> bool:
 
 def _unchanged_metadata(job: Job) -> dict[str, Any] | None:
     """The checked metadata of the job's artifact when :func:`is_unchanged`, else None."""
-    from refq_cli.digest import sha256_of
-    from refq_cli.header import FORMAT_VERSION, read_artifact
-    from refq_cli.spec import load_spec
+    from refq_cli.io.digest import sha256_of
+    from refq_cli.io.header import FORMAT_VERSION, read_artifact
+    from refq_cli.spec.spec import load_spec
 
     if not (job.output.is_file() and job.report.is_file() and job.report_md.is_file()):
         return None

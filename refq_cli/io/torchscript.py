@@ -26,7 +26,7 @@ from typing import Any
 import torch
 
 from refq_cli.errors import CheckpointError
-from refq_cli.inputs import NotRegularFile, open_regular
+from refq_cli.io.inputs import NotRegularFile, open_regular
 
 _MAX_PICKLE = 32 << 20  # bytes of data.pkl: torch writes about 100 bytes per tensor
 _MAX_CODE_FILE = 16 << 20  # bytes of one code file, uncompressed

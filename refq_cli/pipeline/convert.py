@@ -20,21 +20,21 @@ import torch
 from torch import nn
 
 from refq_cli import __version__, reference
-from refq_cli.artifact import (
+from refq_cli.errors import CheckpointError, RefqError, SpecError
+from refq_cli.io.checkpoint import Checkpoint, RecurrentModule, load_checkpoint, read_tensors
+from refq_cli.io.outputs import Outputs
+from refq_cli.pipeline.artifact import (
     ArtifactError,
     SafetensorsWriter,
     artifact_header,
     check_header_fits,
 )
-from refq_cli.checkpoint import Checkpoint, RecurrentModule, load_checkpoint, read_tensors
-from refq_cli.errors import CheckpointError, RefqError, SpecError
-from refq_cli.files import Outputs
-from refq_cli.gate import Gate, named_below
-from refq_cli.observers import observe
-from refq_cli.quant import WeightQParams, dequantize
-from refq_cli.registry import converter_for
-from refq_cli.report import module_output, probe_for, probe_result, quantize_and_measure
-from refq_cli.spec import (
+from refq_cli.pipeline.gate import Gate, named_below
+from refq_cli.pipeline.report import module_output, probe_for, probe_result, quantize_and_measure
+from refq_cli.quant.numerics import WeightQParams, dequantize
+from refq_cli.quant.observers import observe
+from refq_cli.reference.registry import converter_for
+from refq_cli.spec.spec import (
     FACT_DEFAULTS,
     ModulePlan,
     Spec,
@@ -109,7 +109,7 @@ class Conversion:
 
     def below(self, min_sqnr: float) -> list[dict[str, Any]]:
         """Weights whose SQNR is under ``min_sqnr`` dB, worst first (exact weights never are,
-        NaN always is): :func:`refq_cli.gate.named_below`."""
+        NaN always is): :func:`refq_cli.pipeline.gate.named_below`."""
         return named_below(
             ((f"{w['module']}.{w['weight']}", w["sqnr_db"]) for w in self.report["weights"]),
             min_sqnr,
