@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 from refq_cli.io.checkpoint import load_checkpoint
-from refq_cli.pipeline.report import sqnr_db, weight_stats
 from refq_cli.quant.numerics import fake_quantize
 from refq_cli.quant.observers import _from_range, observe
+from refq_cli.quant.statistics import sqnr_db, weight_stats
 from refq_cli.spec.spec import QParamSpec
 
 SCHEMES = [

@@ -28,7 +28,7 @@ def probe_seconds(repeat: int) -> tuple[float, float]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from big_checkpoint import build
 
-    from refq_cli.pipeline.report import probe_input, probe_module
+    from refq_cli.pipeline.probe import probe_input, probe_module
     from refq_cli.reference.registry import converter_for
 
     model = build(4).eval()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 
 import pytest
@@ -10,7 +11,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from refq_cli.pipeline.artifact import ArtifactError, SafetensorsWriter, write_safetensors
+from refq_cli.io.safetensors_writer import SafetensorsWriter, write_safetensors
+from refq_cli.pipeline.artifact import ArtifactError
 
 TENSORS = {
     "b.weight": torch.arange(12, dtype=torch.int8).reshape(3, 4),
@@ -41,9 +43,18 @@ def test_blocks_and_whole_tensors_give_the_same_file(tmp_path):
 def test_data_is_stored_in_the_order_tensors_were_added(tmp_path):
     path = tmp_path / "a.st"
     write_safetensors(path, TENSORS, {})
-    header = path.read_bytes()[8 : 8 + int.from_bytes(path.read_bytes()[:8], "little")]
-    offsets = [header.index(name.encode()) for name in TENSORS]
-    assert offsets == sorted(offsets)
+    raw = path.read_bytes()
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    data = raw[8 + size :]
+    assert [k for k in header if k != "__metadata__"] == list(TENSORS)  # the header's order too
+    end = 0
+    for name, tensor in TENSORS.items():  # back to back, each right after the one added before
+        nbytes = tensor.numel() * tensor.element_size()
+        assert header[name]["data_offsets"] == [end, end + nbytes], name
+        assert data[end : end + nbytes] == tensor.numpy().tobytes(), name
+        end += nbytes
+    assert len(data) == end
 
 
 def test_wrong_sizes_and_repeated_names_are_refused(tmp_path):
@@ -90,12 +101,25 @@ def test_without_copy_file_range_the_data_is_copied_in_python(tmp_path, monkeypa
 
 def test_a_copy_short_of_the_data_is_an_error(tmp_path, monkeypatch):
     kernel_copy = os.copy_file_range
-    monkeypatch.setattr(os, "copy_file_range", lambda s, d, n, o: kernel_copy(s, d, n + 8, o))
-    with SafetensorsWriter(tmp_path / "a.st") as writer:
-        writer.add("w", torch.zeros(1000))
-        writer._data.write(b"x" * 8)  # eight bytes the header does not account for
-        with pytest.raises(ArtifactError, match="copied 4008 of 4000 data bytes"):
-            writer.finish({})
+
+    def short(src, dst, count, offset):  # copies 8 bytes less than it says
+        return kernel_copy(src, dst, count - 8, offset) + 8
+
+    monkeypatch.setattr(os, "copy_file_range", short)
+    with pytest.raises(ArtifactError, match="copied 3992 of 4000 data bytes"):
+        write_safetensors(tmp_path / "a.st", {"w": torch.zeros(1000)}, {})
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_copy_beyond_the_data_is_an_error(tmp_path, monkeypatch):
+    kernel_copy = os.copy_file_range
+
+    def long(src, dst, count, offset):  # eight bytes the header does not account for
+        return kernel_copy(src, dst, count, offset) + os.write(dst, b"x" * 8)
+
+    monkeypatch.setattr(os, "copy_file_range", long)
+    with pytest.raises(ArtifactError, match="copied 4008 of 4000 data bytes"):
+        write_safetensors(tmp_path / "a.st", {"w": torch.zeros(1000)}, {})
     assert list(tmp_path.iterdir()) == []
 
 

@@ -1,83 +1,10 @@
-"""Batch conversion: manifests, skipping unchanged outputs, running jobs (shards: test_shards)."""
+"""Batch conversion: skipping unchanged outputs, running jobs (manifests: test_manifest,
+shards: test_shards)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-import pytest
-
 from refq_cli.pipeline.batch import Job, Options, is_unchanged, run_jobs
-from refq_cli.pipeline.manifest import ManifestError, load_manifest
 from tests.checkpoints import write
-
-
-def manifest(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "manifest.yaml"
-    path.write_text(text)
-    return path
-
-
-def test_manifest_jobs_globs_defaults_and_overrides(tmp_path):
-    for i in range(3):
-        (tmp_path / "ckpts").mkdir(exist_ok=True)
-        write(tmp_path / "ckpts", "pt", seed=i).rename(tmp_path / "ckpts" / f"m{i}.pt")
-    (tmp_path / "q.yaml").write_text("version: 1\n")
-    jobs = load_manifest(
-        manifest(
-            tmp_path,
-            """\
-version: 1
-defaults: {spec: q.yaml, out_dir: out}
-jobs:
-  - input: "ckpts/*.pt"
-  - input: ckpts/m1.pt
-    output: special/m1.refq.safetensors
-    min_sqnr: 30
-""",
-        )
-    )
-    assert [j.input.name for j in jobs] == ["m0.pt", "m1.pt", "m2.pt", "m1.pt"]
-    assert jobs[0].output == tmp_path / "out" / "m0.refq.safetensors"
-    assert jobs[0].report == tmp_path / "out" / "m0.refq.report.json"
-    assert jobs[3].output == tmp_path / "special" / "m1.refq.safetensors"
-    assert jobs[3].min_sqnr == 30 and jobs[0].spec == tmp_path / "q.yaml"
-
-
-MANIFEST_ERRORS = {
-    "unknown-key": (
-        "version: 1\njobs:\n  - {input: a.pt, spce: q.yaml}\n",
-        "manifest.yaml:3:19: unknown key 'spce' in a job; did you mean 'spec'",
-    ),
-    "no-spec": ("version: 1\njobs:\n  - {input: a.pt}\n", "manifest.yaml:3:5: the job has no spec"),
-    "no-jobs": ("version: 1\n", "manifest.yaml:1:1: the manifest lists no jobs"),
-    "glob-matches-nothing": (
-        "version: 1\njobs:\n  - {input: 'none/*.pt', spec: q.yaml}\n",
-        "manifest.yaml:3:13: input 'none/\\*.pt' matches no file",
-    ),
-    "output-and-out-dir": (
-        "version: 1\njobs:\n  - {input: a.pt, spec: q, output: o, out_dir: d}\n",
-        "manifest.yaml:3:5: give output or out_dir, not both",
-    ),
-    "version": (
-        "version: 2\njobs: []\n",
-        "manifest.yaml:1:10: manifest version 2 is not supported",
-    ),
-    "same-output": (
-        "version: 1\njobs:\n  - {input: a.pt, spec: q}\n  - {input: a.pt, spec: r}\n",
-        "would both write",
-    ),
-    "python-tag": (
-        "version: 1\njobs: !!python/object/apply:os.system ['true']\n",
-        "manifest.yaml:2:7: tag 'tag:yaml.org,2002:python/object/apply:os.system' is "
-        "not allowed in a manifest",
-    ),
-}
-
-
-@pytest.mark.parametrize(("text", "message"), MANIFEST_ERRORS.values(), ids=MANIFEST_ERRORS.keys())
-def test_bad_manifests_name_file_line_and_column(tmp_path, text, message):
-    with pytest.raises(ManifestError, match=message):
-        load_manifest(manifest(tmp_path, text))
 
 
 def make_jobs(tmp_path, count=3, spec_text="version: 1\nmodules:\n  aux: {nonlinearity: relu}\n"):

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from refq_cli.errors import CheckpointError, SpecError
-from refq_cli.io.checkpoint import find_recurrent_modules, load_checkpoint
+from refq_cli.io.checkpoint import load_checkpoint
 from refq_cli.io.header import read_header
+from refq_cli.io.recurrent import find_recurrent_modules
 from refq_cli.pipeline.convert import convert
 from tests.checkpoints import FORMATS, silero_file, speech_state, write
 
@@ -197,7 +198,7 @@ def test_a_bare_module_state_dict_sits_at_the_root():
 
 
 def test_an_artifact_is_not_an_input(tmp_path):
-    from refq_cli.pipeline.artifact import write_safetensors
+    from refq_cli.io.safetensors_writer import write_safetensors
 
     path = tmp_path / "a.refq.safetensors"
     write_safetensors(path, {"w": torch.zeros(2)}, {"format": "refq"})

@@ -240,7 +240,7 @@ def test_is_decomposed_reaches_the_modules(tmp_path):
 def test_reading_files_that_are_not_refq_artifacts(tmp_path):
     from safetensors.torch import save_file
 
-    from refq_cli.pipeline.artifact import write_safetensors
+    from refq_cli.io.safetensors_writer import write_safetensors
 
     text = tmp_path / "text.safetensors"
     text.write_text("hello")
@@ -259,7 +259,7 @@ def test_reading_files_that_are_not_refq_artifacts(tmp_path):
 def test_our_safetensors_writer_reads_back_with_the_library(tmp_path):
     from safetensors.torch import load_file
 
-    from refq_cli.pipeline.artifact import write_safetensors
+    from refq_cli.io.safetensors_writer import write_safetensors
 
     tensors = {
         "b": torch.arange(5, dtype=torch.int8),

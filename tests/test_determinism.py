@@ -13,11 +13,11 @@ from torch import nn
 
 from refq_cli.pipeline.artifact import load_artifact
 from refq_cli.pipeline.convert import convert
-from refq_cli.pipeline.report import quantize_and_measure, sqnr_db
 from refq_cli.pipeline.verify import verify
 from refq_cli.quant import numerics as quant
 from refq_cli.quant import observers
 from refq_cli.quant.numerics import WeightQParams
+from refq_cli.quant.statistics import quantize_and_measure, sqnr_db
 from refq_cli.spec.spec import QParamSpec
 from tests.scripts import run_refq
 

@@ -4,46 +4,124 @@ from __future__ import annotations
 
 import hashlib
 import os
+import threading
+import time
 
 import pytest
 
 from refq_cli.io import digest
 
+REAL_SHA256 = hashlib.sha256
 
-def test_a_started_digest_is_the_files_sha256(tmp_path):
+
+def sha256(data):
+    return REAL_SHA256(data).hexdigest()
+
+
+class Hashes:
+    """Every SHA-256 computed while a test runs, seen through hashlib's public constructor:
+    the thread that computes each one and its digest (None until it is finished). With
+    ``hold``, hashes begun in other threads wait until :meth:`release`."""
+
+    def __init__(self, monkeypatch, hold=False):
+        self.made = []
+        self.gate = threading.Event()
+        if not hold:
+            self.gate.set()
+        hashes = self
+
+        class Recording:
+            def __init__(self, *args):
+                self.hash = REAL_SHA256(*args)
+                self.thread = threading.current_thread()
+                self.digest = None
+                hashes.made.append(self)
+                if self.thread is not threading.main_thread():
+                    assert hashes.gate.wait(30)
+
+            def update(self, data):
+                self.hash.update(data)
+
+            def hexdigest(self):
+                self.digest = self.hash.hexdigest()
+                return self.digest
+
+        monkeypatch.setattr(hashlib, "sha256", Recording)
+
+    def wait(self, count):
+        """The first ``count`` hashes, once that many have begun."""
+        deadline = time.monotonic() + 10
+        while len(self.made) < count:
+            assert time.monotonic() < deadline, f"{len(self.made)} of {count} hashes began"
+            time.sleep(0.001)
+        return self.made[:count]
+
+    def release(self):
+        self.gate.set()
+
+
+def in_background(recording):
+    return recording.thread is not threading.main_thread()
+
+
+def test_a_started_digest_is_the_files_sha256(tmp_path, monkeypatch):
     path = tmp_path / "a.bin"
     path.write_bytes(os.urandom(3 << 20))
+    expected = sha256(path.read_bytes())
+    hashes = Hashes(monkeypatch)
     digest.start(path)
     digest.start(path)  # once is enough
-    assert digest.sha256_of(path) == hashlib.sha256(path.read_bytes()).hexdigest()
-    assert digest._identity(path) not in digest._started  # handed over, not kept
+    assert digest.sha256_of(path) == expected
+    (started,) = hashes.made  # the background hash, handed to sha256_of
+    assert in_background(started) and started.digest == expected
+    # handed over, not kept: asked again, the digest is computed again, here
+    assert digest.sha256_of(path) == expected
+    assert len(hashes.made) == 2 and not in_background(hashes.made[1])
 
 
-def started_for(path):
-    return [job for key, job in digest._started.items() if key[0] == os.path.realpath(path)]
-
-
-def test_a_file_changed_after_start_is_hashed_again(tmp_path):
+def test_a_file_changed_after_start_is_hashed_again(tmp_path, monkeypatch):
     path = tmp_path / "a.bin"
     path.write_bytes(b"old")
+    hashes = Hashes(monkeypatch)
     digest.start(path)
-    (job,) = started_for(path)
-    job.join()  # the old contents are hashed before the file changes
+    (old,) = hashes.wait(1)
+    old.thread.join()  # the old contents are hashed before the file changes
+    assert old.digest == sha256(b"old")
     path.write_bytes(b"new contents")
-    assert digest.sha256_of(path) == hashlib.sha256(b"new contents").hexdigest()
-    assert started_for(path) == []  # the stale hash is dropped too
+    assert digest.sha256_of(path) == sha256(b"new contents")
+    assert len(hashes.made) == 2 and hashes.made[1].digest == sha256(b"new contents")
+
+
+def test_a_stale_hash_still_running_is_stopped(tmp_path, monkeypatch):
+    path = tmp_path / "a.bin"
+    path.write_bytes(b"old")
+    hashes = Hashes(monkeypatch, hold=True)
+    digest.start(path)
+    (stale,) = hashes.wait(1)
+    replacement = tmp_path / "b.bin"
+    replacement.write_bytes(b"new contents")
+    os.replace(replacement, path)  # another file at the path while the old one is being hashed
+    assert digest.sha256_of(path) == sha256(b"new contents")  # hashed here, not waited for
+    hashes.release()
+    stale.thread.join(30)
+    assert not stale.thread.is_alive() and stale.digest is None  # stopped, never finished
 
 
 def test_a_discarded_hash_stops_and_is_forgotten(tmp_path, monkeypatch):
     path = tmp_path / "a.bin"
     path.write_bytes(b"x" * 100)
-    monkeypatch.setattr(digest._Hashing, "start", lambda self: None)  # run by hand below
+    hashes = Hashes(monkeypatch, hold=True)
     digest.start(path)
-    (job,) = started_for(path)
+    (first,) = hashes.wait(1)
     digest.discard(path)
-    assert started_for(path) == []
-    job.run()
-    assert job.digest is None and job.error is None  # stopped before its first block
+    hashes.release()
+    first.thread.join(30)
+    assert first.digest is None  # stopped before its first block
+    digest.start(path)  # forgotten: the same file starts a new hash
+    second = hashes.wait(2)[1]
+    assert in_background(second)
+    assert digest.sha256_of(path) == sha256(b"x" * 100)
+    assert second.digest == sha256(b"x" * 100) and len(hashes.made) == 2
 
 
 def test_a_failed_conversion_job_leaves_no_hash_running(tmp_path, monkeypatch):
@@ -63,22 +141,29 @@ def test_a_failed_conversion_job_leaves_no_hash_running(tmp_path, monkeypatch):
     source.write_bytes(b"x" * 100)
     output = tmp_path / "model.refq.safetensors"
     output.write_bytes(b"already here")
-    monkeypatch.setattr(digest._Hashing, "start", lambda self: None)  # kept, not run
+    hashes = Hashes(monkeypatch, hold=True)
     # as in a fresh process, the job starts hashing first
     monkeypatch.delitem(sys.modules, "torch", raising=False)
     job = Job(source, tmp_path / "q.yaml", output, tmp_path / "model.report.json")
     with pytest.raises(RefqError, match="exists"):
         convert_job(job, Options())  # fails on its output, before reading the input
-    assert started_for(source) == []
+    (started,) = hashes.wait(1)
+    assert in_background(started)
+    hashes.release()
+    started.thread.join(30)
+    assert not started.thread.is_alive() and started.digest is None  # stopped
+    digest.start(source)  # and forgotten: the file is hashed anew
+    assert in_background(hashes.wait(2)[1])
+    assert digest.sha256_of(source) == sha256(b"x" * 100)
 
 
 def test_unreadable_paths_raise_when_the_digest_is_asked_for(tmp_path):
     digest.start(tmp_path / "missing")  # nothing to start: no error yet
     with pytest.raises(FileNotFoundError):
         digest.sha256_of(tmp_path / "missing")
+    digest.start(tmp_path)  # a directory is not hashed in the background: no error yet
     with pytest.raises(IsADirectoryError):
-        digest.start(tmp_path)  # a directory starts a thread that fails...
-        digest.sha256_of(tmp_path)  # ...and its error comes back here
+        digest.sha256_of(tmp_path)  # it is refused here
 
 
 def test_digest_does_not_import_torch():
@@ -97,18 +182,20 @@ def _child_digest(path, queue):
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
 def test_a_digest_started_before_a_fork_is_computed_in_the_child(tmp_path, monkeypatch):
     import multiprocessing
-    import time
 
     path = tmp_path / "a.bin"
     path.write_bytes(b"x" * (1 << 20))
-    slow = digest._sha256
-    monkeypatch.setattr(digest, "_sha256", lambda p, *a: time.sleep(1) or slow(p, *a))
-    digest.start(path)  # still sleeping when the child is forked: the child has no such thread
+    expected = sha256(path.read_bytes())
+    hashes = Hashes(monkeypatch, hold=True)
+    digest.start(path)
+    (started,) = hashes.wait(1)  # held when the child is forked: the child has no such thread
     context = multiprocessing.get_context("fork")
     queue = context.Queue()
     child = context.Process(target=_child_digest, args=(path, queue))
     child.start()
-    expected = hashlib.sha256(path.read_bytes()).hexdigest()
     assert queue.get(timeout=30) == expected
     child.join()
+    assert child.exitcode == 0 and started.digest is None  # the parent's hash is still held
+    hashes.release()
     assert digest.sha256_of(path) == expected  # and the parent's own thread finishes
+    assert started.digest == expected and len(hashes.made) == 1

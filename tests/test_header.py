@@ -49,7 +49,7 @@ def test_reads_what_the_library_reads(tmp_path):
 
 def test_every_dtype_refq_writes_has_its_size():
     from refq_cli.io.header import DTYPE_SIZES
-    from refq_cli.pipeline.artifact import _SAFETENSORS_DTYPES
+    from refq_cli.io.safetensors_writer import _SAFETENSORS_DTYPES
 
     for dtype, name in _SAFETENSORS_DTYPES.items():
         assert DTYPE_SIZES[name] == torch.empty(0, dtype=dtype).element_size(), name

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from refq_cli.errors import SpecError
-from refq_cli.pipeline.report import weight_stats
 from refq_cli.quant.observers import observe
+from refq_cli.quant.statistics import weight_stats
 from refq_cli.spec.spec import Loc, QParamSpec, parse_spec, resolve
 
 
@@ -105,6 +105,148 @@ def test_percentile_clips_outliers():
 def test_fixed_uses_the_spec_numbers():
     qp = observe(torch.randn(3, 2), spec("fixed", scale=[0.1, 0.2, 0.3], zero_point=0), "w")
     assert torch.equal(qp.scale, torch.tensor([0.1, 0.2, 0.3]))
+    assert qp.zero_point.tolist() == [0, 0, 0]
+    affine = spec("fixed", "quint8", "per_channel_affine", scale=[0.1, 0.2], zero_point=[3, 250])
+    qp = observe(torch.randn(2, 5), affine, "w")
+    assert qp.zero_point.dtype == torch.int32 and qp.zero_point.tolist() == [3, 250]
+    symmetric = spec("fixed", "quint8", "per_tensor_symmetric", scale=0.5)
+    assert observe(torch.randn(2, 5), symmetric, "w").zero_point.tolist() == 128
+
+
+# --- scales and zero points from a weight of known values ---------------------------------------
+
+QRANGE = {"qint8": (-128, 127), "quint8": (0, 255), "int4": (-8, 7), "uint4": (0, 15)}
+SYMMETRIC_ZERO_POINT = {"qint8": 0, "quint8": 128, "int4": 0, "uint4": 8}
+# one row (channel) each: both signs with the low side wider, both with the high side wider,
+# positive only, negative only
+CHANNEL_RANGES = [(-3.0, 1.0), (-0.5, 2.0), (0.25, 4.0), (-5.0, -1.0)]
+PER_ROW = 1000
+
+
+def spread(seed=0):
+    """A (4, 1000) weight: each row 1000 evenly spaced values over its range, shuffled."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = [
+        torch.linspace(lo, hi, PER_ROW)[torch.randperm(PER_ROW, generator=gen)]
+        for lo, hi in CHANNEL_RANGES
+    ]
+    return torch.stack(rows)
+
+
+def by_row(w, qscheme):
+    return w if "channel" in qscheme else w.reshape(1, -1)
+
+
+def from_range(lo, hi, dtype, qscheme):
+    """Scale and zero point of each row's range [lo, hi], by PyTorch's observer formulas."""
+    qmin, qmax = QRANGE[dtype]
+    lo, hi = lo.float().clamp(max=0.0), hi.float().clamp(min=0.0)  # the range holds 0
+    if "symmetric" in qscheme:
+        scale = torch.maximum(-lo, hi) / ((qmax - qmin) / 2)
+        zero_point = torch.full(lo.shape, SYMMETRIC_ZERO_POINT[dtype])
+    else:
+        scale = (hi - lo) / (qmax - qmin)
+        zero_point = (qmin - torch.round(lo / scale)).clamp(qmin, qmax)
+    return scale, zero_point.long()
+
+
+SCHEMES = [
+    "per_tensor_symmetric",
+    "per_channel_symmetric",
+    "per_tensor_affine",
+    "per_channel_affine",
+]
+
+
+@pytest.mark.parametrize("qscheme", SCHEMES)
+@pytest.mark.parametrize("dtype", ["qint8", "quint8"])
+def test_percentile_clips_at_the_signed_percentiles_it_is_given(dtype, qscheme):
+    w = spread()
+    rows = by_row(w, qscheme)
+    scales = []
+    for p in (90, 99, 99.9):
+        # rows of 1000 and 4000 values: p / 100 * n is whole, and the nearest order statistic
+        # of torch.quantile is the one the observer clips at
+        lo = torch.quantile(rows, 1 - p / 100, dim=1, interpolation="nearest")
+        hi = torch.quantile(rows, p / 100, dim=1, interpolation="nearest")
+        scale, zero_point = from_range(lo, hi, dtype, qscheme)
+        qp = observe(w, QParamSpec(dtype, qscheme, 0, "percentile", percentile=p), "w")
+        assert torch.equal(qp.scale.reshape(-1), scale), p
+        assert torch.equal(qp.zero_point.reshape(-1).long(), zero_point), p
+        scales.append(scale)
+    assert bool((scales[0] < scales[1]).all() and (scales[1] < scales[2]).all())
+
+
+def test_percentile_by_hand():
+    shuffled = torch.randperm(100, generator=torch.Generator().manual_seed(1)).float()
+    w = torch.stack([shuffled - 79, 79 - shuffled])  # the values -79..20, and -20..79
+    # n = 100: k = p; hi is the k-th smallest value, lo the k-th largest
+    cases = {
+        # p: ((lo, hi) of row 0, (lo, hi) of row 1, zero points of qint8 per_channel_affine)
+        90: ((-69, 10), (-10, 69), [95, -96]),  # 95 = -128 - round(-69 / (79 / 255))
+        99: ((-78, 19), (-19, 78), [77, -78]),
+    }
+    for p, (row0, row1, zero_points) in cases.items():
+        affine = observe(w, QParamSpec("qint8", "per_channel_affine", 0, "percentile", p), "w")
+        width = torch.tensor([row0[1] - row0[0], row1[1] - row1[0]], dtype=torch.float32)
+        assert torch.equal(affine.scale, width / 255)
+        assert affine.zero_point.tolist() == zero_points
+        sym = observe(w, QParamSpec("qint8", "per_channel_symmetric", 0, "percentile", p), "w")
+        widest = torch.tensor([-row0[0], row1[1]], dtype=torch.float32)
+        assert torch.equal(sym.scale, widest / 127.5)
+        assert sym.zero_point.tolist() == [0, 0]
+
+
+@pytest.mark.parametrize("observer", ["minmax", "percentile", "mse"])
+@pytest.mark.parametrize(
+    ("dtype", "qscheme"),
+    [
+        ("qint8", "per_tensor_symmetric"),
+        ("qint8", "per_channel_symmetric"),
+        ("quint8", "per_tensor_symmetric"),
+        ("quint8", "per_channel_symmetric"),
+        ("int4", "per_channel_symmetric"),
+        ("uint4", "per_tensor_symmetric"),
+    ],
+)
+def test_symmetric_zero_point_is_the_middle_code_of_the_dtype(observer, dtype, qscheme):
+    qp = observe(spread(), spec(observer, dtype, qscheme), "w")
+    middle = SYMMETRIC_ZERO_POINT[dtype]
+    assert qp.zero_point.dtype == torch.int32
+    assert qp.zero_point.tolist() == ([middle] * 4 if "channel" in qscheme else middle)
+
+
+@pytest.mark.parametrize("observer", ["minmax", "percentile", "mse"])
+def test_symmetric_zero_point_of_a_narrowed_unsigned_range_is_its_middle(observer):
+    s = spec(observer, "quint8", "per_channel_symmetric", quant_min=0, quant_max=127)
+    assert observe(spread(), s, "w").zero_point.tolist() == [63] * 4
+
+
+@pytest.mark.parametrize("observer", ["minmax", "mse"])
+@pytest.mark.parametrize(
+    ("dtype", "qscheme"),
+    [
+        ("quint8", "per_tensor_affine"),
+        ("qint8", "per_tensor_affine"),
+        ("quint8", "per_channel_affine"),
+        ("qint8", "per_channel_affine"),
+        ("uint4", "per_channel_affine"),
+    ],
+)
+def test_affine_zero_point_is_where_the_range_puts_zero(observer, dtype, qscheme):
+    w = spread()
+    rows = by_row(w, qscheme)
+    qmin, qmax = QRANGE[dtype]
+    lo, hi = rows.amin(dim=1).clamp(max=0.0), rows.amax(dim=1).clamp(min=0.0)
+    # the range mse keeps is the min/max one shrunk by a ratio: the zero point stays the same
+    expected = (qmin - torch.round(lo * (qmax - qmin) / (hi - lo))).clamp(qmin, qmax).long()
+    qp = observe(w, spec(observer, dtype, qscheme), "w")
+    assert qp.zero_point.dtype == torch.int32
+    assert torch.equal(qp.zero_point.reshape(-1).long(), expected)
+    if observer == "minmax":
+        assert torch.equal(qp.scale.reshape(-1), from_range(lo, hi, dtype, qscheme)[0])
+    if "channel" in qscheme:  # positive only: 0 at qmin; negative only: 0 at qmax
+        assert qp.zero_point.tolist()[2:] == [qmin, qmax]
 
 
 def test_fixed_errors_point_at_the_setting():

@@ -5,9 +5,12 @@ from __future__ import annotations
 import textwrap
 
 import pytest
+import torch
 from torch import nn
 
 from refq_cli import reference
+from refq_cli.pipeline.artifact import ArtifactError, load_artifact
+from refq_cli.pipeline.convert import convert
 from refq_cli.reference import registry
 from tests.scripts import run_refq
 
@@ -87,3 +90,78 @@ def test_refq_converters_lists_entry_point_converters(plugin_on_path):
     assert "refq_test_plugin.FancyLSTM -> refq_test_plugin.setup.<locals>.convert_fancy" in (
         result.stdout
     )
+
+
+@pytest.fixture
+def own_registry(monkeypatch):
+    """Registrations made in the test end with it."""
+    monkeypatch.setattr(registry, "_CONVERTERS", dict(registry._CONVERTERS))
+    monkeypatch.setattr(registry, "_READERS", dict(registry._READERS))
+
+
+class PluginLSTMCell(reference.LSTMCell):
+    """A third party's reference LSTMCell, with a name of its own."""
+
+    _NAME = "PluginQuantizedLSTMCell"
+
+
+def lstm_cell_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    torch.save(
+        {"cell." + k: v for k, v in nn.LSTMCell(4, 3).state_dict().items()}, tmp_path / "c.pt"
+    )
+    (tmp_path / "q.yaml").write_text("version: 1\n")
+    return tmp_path / "c.pt", tmp_path / "q.yaml"
+
+
+def test_an_artifact_is_read_back_by_the_class_that_wrote_it(tmp_path, own_registry):
+    # A plugin replacing nn.LSTMCell's converter: load_artifact once built refq's own class
+    # instead, silently.
+    registry.register(nn.LSTMCell, replace=True)(PluginLSTMCell.from_float)
+    source, spec = lstm_cell_checkpoint(tmp_path)
+    convert(source, spec, tmp_path / "a.refq.safetensors")
+    artifact = load_artifact(tmp_path / "a.refq.safetensors")
+    assert type(artifact.modules["cell"]) is PluginLSTMCell
+    recorded = artifact.metadata["refq.modules"]["cell"]["reference_type"]
+    assert recorded == "PluginQuantizedLSTMCell"
+
+
+def test_a_module_no_registered_class_reads_is_refused(tmp_path, own_registry):
+    registry.register(nn.LSTMCell, replace=True)(PluginLSTMCell.from_float)
+    source, spec = lstm_cell_checkpoint(tmp_path)
+    convert(source, spec, tmp_path / "a.refq.safetensors")
+    del registry._READERS["PluginQuantizedLSTMCell"]  # the plugin is not installed here
+    with pytest.raises(ArtifactError, match="no registered converter reads LSTMCell modules named"):
+        load_artifact(tmp_path / "a.refq.safetensors")
+
+
+def test_a_converter_whose_modules_cannot_be_read_back_writes_nothing(tmp_path, own_registry):
+    class Unnamed(reference.LSTMCell):  # inherits refq's name, which refq's class reads
+        pass
+
+    registry.register(nn.LSTMCell, replace=True)(lambda m, q: Unnamed.from_float(m, q))
+    source, spec = lstm_cell_checkpoint(tmp_path)
+    with pytest.raises(registry.RegistryError, match="reads modules of that name back"):
+        convert(source, spec, tmp_path / "a.refq.safetensors")
+    assert not (tmp_path / "a.refq.safetensors").exists()
+    registry.register(nn.LSTMCell, replace=True, reader=Unnamed)(
+        lambda m, q: Unnamed.from_float(m, q)
+    )
+    convert(source, spec, tmp_path / "a.refq.safetensors")
+    assert type(load_artifact(tmp_path / "a.refq.safetensors").modules["cell"]) is Unnamed
+
+
+def test_readers_are_refq_reference_modules_and_names_are_not_taken_twice(own_registry):
+    with pytest.raises(registry.RegistryError, match="no subclass of refq's reference modules"):
+        registry.register(nn.LSTMCell, replace=True, reader=nn.LSTMCell)(lambda m, q: m)
+
+    class Imposter(reference.GRU):
+        _NAME = "QuantizedLSTM(Reference)"  # refq's LSTM's name
+
+    class TheirGRU(nn.GRU):
+        pass
+
+    with pytest.raises(registry.RegistryError, match="already reads modules named"):
+        registry.register(TheirGRU)(Imposter.from_float)
+    assert TheirGRU not in registry.converters()  # refused whole
+    assert registry.reader_for("QuantizedLSTM(Reference)", "LSTM") is reference.LSTM

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from refq_cli.errors import QParamsError
-from refq_cli.pipeline.report import quantize_and_measure
 from refq_cli.quant import numerics as quant
 from refq_cli.quant.numerics import WeightQParams, fake_quantize
+from refq_cli.quant.statistics import quantize_and_measure
 
 
 def brute_force(w, qp):

@@ -10,6 +10,7 @@ import typer
 
 from refq_cli.cli.options import JsonOutput
 from refq_cli.errors import ConversionError, RefqError, printable, strict_json
+from refq_cli.kinds import display_path
 
 
 def inspect_command(
@@ -140,7 +141,7 @@ def render_table(desc: dict[str, Any], console: Any) -> None:
         table.add_column(column, no_wrap=column in ("module", "weight"))
     for w in desc["weights"]:
         cells = (
-            w["module"] or "<root>",
+            display_path(w["module"]),
             w["module_type"],
             w["weight"],
             "x".join(map(str, w["shape"])),

@@ -10,6 +10,7 @@ import typer
 
 from refq_cli.cli.options import JsonOutput, TrustCode
 from refq_cli.errors import ConversionError, RefqError, strict_json
+from refq_cli.kinds import display_path
 from refq_cli.pipeline.gate import gate_error
 
 
@@ -66,7 +67,7 @@ def verify_command(
         for m in result["modules"]:
             sqnr = m["output_sqnr_db"]
             cells = (
-                m["path"] or "<root>",
+                display_path(m["path"]),
                 m["float_type"],
                 m["probe"],
                 "exact" if sqnr is None else f"{sqnr:.2f}",

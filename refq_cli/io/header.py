@@ -22,7 +22,14 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from refq_cli.errors import ArtifactError, shorten
-from refq_cli.spec.spec import DTYPE_NAMES, OBSERVER_NAMES, QSCHEME_NAMES
+from refq_cli.kinds import (
+    ARGUMENTS,
+    DTYPE_NAMES,
+    KINDS,
+    OBSERVER_NAMES,
+    QSCHEME_NAMES,
+    tensor_shapes,
+)
 
 FORMAT = "refq"
 FORMAT_VERSION = 1
@@ -297,9 +304,7 @@ def read_header(path: Path) -> dict[str, str]:
 
 # --- the metadata of a refq artifact, checked before anything uses it ---------------------------
 
-MODULE_TYPES = ("RNNCell", "LSTMCell", "GRUCell", "RNN", "LSTM", "GRU")
 FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
-_GATES = {"RNN": 1, "GRU": 3, "LSTM": 4}
 _JSON_KEYS = ("refq.modules", "refq.spec", "refq.source", "refq.producer")
 _TEXT_FIELDS = {"refq.source": ("name", "format", "sha256"), "refq.producer": ("refq", "torch")}
 
@@ -324,22 +329,8 @@ _KINDS = {
     "fraction": (lambda v: _is_number(v) and 0 <= v <= 1, "a number from 0 to 1"),
     "sqnr": (lambda v: v is None or _is_number(v), "null or a finite number"),
 }
-_CELL_CONFIG = {"input_size": "count", "hidden_size": "size", "bias": "bool"}
-_SEQUENCE_CONFIG = {
-    **_CELL_CONFIG,
-    "num_layers": "size",
-    "batch_first": "bool",
-    "dropout": "fraction",
-    "bidirectional": "bool",
-}
-_NONLINEARITY = ("tanh", "relu")
 CONFIG_KINDS: dict[str, dict[str, Any]] = {  # module type -> its constructor arguments' kinds
-    "RNNCell": {**_CELL_CONFIG, "nonlinearity": _NONLINEARITY},
-    "LSTMCell": _CELL_CONFIG,
-    "GRUCell": _CELL_CONFIG,
-    "RNN": {**_SEQUENCE_CONFIG, "nonlinearity": _NONLINEARITY},
-    "LSTM": {**_SEQUENCE_CONFIG, "proj_size": "count"},
-    "GRU": _SEQUENCE_CONFIG,
+    name: {a: ARGUMENTS[a].check for a in kind.arguments} for name, kind in KINDS.items()
 }
 _REQUIRED = object()
 
@@ -395,29 +386,6 @@ def _depth(value: Any) -> int:
     return deepest
 
 
-def tensor_shapes(float_type: str, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """The shapes of the tensors of a ``torch.nn`` module of this type and (checked) config,
-    by local name."""
-    hidden, inputs, bias = config["hidden_size"], config["input_size"], config.get("bias", True)
-    if float_type.endswith("Cell"):
-        rows = _GATES[float_type.removesuffix("Cell")] * hidden
-        shapes = {"weight_ih": (rows, inputs), "weight_hh": (rows, hidden)}
-        return shapes | ({"bias_ih": (rows,), "bias_hh": (rows,)} if bias else {})
-    rows, proj = _GATES[float_type] * hidden, config.get("proj_size", 0)
-    directions = ("", "_reverse") if config.get("bidirectional", False) else ("",)
-    shapes = {}
-    for layer in range(config.get("num_layers", 1)):
-        layer_inputs = inputs if layer == 0 else (proj or hidden) * len(directions)
-        for suffix in (f"_l{layer}{d}" for d in directions):
-            shapes[f"weight_ih{suffix}"] = (rows, layer_inputs)
-            shapes[f"weight_hh{suffix}"] = (rows, proj or hidden)
-            if bias:
-                shapes[f"bias_ih{suffix}"] = shapes[f"bias_hh{suffix}"] = (rows,)
-            if proj:
-                shapes[f"weight_hr{suffix}"] = (proj, hidden)
-    return shapes
-
-
 class _Checker:
     """Checks metadata values; errors name the file and the value's place in the metadata."""
 
@@ -449,7 +417,7 @@ class _Checker:
     def module(self, module_path: str, info: Any, tensors: dict[str, TensorEntry]) -> None:
         where = f"refq.modules[{shorten(module_path)}]"
         self.value(info, where, "object")
-        float_type = self.field(info, "float_type", where, MODULE_TYPES)
+        float_type = self.field(info, "float_type", where, tuple(KINDS))
         self.field(info, "float_dtype", where, FLOAT_DTYPES)
         self.field(info, "is_decomposed", where, "bool")
         self.field(info, "reference_type", where, "text", default=None)
@@ -462,7 +430,7 @@ class _Checker:
                 f"(it takes {', '.join(kinds)})"
             )
         for key, kind in kinds.items():
-            required = key in ("input_size", "hidden_size")
+            required = ARGUMENTS[key].required
             self.field(config, key, f"{where}.config", kind, _REQUIRED if required else None)
         if config.get("proj_size", 0) >= config["hidden_size"]:
             raise self.fail(f"{where}.config.proj_size must be smaller than its hidden_size")

@@ -27,6 +27,7 @@ import torch
 
 from refq_cli.errors import CheckpointError
 from refq_cli.io.inputs import NotRegularFile, open_regular
+from refq_cli.kinds import ARGUMENTS, KINDS, display_path, kind_with
 
 _MAX_PICKLE = 32 << 20  # bytes of data.pkl: torch writes about 100 bytes per tensor
 _MAX_CODE_FILE = 16 << 20  # bytes of one code file, uncompressed
@@ -36,31 +37,8 @@ _MAX_DEPTH = 100  # nesting of submodules
 _MAX_VISITS = 1_000_000  # modules and attributes visited (a module may be shared many times)
 _MAX_TENSORS = 1_000_000  # state_dict entries
 
-_RNN_NAMES = {
-    "RNN": ("input_size", "hidden_size", "num_layers", "nonlinearity", "bias", "batch_first",
-            "dropout", "bidirectional"),
-    "GRU": ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
-            "bidirectional"),
-    "LSTM": ("input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout",
-             "bidirectional", "proj_size"),
-    "RNNCell": ("input_size", "hidden_size", "bias", "nonlinearity"),
-    "GRUCell": ("input_size", "hidden_size", "bias"),
-    "LSTMCell": ("input_size", "hidden_size", "bias"),
-}  # fmt: skip
-_FACT_TYPES = {
-    "input_size": int,
-    "hidden_size": int,
-    "num_layers": int,
-    "proj_size": int,
-    "bias": bool,
-    "batch_first": bool,
-    "bidirectional": bool,
-    "dropout": float,
-    "nonlinearity": str,
-}
-_RECORDED = {*_FACT_TYPES, "mode"}
+_RECORDED = {*ARGUMENTS, "mode"}
 _MODES = {"LSTM": "LSTM", "GRU": "GRU", "RNN_TANH": "RNN", "RNN_RELU": "RNN"}
-_CELL_GATES = {1: "RNNCell", 3: "GRUCell", 4: "LSTMCell"}
 _MANGLE = re.compile(r"\.___torch_mangle_\d+")
 
 _DTYPES = {
@@ -339,7 +317,7 @@ class _Reader:
         facts: dict[str, dict[str, Any]],
         stack: tuple[int, ...],
     ) -> None:
-        where = prefix[:-1] or "<root>"
+        where = display_path(prefix[:-1])
         if not isinstance(obj, _Placeholder):
             raise _Refused(f"module {where} is a {type(obj).__name__}, not a scripted module")
         cls = self.classes.get(obj.qualname)
@@ -493,7 +471,7 @@ def _facts(qualname: str, cls: _ClassInfo, state: dict[str, Any]) -> dict[str, A
     if recorded.get("mode") in ("RNN_TANH", "RNN_RELU") and "nonlinearity" not in recorded:
         recorded["nonlinearity"] = recorded["mode"][4:].lower()
     kind = _MANGLE.sub("", qualname).removeprefix("__torch__.torch.nn.modules.rnn.")
-    if kind not in _RNN_NAMES:
+    if kind not in KINDS:
         kind = _MODES.get(recorded.get("mode"))  # type: ignore[arg-type]
     if kind is None and not cls.submodules:
         weight, hidden = state.get("weight_ih"), recorded.get("hidden_size")
@@ -503,20 +481,21 @@ def _facts(qualname: str, cls: _ClassInfo, state: dict[str, Any]) -> dict[str, A
             and type(hidden) is int
             and hidden > 0
         ):
-            kind = _CELL_GATES.get(
-                weight.shape[0] // hidden if weight.shape[0] % hidden == 0 else 0
-            )
+            gates = weight.shape[0] // hidden if weight.shape[0] % hidden == 0 else 0
+            cell = kind_with(gates, cell=True)
+            kind = cell.name if cell else None
         if kind == "GRUCell" and "nonlinearity" in recorded:
             kind = None
     if kind is None:
         return {}
     found = {}
-    for key in _RNN_NAMES[kind]:
-        value = recorded.get(key)
-        want = _FACT_TYPES[key]
-        if want is float and type(value) in (int, float):
+    for key in KINDS[kind].arguments:
+        value, argument = recorded.get(key), ARGUMENTS[key]
+        if argument.type is float and type(value) in (int, float):
             found[key] = float(value)
-        elif type(value) is want and (key != "nonlinearity" or value in ("tanh", "relu")):
+        elif type(value) is argument.type and (
+            not isinstance(argument.check, tuple) or value in argument.check
+        ):
             found[key] = value
     return found
 

@@ -19,30 +19,21 @@ from typing import Any
 import torch
 from torch import nn
 
-from refq_cli import __version__, reference
+from refq_cli import __version__
 from refq_cli.errors import CheckpointError, RefqError, SpecError
-from refq_cli.io.checkpoint import Checkpoint, RecurrentModule, load_checkpoint, read_tensors
+from refq_cli.io.checkpoint import Checkpoint, load_checkpoint, read_tensors
 from refq_cli.io.outputs import Outputs
-from refq_cli.pipeline.artifact import (
-    ArtifactError,
-    SafetensorsWriter,
-    artifact_header,
-    check_header_fits,
-)
+from refq_cli.io.recurrent import RecurrentModule
+from refq_cli.io.safetensors_writer import SafetensorsWriter, check_header_fits
+from refq_cli.kinds import FACTS, display_path, facts_of
+from refq_cli.pipeline.artifact import artifact_header, check_readable
 from refq_cli.pipeline.gate import Gate, named_below
-from refq_cli.pipeline.report import module_output, probe_for, probe_result, quantize_and_measure
-from refq_cli.quant.numerics import WeightQParams, dequantize
+from refq_cli.pipeline.probe import module_output, probe_for, probe_result
+from refq_cli.quant.numerics import WeightQParams
 from refq_cli.quant.observers import observe
+from refq_cli.quant.statistics import quantize_and_measure
 from refq_cli.reference.registry import converter_for
-from refq_cli.spec.spec import (
-    FACT_DEFAULTS,
-    ModulePlan,
-    Spec,
-    display_path,
-    facts_of,
-    load_spec,
-    resolve,
-)
+from refq_cli.spec.spec import ModulePlan, Spec, load_spec, resolve
 
 
 @dataclass
@@ -233,7 +224,7 @@ def assumed_facts(
     for path, info in checkpoint.modules.items():
         plan = plans[path]
         facts = {
-            fact: FACT_DEFAULTS[fact]
+            fact: FACTS[fact].default
             for fact in facts_of(info.float_type)
             if fact not in info.recorded and fact not in plan.facts
         }
@@ -334,6 +325,7 @@ class _ModuleConversion:
         if not cell:  # on CUDA, the one-layer modules took its tensors into buffers of their own
             module.flatten_parameters()
         ref = converter_for(module)(module, self._qdict(info.tensor_names)).train(False)
+        check_readable(ref, info.float_type)
         self.result.reference = ref
         row["reference_type"] = ref._get_name()
         row["probe"] = "random" if calibration is None else "calibration"
@@ -456,85 +448,3 @@ def _report(
             "worst_sqnr_db": min(sqnrs) if sqnrs else None,
         },
     }
-
-
-# --- reading artifacts back -------------------------------------------------------------------
-
-
-def reference_from_artifact(
-    path: str, info: Mapping[str, Any], tensors: dict[str, torch.Tensor], source: Path
-) -> nn.Module:
-    """Rebuild one reference module from artifact tensors; consumes its tensors from the dict."""
-
-    def take(key: str) -> torch.Tensor:
-        try:
-            return tensors.pop(key)
-        except KeyError:
-            raise ArtifactError(f"{source}: tensor {key!r} is missing") from None
-
-    def key(name: str) -> str:
-        return f"{path}.{name}" if path else name
-
-    cls = getattr(reference, info["float_type"], None)
-    if cls is None:
-        raise ArtifactError(f"{source}: unknown module type {info['float_type']!r} at {path!r}")
-    qdict: dict[str, Any] = {"is_decomposed": info["is_decomposed"]}
-    for name, w in info["weights"].items():
-        if w["qscheme"] == "none":
-            qdict[name] = {"qscheme": None}
-            continue
-        qdict[name] = {
-            "qscheme": w["qscheme"],
-            "dtype": w["dtype"],
-            "scale": take(key(name) + "_scale"),
-            "zero_point": take(key(name) + "_zero_point"),
-            "axis": w["axis"] if w["axis"] is not None else 0,
-            "quant_min": w["quant_min"],
-            "quant_max": w["quant_max"],
-        }
-    dtype = getattr(torch, info["float_dtype"])
-    ref = cls(**info["config"], dtype=dtype, weight_qparams_dict=qdict)
-    for name in ref._computation_names():
-        expected = getattr(ref, name, None)
-        if expected is None:
-            continue
-        value = take(key(name))
-        qp = ref.weight_qparams(name)
-        want = qp.storage if qp is not None else dtype
-        if value.shape != expected.shape or value.dtype != want:
-            raise ArtifactError(
-                f"{source}: tensor {key(name)!r} is {str(value.dtype).removeprefix('torch.')} "
-                f"{tuple(value.shape)}, but the module's metadata needs "
-                f"{str(want).removeprefix('torch.')} {tuple(expected.shape)}"
-            )
-        if qp is not None:
-            if value.numel() and not qp.quant_min <= value.min() <= value.max() <= qp.quant_max:
-                raise ArtifactError(
-                    f"{source}: tensor {key(name)!r} holds codes outside its range "
-                    f"{qp.quant_min}..{qp.quant_max}"
-                )
-            value = dequantize(value, qp, decomposed=ref.is_decomposed).to(dtype)
-        setattr(ref, name, nn.Parameter(value))
-    return ref
-
-
-def check_module_matches(module: nn.Module, info: Mapping[str, Any]) -> list[str]:
-    """How ``module`` differs from the float module an artifact entry was converted from."""
-    problems = []
-    if type(module).__name__ != info["float_type"]:
-        problems.append(
-            f"type: model has {type(module).__name__}, artifact has {info['float_type']}"
-        )
-        return problems
-    for k, v in info["config"].items():
-        mine = getattr(module, k, None)
-        if mine != v:
-            fix = ""
-            if k in FACT_DEFAULTS:  # weights cannot tell it: the spec said so, or assumed it
-                fix = f" (set {k}: {json.dumps(mine)} for this module under modules: in the spec)"
-            problems.append(f"{k}: model has {mine}, artifact has {v}{fix}")
-    param = next(module.parameters(), None)
-    dtype = str(param.dtype).removeprefix("torch.") if param is not None else None
-    if dtype is not None and dtype != info["float_dtype"]:
-        problems.append(f"dtype: model has {dtype}, artifact has {info['float_dtype']}")
-    return problems

@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 
 from refq_cli.io.checkpoint import Checkpoint
-from refq_cli.spec.spec import BUILTIN_DEFAULTS, FACT_DEFAULTS, display_path, facts_of
+from refq_cli.kinds import FACTS, display_path, facts_of
+from refq_cli.spec.spec import BUILTIN_DEFAULTS
 
 
 def skeleton(checkpoint: Checkpoint) -> str:
@@ -46,7 +47,7 @@ def skeleton(checkpoint: Checkpoint) -> str:
             if fact in module.recorded:
                 value, note = module.recorded[fact], "as the file records it"
             else:
-                value, note = FACT_DEFAULTS[fact], "PyTorch's default: weights cannot tell"
+                value, note = FACTS[fact].default, "PyTorch's default: weights cannot tell"
                 note += _CHOICES.get(fact, "")
             lines.append(f"    {fact}: {json.dumps(value)}  # {note}")
     return "\n".join(lines) + "\n"

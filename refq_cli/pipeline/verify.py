@@ -6,11 +6,11 @@ from pathlib import Path
 from typing import Any
 
 from refq_cli.io.checkpoint import load_checkpoint, read_tensors
-from refq_cli.pipeline.artifact import ArtifactError, load_artifact
-from refq_cli.pipeline.convert import check_calibration_names, check_module_matches
+from refq_cli.kinds import display_path, facts_of
+from refq_cli.pipeline.artifact import ArtifactError, check_module_matches, load_artifact
+from refq_cli.pipeline.convert import check_calibration_names
 from refq_cli.pipeline.gate import OUTPUT_SQNR, gate_record, named_below
-from refq_cli.pipeline.report import probe_for, probe_module
-from refq_cli.spec.spec import FACT_TYPES, display_path
+from refq_cli.pipeline.probe import probe_for, probe_module
 
 
 def verify(
@@ -33,23 +33,23 @@ def verify(
         found = checkpoint.modules.get(path)
         if found is None:
             raise ArtifactError(
-                f"{checkpoint_path}: no recurrent module at {path or '<root>'}, which the "
+                f"{checkpoint_path}: no recurrent module at {display_path(path)}, which the "
                 f"artifact holds; found: {', '.join(checkpoint.modules) or 'none'}"
             )
-        facts = {k: v for k, v in info["config"].items() if k in FACT_TYPES}
+        facts = {k: v for k, v in info["config"].items() if k in facts_of(info["float_type"])}
         float_module = found.build(checkpoint.tensors, facts).train(False)  # as converted
         problems = check_module_matches(float_module, info)
         if problems:
             raise ArtifactError(
-                f"{checkpoint_path}: {path or '<root>'} differs from the artifact: "
+                f"{checkpoint_path}: {display_path(path)} differs from the artifact: "
                 + "; ".join(problems)
             )
-        x = probe_for(float_module, inputs.get(path or "<root>"), path)
+        x = probe_for(float_module, inputs.get(display_path(path)), path)
         rows.append(
             {
                 "path": path,
                 "float_type": info["float_type"],
-                "probe": "calibration" if (path or "<root>") in inputs else "random",
+                "probe": "calibration" if display_path(path) in inputs else "random",
                 **probe_module(float_module, ref.train(False), x),  # no dropout: repeatable
             }
         )

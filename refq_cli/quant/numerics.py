@@ -46,6 +46,7 @@ from typing import Any
 import torch
 
 from refq_cli.errors import QParamsError
+from refq_cli.kinds import INTEGER_TYPES, SCHEMES
 
 __all__ = [
     "DTYPES",
@@ -71,24 +72,12 @@ class QuantDType:
     qmax: int
 
 
-DTYPES: dict[str, QuantDType] = {
-    d.name: d
-    for d in (
-        QuantDType("quint8", torch.uint8, 0, 255),
-        QuantDType("qint8", torch.int8, -128, 127),
-        QuantDType("qint32", torch.int32, -(2**31), 2**31 - 1),
-        QuantDType("int4", torch.int8, -8, 7),
-        QuantDType("uint4", torch.uint8, 0, 15),
-    )
+DTYPES: dict[str, QuantDType] = {  # refq_cli.kinds' integer types, with their torch dtypes
+    name: QuantDType(name, getattr(torch, t.storage), t.qmin, t.qmax)
+    for name, t in INTEGER_TYPES.items()
 }
-
 # Symmetric schemes are affine schemes whose zero point sits in the middle of the code range.
-QSCHEMES: dict[str, tuple[str, bool]] = {
-    "per_tensor_affine": ("per_tensor_affine", False),
-    "per_channel_affine": ("per_channel_affine", False),
-    "per_tensor_symmetric": ("per_tensor_affine", True),
-    "per_channel_symmetric": ("per_channel_affine", True),
-}
+QSCHEMES = SCHEMES
 
 _FIELDS = ("qscheme", "dtype", "scale", "zero_point", "axis", "quant_min", "quant_max")
 

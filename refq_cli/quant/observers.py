@@ -111,6 +111,13 @@ def _row_range(rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def percentile(w: torch.Tensor, spec: QParamSpec, where: str) -> WeightQParams:
+    """Clip at signed order statistics of ``w`` (not of ``|w|``, and not interpolated).
+
+    Per channel (per-channel schemes) or over the whole tensor, of its ``n`` values: ``hi`` is
+    the ``k``-th smallest value and ``lo`` the ``k``-th largest, ``k = round(p / 100 * n)``
+    (Python's round, half to even) kept within ``1..n``. ``[lo, hi]`` then goes through the
+    minmax formulas: widened to hold 0; symmetric schemes use ``max(-lo, hi)``.
+    """
     rows = _channels(w, spec, _per_channel(spec), where)
     n = rows.shape[1]
     k_hi = max(1, min(n, round(spec.percentile / 100 * n)))

@@ -15,6 +15,16 @@ from typing import Any
 import yaml
 
 from refq_cli.errors import QParamsError, SpecError, shorten
+from refq_cli.kinds import (
+    DTYPE_NAMES,
+    FACTS,
+    OBSERVER_NAMES,
+    QSCHEME_NAMES,
+    Argument,
+    display_path,
+    facts_of,
+    kinds_with_fact,
+)
 from refq_cli.spec.yaml_reader import (
     Field,
     Loc,
@@ -26,16 +36,6 @@ from refq_cli.spec.yaml_reader import (
 )
 
 SPEC_VERSION = 1
-
-DTYPE_NAMES = ("qint8", "quint8", "qint32", "int4", "uint4")
-QSCHEME_NAMES = (
-    "per_tensor_affine",
-    "per_channel_affine",
-    "per_tensor_symmetric",
-    "per_channel_symmetric",
-    "none",
-)
-OBSERVER_NAMES = ("minmax", "mse", "percentile", "fixed")
 
 
 QPARAM_FIELDS: dict[str, Field] = {
@@ -51,7 +51,9 @@ QPARAM_FIELDS: dict[str, Field] = {
     "quant_max": Field("int", "Largest code (defaults to the dtype's maximum)."),
     "percentile": Field(
         "number",
-        "Percentile of |w| the percentile observer clips at.",
+        "Percentile p the percentile observer clips at, of the signed values (not |w|) per "
+        "channel or per tensor: the range is [k-th largest, k-th smallest] of the n values, "
+        "k = round(p / 100 * n), widened to hold 0.",
         minimum=50,
         maximum=100,
         exclusive_minimum=True,
@@ -64,13 +66,18 @@ QPARAM_FIELDS: dict[str, Field] = {
     ),
     "zero_point": Field("ints", "Zero point for observer fixed: an integer, or one per channel."),
 }
-MODULE_FIELDS: dict[str, Field] = {
-    "nonlinearity": Field("enum", "RNN and RNNCell nonlinearity.", ("tanh", "relu")),
-    "batch_first": Field("bool", "Whether inputs are (batch, time, features)."),
-    "dropout": Field(
-        "number", "Dropout between layers (only active in training).", minimum=0, maximum=1
-    ),
-}
+
+
+def _fact_field(fact: Argument) -> Field:
+    if isinstance(fact.check, tuple):
+        return Field("enum", fact.description, fact.check)
+    if fact.check == "fraction":
+        return Field("number", fact.description, minimum=0, maximum=1)
+    assert fact.check == "bool", fact
+    return Field("bool", fact.description)
+
+
+MODULE_FIELDS: dict[str, Field] = {name: _fact_field(fact) for name, fact in FACTS.items()}
 BUILTIN_DEFAULTS: dict[str, Any] = {
     "dtype": "qint8",
     "qscheme": "per_channel_symmetric",
@@ -240,28 +247,6 @@ class ModulePlan:
     weights: dict[str, QParamSpec]
 
 
-ROOT = "<root>"  # how specs, reports and calibration files name a module at the root
-
-
-def display_path(path: str) -> str:
-    return path or ROOT
-
-
-# Constructor facts weights cannot tell: the module types each applies to, and PyTorch's default,
-# which refq assumes for a state dict when neither the file nor the spec says otherwise.
-FACT_TYPES = {
-    "nonlinearity": ("RNN", "RNNCell"),
-    "batch_first": ("RNN", "LSTM", "GRU"),
-    "dropout": ("RNN", "LSTM", "GRU"),
-}
-FACT_DEFAULTS: dict[str, Any] = {"nonlinearity": "tanh", "batch_first": False, "dropout": 0.0}
-
-
-def facts_of(float_type: str) -> list[str]:
-    """The facts weights cannot tell for a module of ``float_type`` (``LSTM``, ``RNNCell``...)."""
-    return [fact for fact, types in FACT_TYPES.items() if float_type in types]
-
-
 def resolve(
     spec: Spec,
     modules: Mapping[str, Sequence[str]],
@@ -283,10 +268,10 @@ def resolve(
             )
         float_type = (types or {}).get(shown[key])
         for fact, setting in facts.items():
-            if float_type is not None and float_type not in FACT_TYPES[fact]:
+            if float_type is not None and fact not in facts_of(float_type):
                 raise SpecError(
                     f"{setting.loc}: modules.{key}.{fact} does not apply to {float_type}; "
-                    f"it is for {', '.join(FACT_TYPES[fact])}"
+                    f"it is for {', '.join(kinds_with_fact(fact))}"
                 )
     for rule in spec.rules:
         matched = [p for name, p in shown.items() if fnmatch.fnmatchcase(name, rule.match)]

@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 
 from refq_cli.cli.app import app
 from refq_cli.cli.inspect import render_table
-from refq_cli.pipeline.artifact import write_safetensors
+from refq_cli.io.safetensors_writer import write_safetensors
 from refq_cli.pipeline.convert import convert
 from refq_cli.pipeline.inspect import describe_artifact
 from tests.checkpoints import write

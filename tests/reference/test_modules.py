@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import copy
+import gc
 import pickle
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -367,12 +369,20 @@ def test_axis_buffer_edited_in_place_takes_effect():
     assert not torch.equal(ref.get_weight_hh(), along_rows)
 
 
+def served(ref, name):
+    """A weak reference to the fake-quantized weight the module computes with now."""
+    return weakref.ref(ref.get_weight(name))
+
+
 def test_moving_the_module_refreshes_the_cache():
     ref, _ = convert(nn.GRUCell(6, 8))
     x = torch.randn(2, 6)
     run(ref, x)
+    cached = served(ref, "weight_hh")
+    assert cached() is not None and served(ref, "weight_hh")() is cached()  # one cached copy
     ref.double()
-    assert ref._cache == []  # the float32 copies are dropped at once
+    gc.collect()
+    assert cached() is None  # the float32 copies are dropped at once, not at the next forward
     out = run(ref, x.double())
     assert out.dtype == torch.float64
     assert_equal(out, fresh_output(ref, x.double()))

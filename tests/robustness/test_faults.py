@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from refq_cli.errors import RefqError
-from refq_cli.pipeline import artifact
+from refq_cli.io import safetensors_writer
 from refq_cli.pipeline.batch import Job, Options, convert_job
 from tests.checkpoints import write
 from tests.scripts import run_refq
@@ -67,7 +67,7 @@ class FullDisk:
 
 
 def full_disk_while_streaming(monkeypatch):
-    monkeypatch.setattr(artifact.tempfile, "TemporaryFile", lambda **kwargs: FullDisk())
+    monkeypatch.setattr(safetensors_writer.tempfile, "TemporaryFile", lambda **kwargs: FullDisk())
 
 
 def full_disk_while_finishing(monkeypatch):
@@ -75,7 +75,7 @@ def full_disk_while_finishing(monkeypatch):
         target.write(b"partial")
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(artifact, "_copy_data", copy)
+    monkeypatch.setattr(safetensors_writer, "_copy_data", copy)
 
 
 @pytest.mark.parametrize("fault", [full_disk_while_streaming, full_disk_while_finishing])
@@ -95,7 +95,7 @@ KILLED_WRITER = """
 import sys, time
 from pathlib import Path
 import torch
-from refq_cli.pipeline import artifact
+from refq_cli.io import safetensors_writer
 
 def slow(source, target, size):
     target.write(b"x" * 1_000_000)
@@ -103,8 +103,8 @@ def slow(source, target, size):
     print("writing", flush=True)
     time.sleep(60)
 
-artifact._copy_data = slow
-artifact.write_safetensors(Path(sys.argv[1]), {"w": torch.zeros(3)}, {}, force=True)
+safetensors_writer._copy_data = slow
+safetensors_writer.write_safetensors(Path(sys.argv[1]), {"w": torch.zeros(3)}, {}, force=True)
 """
 
 
@@ -122,13 +122,13 @@ def kill_mid_write(tmp_path: Path, target: Path) -> None:
 
 def test_sigkill_mid_write_leaves_the_old_file_and_the_next_run_cleans_up(tmp_path):
     target = tmp_path / "a.refq.safetensors"
-    artifact.write_safetensors(target, {"w": torch.ones(2)}, {})
+    safetensors_writer.write_safetensors(target, {"w": torch.ones(2)}, {})
     before = target.read_bytes()
     kill_mid_write(tmp_path, target)
     assert target.read_bytes() == before  # the old file, never a partial one
     stale = [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     assert len(stale) == 1  # what the killed process left
-    artifact.write_safetensors(target, {"w": torch.zeros(2)}, {}, force=True)
+    safetensors_writer.write_safetensors(target, {"w": torch.zeros(2)}, {}, force=True)
     assert [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
     assert target.read_bytes() != before
 

@@ -236,7 +236,7 @@ def test_a_checkpoint_whose_artifact_header_would_be_unreadable_is_refused_befor
     tmp_path, monkeypatch
 ):
     """The case of 150,000 tensors with long names (a header over 100 MB), at a lower limit."""
-    monkeypatch.setattr("refq_cli.pipeline.artifact.MAX_HEADER_BYTES", 20_000)
+    monkeypatch.setattr("refq_cli.io.safetensors_writer.MAX_HEADER_BYTES", 20_000)
     path = saved(tmp_path, "many.pt", {f"{i:04d}." + "x" * 100: torch.ones(1) for i in range(200)})
     spec = tmp_path / "q.yaml"
     spec.write_text("version: 1\n")

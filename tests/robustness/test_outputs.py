@@ -133,7 +133,7 @@ def test_skip_unchanged_replaces_only_refqs_own_outdated_outputs(setup, tmp_path
 
 
 def test_a_link_planted_at_the_temporary_name_is_not_written_through(tmp_path):
-    from refq_cli.pipeline.artifact import write_safetensors
+    from refq_cli.io.safetensors_writer import write_safetensors
 
     source = write(tmp_path, "pt")
     before = snapshot(source)
@@ -150,25 +150,27 @@ LIVE_WRITER = """
 import os, sys
 from pathlib import Path
 import torch
-from refq_cli.pipeline import artifact
+from refq_cli.io import safetensors_writer
 
 os.getpid = lambda: 4194305  # a PID from another namespace: no process here has it
-real_copy = artifact._copy_data
+real_copy = safetensors_writer._copy_data
 
 def paused(source, target, size):
     print("writing", flush=True)
     sys.stdin.readline()
     real_copy(source, target, size)
 
-artifact._copy_data = paused
-artifact.write_safetensors(Path(sys.argv[1]), {"w": torch.full((3,), 7.0)}, {}, force=True)
+safetensors_writer._copy_data = paused
+safetensors_writer.write_safetensors(
+    Path(sys.argv[1]), {"w": torch.full((3,), 7.0)}, {}, force=True
+)
 """
 
 
 def test_cleanup_never_removes_a_live_writers_temporary(tmp_path):
     from safetensors.torch import load_file
 
-    from refq_cli.pipeline.artifact import write_safetensors
+    from refq_cli.io.safetensors_writer import write_safetensors
 
     script = tmp_path / "writer.py"
     script.write_text(textwrap.dedent(LIVE_WRITER))
@@ -329,7 +331,8 @@ def test_a_failing_report_write_is_one_error_and_leaves_nothing(tmp_path, monkey
 
 
 def test_a_header_refq_could_not_read_back_is_refused_before_writing(tmp_path):
-    from refq_cli.pipeline.artifact import ArtifactError, SafetensorsWriter
+    from refq_cli.io.safetensors_writer import SafetensorsWriter
+    from refq_cli.pipeline.artifact import ArtifactError
 
     target = tmp_path / "big.refq.safetensors"
     with pytest.raises(ArtifactError, match="header") as caught, SafetensorsWriter(target) as w:
@@ -343,7 +346,8 @@ def test_a_header_refq_could_not_read_back_is_refused_before_writing(tmp_path):
 
 def test_the_header_check_before_the_work_is_cheap(tmp_path):
     from refq_cli.io.header import MAX_HEADER_BYTES
-    from refq_cli.pipeline.artifact import ArtifactError, check_header_fits, write_safetensors
+    from refq_cli.io.safetensors_writer import check_header_fits, write_safetensors
+    from refq_cli.pipeline.artifact import ArtifactError
 
     names = (f"{i:07d}." + "x" * 700 for i in range(150_000))
     with pytest.raises(ArtifactError, match="shorter names"):

@@ -1,0 +1,110 @@
+"""How far quantized values are from the float ones: SQNR, largest error, clipping. Sums are
+taken in float64 folded the same way whatever the thread count, so the statistics (and the
+artifact bytes that record them) do not change with it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from refq_cli.quant.numerics import WeightQParams, _for_rows, quantize_blocks, row_sums_of_squares
+
+
+def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB; inf when equal, -inf when the signal is 0."""
+    return _db(_energy(reference), _energy(reference.float() - test.float()))
+
+
+def _energy(t: torch.Tensor) -> float:
+    """Sum of squares in float64, the same whatever the thread count (a float32 dot product's
+    last digits change with it, and so would the report's and the artifact's bytes)."""
+    return float(row_sums_of_squares(t.detach().reshape(1, -1))[0])
+
+
+def _db(signal: float, noise: float) -> float:
+    if noise == 0:
+        return math.inf
+    if signal == 0:
+        return -math.inf
+    return 10 * math.log10(signal / noise)
+
+
+def weight_stats(weight: torch.Tensor, qp: WeightQParams, decomposed: bool) -> dict[str, Any]:
+    """SQNR, error and clipping of one weight under its quantization parameters."""
+    return quantize_and_measure(weight, qp, decomposed)[1]
+
+
+def quantize_and_measure(
+    weight: torch.Tensor,
+    qp: WeightQParams,
+    decomposed: bool,
+    on_codes: Callable[[torch.Tensor], None] | None = None,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """The fake-quantized weight (in the weight's dtype) and :func:`weight_stats`, in one pass.
+
+    ``on_codes`` hears each block's integer codes, in row-major order: the converter streams
+    them into the artifact, so the whole weight's codes never sit in memory.
+    """
+    w = weight.detach()
+    qp.check_weight(w)
+    values = torch.empty_like(w, memory_format=torch.contiguous_format)
+    # dims along which the parameters do not vary: reducing a block over them bounds its values
+    varying = qp.axis % w.dim() if qp.per_channel else None
+    flat = tuple(d for d in range(w.dim()) if d != varying)
+    signal = noise = max_error = 0.0
+    clipped = 0
+    pairs = None  # each block and its error, one buffer for all: fresh memory costs page faults
+    for rows, codes, block_values in quantize_blocks(w, qp, decomposed=decomposed):
+        if on_codes is not None:
+            on_codes(codes)
+        values[rows] = block_values
+        if not codes.numel():
+            continue
+        block = w[rows].float()
+        if pairs is None:
+            pairs = torch.empty(2, block.numel(), device=block.device)
+        pair = pairs[:, : block.numel()]
+        pair[0].copy_(block.reshape(-1))
+        error = torch.sub(
+            block,
+            block_values if values.dtype == torch.float32 else values[rows].float(),
+            out=pair[1].view(block.shape),
+        )
+        lo, hi = torch.aminmax(error)
+        max_error = max(max_error, -lo.item(), hi.item())
+        # sums the thread count does not change (a dot product's does); the pair is scratch
+        block_signal, block_noise = row_sums_of_squares(pair, in_place=True).tolist()
+        signal += block_signal  # the blocks add up in their order, fixed by the weight's shape
+        noise += block_noise
+        step = _for_rows(qp, qp.scale, w.dim(), rows)
+        zero = _for_rows(qp, qp.zero_point, w.dim(), rows).float()
+        # Clipped: beyond half a step outside the codes' range, where rounding alone cannot reach.
+        low, high = (qp.quant_min - zero - 0.5) * step, (qp.quant_max - zero + 0.5) * step
+        if not flat or not (
+            bool((block.amin(flat, keepdim=True) >= low).all())
+            and bool((block.amax(flat, keepdim=True) <= high).all())
+        ):
+            clipped += int(torch.count_nonzero((block < low) | (block > high)))
+    return values, {
+        "shape": list(w.shape),
+        "qscheme": qp.qscheme,
+        "dtype": qp.dtype,
+        "axis": qp.axis if qp.per_channel else None,
+        "quant_min": qp.quant_min,
+        "quant_max": qp.quant_max,
+        "scale_min": qp.scale.min().item(),
+        "scale_max": qp.scale.max().item(),
+        "zero_point_min": int(qp.zero_point.min()),
+        "zero_point_max": int(qp.zero_point.max()),
+        "sqnr_db": finite(_db(signal, noise)),
+        "max_abs_error": max_error,
+        "clipped_fraction": clipped / max(1, w.numel()),
+    }
+
+
+def finite(x: float) -> float | None:
+    """JSON has no infinity: an exact (error-free) result is reported as null."""
+    return x if math.isfinite(x) else None
