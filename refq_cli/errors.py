@@ -12,9 +12,12 @@ command such as ``::error::``), move the cursor or reorder text; :func:`shorten`
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import reprlib
+import warnings
+from collections.abc import Iterable
 from typing import Any
 
 MESSAGE_LIMIT = 2000  # characters of a printed line; longer ones lose their middle
@@ -137,3 +140,26 @@ def strict_json(value: Any, *, indent: int | None = 2, sort_keys: bool = False) 
     ASCII only, so no control character or separator in a key or path reaches a terminal raw.
     """
     return json.dumps(finite_or_none(value), indent=indent, sort_keys=sort_keys, allow_nan=False)
+
+
+# Warnings torch prints that say nothing to a refq user.
+TORCH_NOISE = (
+    "Failed to initialize NumPy",
+    "LSTM with projections is not supported with oneDNN",
+    "dropout option adds dropout after all but last recurrent layer",
+)
+
+
+def ignore_torch_noise() -> None:
+    """Leave out :data:`TORCH_NOISE` from the warnings this process prints."""
+    for message in TORCH_NOISE:
+        warnings.filterwarnings("ignore", message=message)
+
+
+def did_you_mean(word: str, choices: Iterable[str], *, aside: bool = False) -> str:
+    """The closest of ``choices`` to a mistyped ``word``, to end a message with:
+    ``; did you mean 'x'?``, or `` (did you mean 'x'?)`` with ``aside``; "" when none is close."""
+    hint = difflib.get_close_matches(word, list(choices), n=1)
+    if not hint:
+        return ""
+    return f" (did you mean {hint[0]!r}?)" if aside else f"; did you mean {hint[0]!r}?"

@@ -21,6 +21,11 @@ def display_path(path: str) -> str:
     return path or ROOT
 
 
+def tensor_key(path: str, name: str) -> str:
+    """The checkpoint and artifact key of tensor ``name`` of the module at ``path``."""
+    return f"{path}.{name}" if path else name
+
+
 # --- recurrent module kinds -------------------------------------------------------------------
 
 _REQUIRED = object()

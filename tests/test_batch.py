@@ -3,7 +3,9 @@ shards: test_shards)."""
 
 from __future__ import annotations
 
-from refq_cli.pipeline.batch import Job, Options, is_unchanged, run_jobs
+from refq_cli.pipeline.batch import run_jobs
+from refq_cli.pipeline.jobs import Job, Options
+from refq_cli.pipeline.uptodate import is_unchanged
 from tests.checkpoints import write
 
 
@@ -61,6 +63,27 @@ def test_fail_fast_reports_the_jobs_it_did_not_run(tmp_path):
     jobs[0].input.write_bytes(b"")
     results = run_jobs(jobs, Options(), fail_fast=True)
     assert [r.status for r in results] == ["failed", "not_run", "not_run"]
+
+
+def test_fail_fast_with_workers_reports_every_job(tmp_path):
+    # Futures cancelled after the failure once came out of as_completed and raised
+    # CancelledError: the run crashed with no report at all.
+    jobs = make_jobs(tmp_path, 12)
+    jobs[0].input.write_bytes(b"")  # fails at once, while the other worker converts
+    results = run_jobs(jobs, Options(), workers=2, fail_fast=True)
+    assert [r.input for r in results] == [str(j.input) for j in jobs]
+    assert results[0].status == "failed"
+    assert {r.status for r in results[1:]} <= {"converted", "not_run"}
+    assert "not_run" in {r.status for r in results}
+
+
+def test_run_jobs_makes_the_output_folders(tmp_path):
+    (job,) = make_jobs(tmp_path, 1)
+    job = Job(
+        job.input, job.spec, tmp_path / "new" / "a.refq.safetensors", tmp_path / "r" / "a.json"
+    )
+    assert [r.status for r in run_jobs([job], Options())] == ["converted"]
+    assert job.output.exists() and job.report.exists()
 
 
 def test_gates_fail_the_job_after_writing_it(tmp_path):

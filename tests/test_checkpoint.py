@@ -329,8 +329,8 @@ def test_silero_converts_to_the_same_bytes_as_with_torch_jit_load(tmp_path):
 
 
 def test_assumed_facts_are_named_in_the_report_and_written_by_init_config(tmp_path):
-    from refq_cli.pipeline.convert import assumed_facts_warning
     from refq_cli.pipeline.init_config import skeleton
+    from refq_cli.pipeline.report import assumed_facts_warning
 
     path = write(tmp_path, "pt")
     spec = tmp_path / "q.yaml"

@@ -15,6 +15,7 @@ from refq_cli import reference
 from refq_cli.errors import CheckpointError, SpecError
 from refq_cli.pipeline.artifact import ArtifactError, load_artifact
 from refq_cli.pipeline.convert import convert
+from refq_cli.pipeline.gate import Gate
 from tests.checkpoints import Speech, write
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -200,7 +201,8 @@ def test_report_contents(tmp_path):
     assert totals["quantized_bytes"] == sum(
         t.numel() * t.element_size() for t in load_file(path).values()
     )
-    assert conversion.below(1000.0) and not conversion.below(0.0)
+    weights = conversion.report["weights"]
+    assert not Gate(1000.0).judge(weights)["passed"] and Gate(0.0).judge(weights)["passed"]
 
 
 def test_calibration_inputs_replace_the_random_probe(tmp_path):

@@ -135,7 +135,8 @@ def test_a_failed_conversion_job_leaves_no_hash_running(tmp_path, monkeypatch):
     ):
         importlib.import_module(name)  # now, so that the job imports no torch itself
     from refq_cli.errors import RefqError
-    from refq_cli.pipeline.batch import Job, Options, convert_job
+    from refq_cli.pipeline.batch import convert_job
+    from refq_cli.pipeline.jobs import Job, Options
 
     source = tmp_path / "model.pt"
     source.write_bytes(b"x" * 100)

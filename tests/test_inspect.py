@@ -151,3 +151,23 @@ def test_totals_float_tensors_and_header(converted):
     assert desc["source"] == conversion.report["source"]
     assert desc["source"]["name"] == "model.pt" and len(desc["source"]["sha256"]) == 64
     assert desc["producer"]["refq"] == refq_cli.__version__
+
+
+def test_a_weight_kept_float_is_listed_with_the_float_tensors(tmp_path):
+    # It was in neither list, while its bytes counted in tensor_bytes.
+    spec = tmp_path / "q.yaml"
+    spec.write_text(
+        "version: 1\nrules:\n  - {match: gate, weights: {weight_hh: {qscheme: none}}}\n"
+        "modules:\n  aux: {nonlinearity: relu}\n  context: {batch_first: true}\n"
+    )
+    path = tmp_path / "model.refq.safetensors"
+    convert(write(tmp_path, "pt"), spec, path)
+    desc = describe_artifact(path)
+    floats = {t["name"]: t for t in desc["float_tensors"]}
+    assert "gate.weight_hh" in floats and floats["gate.weight_hh"]["dtype"] == "F32"
+    assert ("gate", "weight_hh") not in {(w["module"], w["weight"]) for w in desc["weights"]}
+    listed = {*floats, *(f"{w['module']}.{w['weight']}" for w in desc["weights"])}
+    with safe_open(path, "pt") as f:
+        names = f.keys()
+    for name in names:  # every tensor is shown, as a weight, its parameters or a float
+        assert name in listed or name.removesuffix("_scale").removesuffix("_zero_point") in listed

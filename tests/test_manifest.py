@@ -193,3 +193,13 @@ MANIFEST_ERRORS = {
 def test_bad_manifests_name_file_line_and_column(tmp_path, text, message):
     with pytest.raises(ManifestError, match=message):
         load_manifest(manifest(tmp_path, text))
+
+
+def test_an_input_that_exists_is_taken_as_it_is_glob_characters_and_all(tmp_path):
+    # refq convert took model[v2].pt as it is, a manifest read it as a glob matching nothing.
+    write(tmp_path, "pt").rename(tmp_path / "model[v2].pt")
+    (tmp_path / "q.yaml").write_text("version: 1\n")
+    path = tmp_path / "m.yaml"
+    path.write_text("version: 1\njobs:\n  - {input: 'model[v2].pt', spec: q.yaml, out_dir: o}\n")
+    (job,) = load_manifest(path)
+    assert job.input == tmp_path / "model[v2].pt"

@@ -278,3 +278,15 @@ def test_axis_out_of_range_points_at_axis():
     s = QParamSpec(**{**s.__dict__, "axis": 3})
     with pytest.raises(SpecError, match=r"^q.yaml:4:9: w: axis 3 is out of range"):
         observe(torch.zeros(2, 2), s, "w")
+
+
+@pytest.mark.parametrize(("values", "p"), [([-1.0, 1.0], 70), ([-2.0, -1.0, 1.0, 2.0], 55)])
+def test_percentile_never_crosses_on_short_channels(values, p):
+    # k = round(p/100 * n) below the median's rank once put lo above hi: [-1, 1] at p=70
+    # collapsed to a scale of float32's eps.
+    spec = QParamSpec("quint8", "per_channel_affine", 0, "percentile", p)
+    qp = observe(torch.tensor([values]), spec, "w")
+    lo, hi = sorted(values)[(len(values) - 1) // 2], sorted(values)[len(values) // 2]
+    want_lo, want_hi = min(lo, 0.0), max(hi, 0.0)
+    assert qp.scale.item() == pytest.approx((want_hi - want_lo) / 255, rel=1e-6)
+    assert qp.scale.item() > 1e-3

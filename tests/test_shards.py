@@ -7,12 +7,15 @@ import os
 import random
 from pathlib import Path
 
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from refq_cli.cli.app import app
-from refq_cli.pipeline.batch import Job, assign_shards, input_bytes, select_shard
+from refq_cli.errors import RefqError
+from refq_cli.pipeline.jobs import Job
+from refq_cli.pipeline.shards import assign_shards, input_bytes, parse_shard, select_shard
 
 
 def job(name: str, out: str = "out", spec: str = "q.yaml", base: Path | None = None) -> Job:
@@ -126,3 +129,17 @@ def test_shards_with_their_own_out_dirs_convert_every_input_once(tmp_path, monke
         loads.append(sum(Path(p).stat().st_size for p in shard))
     assert sorted(listed) == sorted(f"models/m{i:02}.pt" for i in range(24))
     assert max(loads) - min(loads) <= 1000 + 37 * 23
+
+
+def test_a_huge_shard_count_costs_nothing():
+    # A heap entry per shard once took 1 GB for 1/10000000 and was killed for 1/10**24.
+    jobs = [job("a.pt"), job("b.pt")]
+    assert assign_shards(jobs, 10**24, lambda _: 5) == [0, 1]
+    assert select_shard(jobs, 10**24, 10**24) == []
+
+
+def test_shard_text_is_k_slash_n_in_ascii_digits():
+    assert parse_shard("2/8") == (2, 8)
+    for text in ("+1/2", " 1/2", "1/2 ", "１/２", "1_0/20", "1/2/3", "/2", "0x1/2"):
+        with pytest.raises(RefqError, match="write K/N"):
+            parse_shard(text)

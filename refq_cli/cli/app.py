@@ -6,13 +6,12 @@ Nothing imported at module level may import torch: ``refq --help`` must stay ins
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import os
 import sys
 import warnings
-from collections.abc import Callable, Iterable
-from typing import IO, Annotated, Any
+from collections.abc import Callable
+from typing import Annotated, Any
 
 import typer
 
@@ -23,8 +22,9 @@ from refq_cli.cli.converters import converters_command
 from refq_cli.cli.init_config import init_config_command
 from refq_cli.cli.inspect import inspect_command
 from refq_cli.cli.schema import schema_command
+from refq_cli.cli.streams import QuietPipe
 from refq_cli.cli.verify import verify_command
-from refq_cli.errors import RefqError, printable
+from refq_cli.errors import RefqError, ignore_torch_noise, printable
 
 app = typer.Typer(
     name="refq",
@@ -32,14 +32,6 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
-)
-
-
-# Warnings torch prints that say nothing to a refq user.
-_TORCH_NOISE = (
-    "Failed to initialize NumPy",
-    "LSTM with projections is not supported with oneDNN",
-    "dropout option adds dropout after all but last recurrent layer",
 )
 
 
@@ -55,8 +47,7 @@ def reporting_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
             with warnings.catch_warnings():
-                for message in _TORCH_NOISE:
-                    warnings.filterwarnings("ignore", message=message)
+                ignore_torch_noise()
                 return command(*args, **kwargs)
         except RefqError as exc:
             if os.environ.get("REFQ_DEBUG") == "1":
@@ -109,56 +100,6 @@ for _name, _command in {
     "converters": converters_command,
 }.items():
     app.command(_name)(reporting_errors(_command))
-
-
-class QuietPipe:
-    """A standard stream that drops its output, quietly, once its reader has gone.
-
-    Python ignores SIGPIPE, so writing into a pipe whose reader closed it (``refq schema | head
-    -1``) raises BrokenPipeError: out of click's echo (then "refq: internal error"), out of rich's
-    print (which exits 1), or at exit, out of Python's last flush ("Exception ignored", exit 120).
-    Through this wrapper the first such error points the stream's descriptor at /dev/null instead:
-    the command goes on with its work, its output lost, and exits with the code that work earns.
-    Everything else goes to the stream itself, its ``buffer`` (where click writes bytes, and
-    where it reads from when it re-wraps a stream it finds misconfigured) wrapped the same way.
-    """
-
-    def __init__(self, stream: IO[Any]) -> None:
-        self._stream = stream
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
-
-    @property
-    def buffer(self) -> QuietPipe:
-        return QuietPipe(self._stream.buffer)  # type: ignore[attr-defined]
-
-    def write(self, data: Any) -> int:
-        try:
-            return self._stream.write(data)
-        except OSError as exc:
-            self._drop_output(exc)
-            return len(data)
-
-    def writelines(self, lines: Iterable[Any]) -> None:
-        for line in lines:
-            self.write(line)
-
-    def flush(self) -> None:
-        try:
-            self._stream.flush()
-        except OSError as exc:
-            self._drop_output(exc)
-
-    def _drop_output(self, exc: OSError) -> None:
-        """Re-raise ``exc`` unless it says the pipe is broken; if it does, write to /dev/null
-        from now on (what is still buffered too, so Python's flush at exit succeeds)."""
-        if exc.errno != errno.EPIPE:
-            raise exc
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        with contextlib.suppress(OSError, ValueError):  # no descriptor: each write fails, dropped
-            os.dup2(devnull, self._stream.fileno())
-        os.close(devnull)
 
 
 def main() -> None:

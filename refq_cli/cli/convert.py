@@ -13,7 +13,6 @@ from typing import Annotated, Any
 
 import typer
 
-from refq_cli.cli.batch import run_batch
 from refq_cli.cli.options import (
     Device,
     FailFast,
@@ -27,6 +26,7 @@ from refq_cli.cli.options import (
     TrustCode,
     Workers,
 )
+from refq_cli.cli.runner import run_batch
 from refq_cli.errors import ConversionError, RefqError, printable, strict_json
 
 
@@ -107,7 +107,7 @@ def convert_command(
     quiet: Quiet = False,
 ) -> None:
     """Convert float checkpoints into reference-quantized artifacts and reports."""
-    from refq_cli.pipeline.batch import Job, Options, expand_inputs, output_paths
+    from refq_cli.pipeline.jobs import Job, Options, expand_inputs, output_paths
 
     if min_sqnr is not None and not math.isfinite(min_sqnr):
         raise RefqError(f"--min-sqnr {min_sqnr}: give a finite number of dB")
@@ -149,8 +149,9 @@ def _convert_one(job: Any, options: Any, *, json_output: bool, quiet: bool) -> N
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from refq_cli.pipeline.batch import convert_job, converted_result, run_summary
-    from refq_cli.pipeline.convert import assumed_facts_warning
+    from refq_cli.pipeline.batch import JobResult, convert_job, converted_result
+    from refq_cli.pipeline.report import assumed_facts_warning
+    from refq_cli.pipeline.summary import run_summary
 
     stderr = Console(stderr=True)
     show_progress = not quiet and not json_output and stderr.is_terminal
@@ -162,14 +163,20 @@ def _convert_one(job: Any, options: Any, *, json_output: bool, quiet: bool) -> N
         transient=True,
     )
     task = bar.add_task("reading", total=None)
-    with bar if show_progress else nullcontext():
-        report = convert_job(
-            job,
-            options,
-            progress=lambda what, done, total: bar.update(
-                task, description=what, completed=done, total=total
-            ),
-        )
+    try:
+        with bar if show_progress else nullcontext():
+            report = convert_job(
+                job,
+                options,
+                progress=lambda what, done, total: bar.update(
+                    task, description=what, completed=done, total=total
+                ),
+            )
+    except RefqError as exc:  # the one record --json promises, then the error and its code
+        if json_output:
+            failed = JobResult.of(job, "failed", error=str(exc), exit_code=exc.exit_code)
+            typer.echo(strict_json(run_summary([failed])))
+        raise
     result = converted_result(job, report)
     warning = assumed_facts_warning(report)
     if warning and not quiet:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from refq_cli.errors import CheckpointError
-from refq_cli.kinds import KINDS, ROOT, display_path, facts_of, kind_with
+from refq_cli.kinds import KINDS, ROOT, display_path, facts_of, kind_with, tensor_key
 
 Facts = dict[str, dict[str, Any]]  # module path -> constructor arguments a file records
 _LAYER_KEY = re.compile(r"^(weight|bias)_(ih|hh|hr)_l(\d+)(_reverse)?$")
@@ -42,7 +42,7 @@ class RecurrentModule:
         return [n for n in self.tensor_names if n.startswith("weight")]
 
     def key(self, name: str) -> str:
-        return f"{self.path}.{name}" if self.path else name
+        return tensor_key(self.path, name)
 
     def describe(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.config.items())

@@ -20,11 +20,66 @@ from typing import Any
 import torch
 from torch import nn
 
+from refq_cli import __version__
 from refq_cli.errors import ArtifactError, RefqError, shorten, strict_json
 from refq_cli.io.header import FORMAT, FORMAT_VERSION, read_artifact
 from refq_cli.kinds import FACTS, display_path
-from refq_cli.quant.numerics import dequantize
+from refq_cli.quant.numerics import WeightQParams, dequantize
 from refq_cli.reference.registry import RegistryError, describe, reader_for
+
+
+def weight_metadata(
+    observer: str, qp: WeightQParams | None, sqnr_db: float | None
+) -> dict[str, Any]:
+    """A weight's entry in a module's metadata: how it was quantized, or ``none`` (kept float)."""
+    entry: dict[str, Any] = {"qscheme": "none", "observer": observer}
+    if qp is not None:
+        entry.update(
+            qscheme=qp.qscheme,
+            dtype=qp.dtype,
+            axis=qp.axis if qp.per_channel else None,
+            quant_min=qp.quant_min,
+            quant_max=qp.quant_max,
+            sqnr_db=sqnr_db,
+        )
+    return entry
+
+
+def module_metadata(
+    float_type: str,
+    reference_type: str,
+    config: dict[str, Any],
+    float_dtype: torch.dtype,
+    is_decomposed: bool,
+    weights: dict[str, dict[str, Any]],
+) -> dict[str, Any]:
+    """A module's entry in ``refq.modules``: what :func:`reference_from_artifact` rebuilds it
+    from, checked on reading by :func:`refq_cli.io.header.check_metadata`."""
+    return {
+        "float_type": float_type,
+        "reference_type": reference_type,
+        "config": config,
+        "float_dtype": str(float_dtype).removeprefix("torch."),
+        "is_decomposed": is_decomposed,
+        "weights": weights,
+    }
+
+
+def artifact_metadata(
+    modules: dict[str, dict[str, Any]], spec: dict[str, Any], report: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The artifact's metadata: its modules' entries, the resolved spec, the source and producer
+    from the report, and the gate and its verdict when the report has one."""
+    metadata = {
+        "refq.modules": modules,
+        "refq.spec": spec,
+        "refq.source": report["source"],
+        "refq.producer": {"refq": __version__, "torch": torch.__version__.split("+")[0]},
+    }
+    if "gate" in report:  # the --min-sqnr asked for and its verdict
+        gate = report["gate"]
+        metadata["refq.gate"] = {"min_sqnr": gate["min_sqnr_db"], "passed": gate["passed"]}
+    return metadata
 
 
 def artifact_header(metadata: Mapping[str, Any]) -> dict[str, str]:

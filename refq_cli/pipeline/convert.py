@@ -7,7 +7,6 @@ before any weight is observed.
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import time
@@ -19,16 +18,22 @@ from typing import Any
 import torch
 from torch import nn
 
-from refq_cli import __version__
 from refq_cli.errors import CheckpointError, RefqError, SpecError
 from refq_cli.io.checkpoint import Checkpoint, load_checkpoint, read_tensors
 from refq_cli.io.outputs import Outputs
 from refq_cli.io.recurrent import RecurrentModule
 from refq_cli.io.safetensors_writer import SafetensorsWriter, check_header_fits
 from refq_cli.kinds import FACTS, display_path, facts_of
-from refq_cli.pipeline.artifact import artifact_header, check_readable
-from refq_cli.pipeline.gate import Gate, named_below
+from refq_cli.pipeline.artifact import (
+    artifact_header,
+    artifact_metadata,
+    check_readable,
+    module_metadata,
+    weight_metadata,
+)
+from refq_cli.pipeline.gate import Gate
 from refq_cli.pipeline.probe import module_output, probe_for, probe_result
+from refq_cli.pipeline.report import ModuleRow, Report, WeightRow, build_report
 from refq_cli.quant.numerics import WeightQParams
 from refq_cli.quant.observers import observe
 from refq_cli.quant.statistics import quantize_and_measure
@@ -50,61 +55,37 @@ class ConvertedModule:
         keys = [*self.info.config, *facts_of(self.info.float_type)]
         return {k: getattr(self.float_module, k) for k in keys}
 
+    def metadata(self, rows: Mapping[str, WeightRow], decomposed: bool) -> dict[str, Any]:
+        """The module's entry in the artifact's ``refq.modules``; ``rows`` its weights' rows."""
+        assert self.reference is not None
+        weights = {
+            name: weight_metadata(
+                self.plan.weights[name].observer,
+                self.qparams.get(name),
+                rows[name]["sqnr_db"] if name in self.qparams else None,
+            )
+            for name in self.info.weight_names
+        }
+        return module_metadata(
+            self.info.float_type,
+            self.reference._get_name(),
+            self.config,
+            next(self.float_module.parameters()).dtype,
+            decomposed,
+            weights,
+        )
 
-@dataclass
+
+@dataclass(frozen=True)
 class Conversion:
+    """What :func:`convert` made, each part built once and in this order: the modules, the
+    report, the artifact's metadata."""
+
     checkpoint: Checkpoint
     spec: Spec
     modules: dict[str, ConvertedModule]
-    report: dict[str, Any]
-    gate: Gate | None = None
-
-    def metadata(self) -> dict[str, Any]:
-        modules = {}
-        stats = {(w["module"], w["weight"]): w for w in self.report["weights"]}
-        for path, m in self.modules.items():
-            if m.reference is None:
-                continue
-            weights = {}
-            for name in m.info.weight_names:
-                spec = m.plan.weights[name]
-                qp = m.qparams.get(name)
-                entry: dict[str, Any] = {"qscheme": "none", "observer": spec.observer}
-                if qp is not None:
-                    entry.update(
-                        qscheme=qp.qscheme,
-                        dtype=qp.dtype,
-                        axis=qp.axis if qp.per_channel else None,
-                        quant_min=qp.quant_min,
-                        quant_max=qp.quant_max,
-                        sqnr_db=stats[(path, name)]["sqnr_db"],
-                    )
-                weights[name] = entry
-            modules[path] = {
-                "float_type": m.info.float_type,
-                "reference_type": m.reference._get_name(),
-                "config": m.config,
-                "float_dtype": str(next(m.float_module.parameters()).dtype).removeprefix("torch."),
-                "is_decomposed": self.spec.is_decomposed,
-                "weights": weights,
-            }
-        metadata = {
-            "refq.modules": modules,
-            "refq.spec": self.spec.to_dict(),
-            "refq.source": self.report["source"],
-            "refq.producer": {"refq": __version__, "torch": torch.__version__.split("+")[0]},
-        }
-        if self.gate is not None:  # the --min-sqnr asked for and its verdict
-            metadata["refq.gate"] = self.gate.judge(self)
-        return metadata
-
-    def below(self, min_sqnr: float) -> list[dict[str, Any]]:
-        """Weights whose SQNR is under ``min_sqnr`` dB, worst first (exact weights never are,
-        NaN always is): :func:`refq_cli.pipeline.gate.named_below`."""
-        return named_below(
-            ((f"{w['module']}.{w['weight']}", w["sqnr_db"]) for w in self.report["weights"]),
-            min_sqnr,
-        )
+    report: Report
+    metadata: dict[str, Any]
 
 
 def resolve_device(device: str) -> torch.device:
@@ -163,8 +144,8 @@ def convert(
     check_header_fits(_artifact_names(checkpoint, plans), path=output)
 
     modules: dict[str, ConvertedModule] = {}
-    weight_rows: list[dict[str, Any]] = []
-    module_rows: list[dict[str, Any]] = []
+    weight_rows: list[WeightRow] = []
+    module_rows: list[ModuleRow] = []
     with SafetensorsWriter(Path(output), force=force, outputs=outputs) as writer:
         for done, (path, info) in enumerate(checkpoint.modules.items()):
             step(f"converting {display_path(path)}", done, len(checkpoint.modules))
@@ -175,13 +156,29 @@ def convert(
         for key in checkpoint.other_tensor_names:
             writer.add(key, checkpoint.tensors[key])
             checkpoint.release([checkpoint.tensors[key]])
-        conversion = Conversion(checkpoint, spec, modules, {}, gate)
-        conversion.report = _report(checkpoint, weight_rows, module_rows, spec_path, writer.size)
-        conversion.report["assumed_facts"] = assumed_facts(checkpoint, plans)
+        report = build_report(
+            checkpoint,
+            Path(spec_path).name,
+            weight_rows,
+            module_rows,
+            writer.size,
+            assumed_facts(checkpoint, plans),
+            seconds=round(time.perf_counter() - started, 3),
+        )
+        if gate is not None:
+            report["gate"] = gate.judge(weight_rows)
+        rows: dict[str, dict[str, WeightRow]] = {}
+        for row in weight_rows:
+            rows.setdefault(row["module"], {})[row["weight"]] = row
+        entries = {
+            path: m.metadata(rows.get(path, {}), spec.is_decomposed)
+            for path, m in modules.items()
+            if m.reference is not None
+        }
+        metadata = artifact_metadata(entries, spec.to_dict(), report)
         checkpoint.check_unchanged()  # its sha256 is in the metadata: it must cover these bytes
-        writer.finish(artifact_header(conversion.metadata()))
-    conversion.report["totals"]["seconds"] = round(time.perf_counter() - started, 3)
-    return conversion
+        writer.finish(artifact_header(metadata))
+    return Conversion(checkpoint, spec, modules, report, metadata)
 
 
 def _check_no_collisions(checkpoint: Checkpoint, plans: Mapping[str, ModulePlan]) -> None:
@@ -233,22 +230,6 @@ def assumed_facts(
     return assumed
 
 
-def assumed_facts_warning(report: Mapping[str, Any]) -> str | None:
-    """One line naming each assumed fact and the spec key that sets it, or None."""
-    assumed = report.get("assumed_facts") or {}
-    if not assumed:
-        return None
-    named = ", ".join(
-        f"modules.{path}.{fact}: {json.dumps(value)}"
-        for path, facts in assumed.items()
-        for fact, value in facts.items()
-    )
-    return (
-        f"{report['source']['name']}: weights cannot tell these facts, so PyTorch's defaults "
-        f"were assumed; set them in the spec if the model differs: {named}"
-    )
-
-
 def _artifact_names(checkpoint: Checkpoint, plans: Mapping[str, ModulePlan]) -> Iterable[str]:
     """The names of the tensors the artifact will hold: every tensor of the checkpoint, and
     a scale and a zero point for each weight that is quantized."""
@@ -291,14 +272,14 @@ class _ModuleConversion:
         facts = {k: s.value for k, s in plan.facts.items()}
         float_module = info.build(checkpoint.tensors, facts).to(dev)
         self.result = ConvertedModule(info, plan, float_module, None)
-        self.weight_rows: list[dict[str, Any]] = []
+        self.weight_rows: list[WeightRow] = []
         if dev.type != "cpu":  # the module works on its copies on the device
             self._release(info.tensor_names)
 
-    def run(self, calibration: torch.Tensor | None) -> dict[str, Any]:
+    def run(self, calibration: torch.Tensor | None) -> ModuleRow:
         """Convert the module; returns its row of the report."""
         info, module = self.info, self.result.float_module
-        row: dict[str, Any] = {"path": info.path, "float_type": info.float_type}
+        row: ModuleRow = {"path": info.path, "float_type": info.float_type}  # type: ignore[typeddict-item]
         row["skipped"] = self.plan.skip
         if self.plan.skip:
             for name in info.tensor_names:
@@ -419,32 +400,3 @@ def _single_layer(module: nn.Module, layer: int) -> nn.Module:
     # caller flattens the whole module again afterwards); elsewhere nothing.
     single.flatten_parameters()
     return single.train(False)
-
-
-def _report(
-    checkpoint: Checkpoint,
-    weight_rows: list[dict[str, Any]],
-    module_rows: list[dict[str, Any]],
-    spec_path: str | Path,
-    quantized_bytes: int,
-) -> dict[str, Any]:
-    float_bytes = sum(t.numel() * t.element_size() for t in checkpoint.tensors.values())
-    sqnrs = [w["sqnr_db"] for w in weight_rows if w["sqnr_db"] is not None]
-    return {
-        "refq_version": __version__,
-        "source": {
-            "name": checkpoint.path.name,
-            "sha256": checkpoint.sha256,
-            "format": checkpoint.format,
-        },
-        "spec": Path(spec_path).name,
-        "weights": weight_rows,
-        "modules": module_rows,
-        "totals": {
-            "float_bytes": float_bytes,
-            "quantized_bytes": quantized_bytes,
-            "compression_ratio": float_bytes / quantized_bytes if quantized_bytes else 0.0,
-            "weights_quantized": len(weight_rows),
-            "worst_sqnr_db": min(sqnrs) if sqnrs else None,
-        },
-    }

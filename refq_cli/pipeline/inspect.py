@@ -26,6 +26,7 @@ from refq_cli.io.header import (
     read_block,
     read_values,
 )
+from refq_cli.kinds import tensor_key
 
 _QUANTIZED_SUFFIXES = ("_scale", "_zero_point")
 _FLOAT32_MAX = 3.4028234663852886e38  # 1/scale must be a float32 too
@@ -60,11 +61,10 @@ def describe_artifact(
     owned = set()
     for module_path, info in modules.items():
         for weight_name, w in info["weights"].items():
-            key = f"{module_path}.{weight_name}" if module_path else weight_name
-            owned.add(key)
-            if w["qscheme"] == "none":
+            if w["qscheme"] == "none":  # kept float: listed with the float tensors
                 continue
-            owned.update(key + s for s in _QUANTIZED_SUFFIXES)
+            key = tensor_key(module_path, weight_name)
+            owned.update(key + s for s in ("", *_QUANTIZED_SUFFIXES))
             if not (
                 fnmatch.fnmatchcase(module_path, module)
                 and fnmatch.fnmatchcase(weight_name, weight)

@@ -19,13 +19,12 @@ Relative paths are relative to the manifest's folder.
 
 from __future__ import annotations
 
-import glob
 from pathlib import Path
 
 import yaml
 
 from refq_cli.errors import RefqError
-from refq_cli.pipeline.batch import Job, check_jobs, output_paths
+from refq_cli.pipeline.jobs import Job, check_jobs, expand_inputs, output_paths
 from refq_cli.spec.yaml_reader import Field, Settings, YamlReader, read_document
 
 MANIFEST_VERSION = 1
@@ -95,12 +94,10 @@ def _expand(reader: YamlReader, node: yaml.Node, settings: Settings, base: Path)
         return base / settings[key].value if key in settings else None
 
     pattern = str(base / settings["input"].value)
-    if glob.has_magic(settings["input"].value):
-        inputs = sorted(Path(p) for p in glob.glob(pattern, recursive=True) if Path(p).is_file())
-        if not inputs:
-            raise fail("input", f"input {settings['input'].value!r} matches no file")
-    else:
-        inputs = [Path(pattern)]
+    try:  # as refq convert takes its inputs: a path that exists is taken as it is
+        inputs = expand_inputs([pattern])
+    except RefqError:
+        raise fail("input", f"input {settings['input'].value!r} matches no file") from None
     if "output" in settings and len(inputs) > 1:
         raise fail("output", f"output names one file but input matches {len(inputs)}; use out_dir")
     jobs = []

@@ -3,7 +3,7 @@ calibration data, and the drift of that error over time steps."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TypedDict
 
 import torch
 from torch import nn
@@ -11,6 +11,16 @@ from torch import nn
 from refq_cli.errors import RefqError
 from refq_cli.kinds import display_path
 from refq_cli.quant.statistics import finite, sqnr_db
+
+
+class ProbeResult(TypedDict):
+    """A module's output error against the float module on a probe."""
+
+    probe_shape: list[int]
+    output_sqnr_db: float | None  # None: exact
+    output_max_abs_error: float
+    hidden_error_per_step: list[float]
+
 
 PROBE_STEPS = 16
 PROBE_BATCH = 4
@@ -48,7 +58,7 @@ def probe_for(module: nn.Module, given: torch.Tensor | None, path: str) -> torch
     return given.to(device=weight.device, dtype=weight.dtype)
 
 
-def probe_module(float_mod: nn.Module, ref_mod: nn.Module, x: torch.Tensor) -> dict[str, Any]:
+def probe_module(float_mod: nn.Module, ref_mod: nn.Module, x: torch.Tensor) -> ProbeResult:
     """Output error of the reference module against the float one, and its drift over time.
 
     ``x`` is (steps, batch, features), or (batch, steps, features) for batch_first modules;
@@ -67,7 +77,7 @@ def module_output(module: nn.Module, x: torch.Tensor, cell: bool) -> torch.Tenso
 
 def probe_result(
     expected: torch.Tensor, got: torch.Tensor, x: torch.Tensor, batch_first: bool
-) -> dict[str, Any]:
+) -> ProbeResult:
     """The report's probe entries from the float and reference outputs on probe ``x``."""
     if batch_first:
         expected, got = expected.transpose(0, 1), got.transpose(0, 1)

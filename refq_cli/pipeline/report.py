@@ -8,10 +8,121 @@ same input, spec and probe.
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, TypedDict
 
+from refq_cli import __version__
 from refq_cli.errors import markdown_cell, printable
 from refq_cli.kinds import display_path
+from refq_cli.pipeline.gate import GateRecord, gate_line
+from refq_cli.pipeline.probe import ProbeResult
+from refq_cli.quant.statistics import WeightStats
+
+
+class Source(TypedDict):
+    """The checkpoint a conversion read (also the artifact's ``refq.source``)."""
+
+    name: str
+    sha256: str
+    format: str  # state_dict | safetensors | torchscript | pickle
+
+
+class WeightRow(WeightStats):
+    """A quantized weight of the report."""
+
+    module: str  # the module's path; "" at the root
+    weight: str
+    observer: str
+
+
+class _ModuleRowBase(TypedDict):
+    path: str
+    float_type: str
+    skipped: bool
+
+
+class ModuleRow(_ModuleRowBase, ProbeResult, total=False):
+    """A recurrent module of the report; a skipped one (kept float) has only the three keys
+    above, a converted one its reference type and its probe's result too."""
+
+    reference_type: str
+    probe: str  # random | calibration
+
+
+class Totals(TypedDict):
+    float_bytes: int
+    quantized_bytes: int
+    compression_ratio: float
+    weights_quantized: int
+    worst_sqnr_db: float | None
+    seconds: float
+
+
+class _ReportBase(TypedDict):
+    refq_version: str
+    source: Source
+    spec: str  # the spec file's name
+    weights: list[WeightRow]
+    modules: list[ModuleRow]
+    totals: Totals
+    assumed_facts: dict[str, dict[str, Any]]  # by module: facts assumed with their defaults
+
+
+class Report(_ReportBase, total=False):
+    """The conversion report, as its JSON file holds it."""
+
+    gate: GateRecord  # with a --min-sqnr
+
+
+def build_report(
+    checkpoint: Any,
+    spec_name: str,
+    weights: Sequence[WeightRow],
+    modules: Sequence[ModuleRow],
+    quantized_bytes: int,
+    assumed_facts: dict[str, dict[str, Any]],
+    *,
+    seconds: float,
+) -> Report:
+    """The report of a conversion of ``checkpoint`` (a ``refq_cli.io.checkpoint.Checkpoint``)."""
+    float_bytes = sum(t.numel() * t.element_size() for t in checkpoint.tensors.values())
+    sqnrs = [w["sqnr_db"] for w in weights if w["sqnr_db"] is not None]
+    return {
+        "refq_version": __version__,
+        "source": {
+            "name": checkpoint.path.name,
+            "sha256": checkpoint.sha256,
+            "format": checkpoint.format,
+        },
+        "spec": spec_name,
+        "weights": list(weights),
+        "modules": list(modules),
+        "totals": {
+            "float_bytes": float_bytes,
+            "quantized_bytes": quantized_bytes,
+            "compression_ratio": float_bytes / quantized_bytes if quantized_bytes else 0.0,
+            "weights_quantized": len(weights),
+            "worst_sqnr_db": min(sqnrs) if sqnrs else None,
+            "seconds": seconds,
+        },
+        "assumed_facts": assumed_facts,
+    }
+
+
+def assumed_facts_warning(report: Mapping[str, Any]) -> str | None:
+    """One line naming each assumed fact and the spec key that sets it, or None."""
+    assumed = report.get("assumed_facts") or {}
+    if not assumed:
+        return None
+    named = ", ".join(
+        f"modules.{path}.{fact}: {json.dumps(value)}"
+        for path, facts in assumed.items()
+        for fact, value in facts.items()
+    )
+    return (
+        f"{report['source']['name']}: weights cannot tell these facts, so PyTorch's defaults "
+        f"were assumed; set them in the spec if the model differs: {named}"
+    )
 
 
 def _fmt(value: Any) -> str:
@@ -22,7 +133,7 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def to_markdown(report: dict[str, Any]) -> str:
+def to_markdown(report: Report) -> str:
     """The report for people and CI step summaries."""
     source = report["source"]
     totals = report["totals"]
@@ -73,6 +184,8 @@ def to_markdown(report: dict[str, Any]) -> str:
             f"{_fmt(m['output_sqnr_db'])} | {_fmt(m['output_max_abs_error'])} | "
             f"{_fmt(m['hidden_error_per_step'][-1])} |"
         )
+    if "gate" in report:
+        lines += ["", gate_line(report["gate"])]
     return "\n".join(lines) + "\n"
 
 

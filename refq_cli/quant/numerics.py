@@ -36,7 +36,6 @@ deprecates: codes live in ordinary integer tensors.
 
 from __future__ import annotations
 
-import difflib
 import math
 import operator
 from collections.abc import Iterator, Mapping
@@ -45,7 +44,7 @@ from typing import Any
 
 import torch
 
-from refq_cli.errors import QParamsError
+from refq_cli.errors import QParamsError, did_you_mean
 from refq_cli.kinds import INTEGER_TYPES, SCHEMES
 
 __all__ = [
@@ -97,10 +96,9 @@ def _choice(kind: str, value: Any, choices: Mapping[str, Any], where: str) -> st
     name = canonical_name(value)
     if name in choices:
         return name
-    hint = difflib.get_close_matches(name, list(choices), n=1)
-    did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+    hint = did_you_mean(name, choices, aside=True)
     raise QParamsError(
-        f"{where}: unknown {kind} {value!r}{did_you_mean}; expected one of {', '.join(choices)}",
+        f"{where}: unknown {kind} {value!r}{hint}; expected one of {', '.join(choices)}",
         field=kind,
     )
 
@@ -224,11 +222,9 @@ class WeightQParams:
         """Build from a PyTorch-style ``weight_qparams`` mapping; unknown keys are errors."""
         unknown = sorted(set(entry) - set(_FIELDS))
         if unknown:
-            hint = difflib.get_close_matches(unknown[0], _FIELDS, n=1)
-            did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+            hint = did_you_mean(unknown[0], _FIELDS, aside=True)
             raise QParamsError(
-                f"{where}: unknown key {unknown[0]!r}{did_you_mean}; "
-                f"expected keys are {', '.join(_FIELDS)}"
+                f"{where}: unknown key {unknown[0]!r}{hint}; expected keys are {', '.join(_FIELDS)}"
             )
         if "qscheme" not in entry or "dtype" not in entry or "scale" not in entry:
             missing = [k for k in ("qscheme", "dtype", "scale") if k not in entry]

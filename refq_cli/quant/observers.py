@@ -115,12 +115,13 @@ def percentile(w: torch.Tensor, spec: QParamSpec, where: str) -> WeightQParams:
 
     Per channel (per-channel schemes) or over the whole tensor, of its ``n`` values: ``hi`` is
     the ``k``-th smallest value and ``lo`` the ``k``-th largest, ``k = round(p / 100 * n)``
-    (Python's round, half to even) kept within ``1..n``. ``[lo, hi]`` then goes through the
-    minmax formulas: widened to hold 0; symmetric schemes use ``max(-lo, hi)``.
+    (Python's round, half to even) kept within ``1..n`` and at least the median's rank, so that
+    ``lo <= hi`` however few values a channel has. ``[lo, hi]`` then goes through the minmax
+    formulas: widened to hold 0; symmetric schemes use ``max(-lo, hi)``.
     """
     rows = _channels(w, spec, _per_channel(spec), where)
     n = rows.shape[1]
-    k_hi = max(1, min(n, round(spec.percentile / 100 * n)))
+    k_hi = max((n + 2) // 2, min(n, round(spec.percentile / 100 * n)))
     k_lo = max(1, n + 1 - k_hi)
     lo = rows.kthvalue(k_lo, dim=1).values
     hi = rows.kthvalue(k_hi, dim=1).values

@@ -6,11 +6,29 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from typing import Any
+from typing import TypedDict
 
 import torch
 
 from refq_cli.quant.numerics import WeightQParams, _for_rows, quantize_blocks, row_sums_of_squares
+
+
+class WeightStats(TypedDict):
+    """A weight's quantization parameters in brief and its error under them."""
+
+    shape: list[int]
+    qscheme: str
+    dtype: str
+    axis: int | None
+    quant_min: int
+    quant_max: int
+    scale_min: float
+    scale_max: float
+    zero_point_min: int
+    zero_point_max: int
+    sqnr_db: float | None  # None: exact
+    max_abs_error: float
+    clipped_fraction: float
 
 
 def sqnr_db(reference: torch.Tensor, test: torch.Tensor) -> float:
@@ -32,7 +50,7 @@ def _db(signal: float, noise: float) -> float:
     return 10 * math.log10(signal / noise)
 
 
-def weight_stats(weight: torch.Tensor, qp: WeightQParams, decomposed: bool) -> dict[str, Any]:
+def weight_stats(weight: torch.Tensor, qp: WeightQParams, decomposed: bool) -> WeightStats:
     """SQNR, error and clipping of one weight under its quantization parameters."""
     return quantize_and_measure(weight, qp, decomposed)[1]
 
@@ -42,7 +60,7 @@ def quantize_and_measure(
     qp: WeightQParams,
     decomposed: bool,
     on_codes: Callable[[torch.Tensor], None] | None = None,
-) -> tuple[torch.Tensor, dict[str, Any]]:
+) -> tuple[torch.Tensor, WeightStats]:
     """The fake-quantized weight (in the weight's dtype) and :func:`weight_stats`, in one pass.
 
     ``on_codes`` hears each block's integer codes, in row-major order: the converter streams

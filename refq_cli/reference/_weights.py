@@ -14,14 +14,13 @@ after those).
 from __future__ import annotations
 
 import contextvars
-import difflib
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from refq_cli.errors import QParamsError
+from refq_cli.errors import QParamsError, did_you_mean
 from refq_cli.quant.numerics import (
     QuantizedWeight,
     WeightQParams,
@@ -272,10 +271,9 @@ class QuantizedWeightsMixin:
 def _check_keys(owner: str, entries: Mapping[str, Any], weight_names: Sequence[str]) -> None:
     unknown = [k for k in entries if k not in weight_names]
     if unknown:
-        hint = difflib.get_close_matches(str(unknown[0]), weight_names, n=1)
-        did_you_mean = f" (did you mean {hint[0]!r}?)" if hint else ""
+        hint = did_you_mean(str(unknown[0]), weight_names, aside=True)
         raise QParamsError(
-            f"{owner}: weight_qparams_dict has unknown weight {unknown[0]!r}{did_you_mean}; "
+            f"{owner}: weight_qparams_dict has unknown weight {unknown[0]!r}{hint}; "
             f"this module's weights are {', '.join(weight_names)}"
         )
     missing = [n for n in weight_names if n not in entries]

@@ -7,7 +7,6 @@ raises errors that start with ``file:line:column``.
 
 from __future__ import annotations
 
-import difflib
 import math
 import re
 from collections.abc import Mapping, Sequence
@@ -18,7 +17,7 @@ from typing import Any, ClassVar
 import yaml
 from yaml.constructor import SafeConstructor
 
-from refq_cli.errors import RefqError, shorten
+from refq_cli.errors import RefqError, did_you_mean, shorten
 from refq_cli.io.inputs import read_at_most, why_unreadable
 
 MAX_BYTES = 4 * 1024 * 1024
@@ -198,11 +197,10 @@ class YamlReader:
                 first = self.loc(out[key][0])
                 raise self.fail(key_node, f"duplicate key {key!r} (first given at {first})")
             if allowed is not None and key not in allowed:
-                hint = difflib.get_close_matches(key, allowed, n=1)
-                did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
                 raise self.fail(
                     key_node,
-                    f"unknown key {key!r} in {what}{did_you_mean} (allowed: {', '.join(allowed)})",
+                    f"unknown key {key!r} in {what}{did_you_mean(key, allowed)} "
+                    f"(allowed: {', '.join(allowed)})",
                 )
             out[key] = (key_node, value_node)
         return out
@@ -230,11 +228,9 @@ class YamlReader:
         kind = {"numbers": "number", "ints": "int"}.get(spec.kind, spec.kind)
         if kind == "enum":
             if not isinstance(value, str) or value.lower() not in spec.choices:
-                hint = difflib.get_close_matches(str(value).lower(), spec.choices, n=1)
-                did_you_mean = f"; did you mean {hint[0]!r}?" if hint else ""
+                hint = did_you_mean(str(value).lower(), spec.choices)
                 raise self.fail(
-                    node,
-                    f"{key} must be one of {', '.join(spec.choices)}, got {value!r}{did_you_mean}",
+                    node, f"{key} must be one of {', '.join(spec.choices)}, got {value!r}{hint}"
                 )
             return value.lower()
         if kind == "bool":

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
 from refq_cli.cli.app import app
 from tests.checkpoints import write
-from tests.scripts import run_and_check_torch
+from tests.scripts import run_and_check_torch, run_refq
 
 SPEC = "version: 1\nmodules:\n  aux: {nonlinearity: relu}\n  context: {batch_first: true}\n"
 
@@ -166,3 +167,56 @@ def test_the_ci_example_runs_every_shard(tmp_path):
         assert (repo / f"refq-summary-{k}.md").read_text().startswith("## refq batch")
     assert len(converted) == 1 and converted[0].endswith("example.pt")
     assert (repo / "out" / "ci" / "example.refq.safetensors").exists()
+
+
+def test_a_shard_never_writes_over_another_shards_input(tmp_path, monkeypatch):
+    # Outputs were checked against the shard's own inputs only: with --force, shard 2 wrote
+    # its artifact over victim.pt, the input of a job of shard 1.
+    monkeypatch.chdir(tmp_path)
+    sources(tmp_path, 1)
+    victim = write(tmp_path, "pt", seed=7).rename(tmp_path / "victim.pt")
+    before = victim.read_bytes()
+    Path("m.yaml").write_text(
+        "version: 1\ndefaults: {spec: q.yaml}\njobs:\n"
+        "  - {input: ckpts/run0/model0.pt, output: victim.pt}\n"
+        "  - {input: victim.pt, output: v.refq.safetensors}\n"
+    )
+    for k in (1, 2):
+        result = invoke("batch", "m.yaml", "--force", "--shard", f"{k}/2")
+        if (
+            "victim.pt"
+            in invoke("batch", "m.yaml", "--shard", f"{k}/2", "--list").stdout.split(" -> ")[-1]
+        ):
+            assert result.exit_code == 2 and "would overwrite the input" in result.output
+    assert victim.read_bytes() == before
+
+
+def test_one_failed_input_gives_the_same_json_shape_as_many(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "q.yaml").write_text(SPEC)
+    result = invoke("convert", "nope.pt", "-q", "q.yaml", "--json")
+    assert result.exit_code == 2
+    (job,) = json.loads(result.stdout)["jobs"]
+    assert job["status"] == "failed" and "nope.pt" in job["error"]
+
+
+def test_a_path_the_terminal_cannot_show_does_not_stop_a_batch(tmp_path):
+    folder = tmp_path / "ü"
+    folder.mkdir()
+    write(folder, "pt").rename(folder / "mödel.pt")
+    write(tmp_path, "pt", seed=1)
+    (tmp_path / "q.yaml").write_text(SPEC)
+    args = ["convert", folder / "mödel.pt", tmp_path / "model.pt", "-q", tmp_path / "q.yaml"]
+    args += ["--out-dir", tmp_path / "out"]
+    result = run_refq(*args, env={"PYTHONIOENCODING": "ascii"})
+    assert result.returncode == 0, result.stderr
+    assert "2 converted" in result.stdout and "m\\xf6del.pt" in result.stdout
+
+
+def test_workers_print_no_torch_noise(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sources(tmp_path, 2)
+    result = run_refq(
+        "convert", "ckpts/*/*.pt", "-q", "q.yaml", "--out-dir", "o", "--jobs", "2", "--quiet"
+    )
+    assert result.returncode == 0 and result.stderr == "", result.stderr

@@ -15,7 +15,8 @@ import torch
 
 from refq_cli.errors import RefqError
 from refq_cli.io import safetensors_writer
-from refq_cli.pipeline.batch import Job, Options, convert_job
+from refq_cli.pipeline.batch import convert_job
+from refq_cli.pipeline.jobs import Job, Options
 from tests.checkpoints import write
 from tests.scripts import run_refq
 

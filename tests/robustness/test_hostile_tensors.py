@@ -19,8 +19,9 @@ from torch import nn
 
 from refq_cli.errors import ArtifactError, CheckpointError
 from refq_cli.io.checkpoint import load_checkpoint, read_tensors
-from refq_cli.pipeline.batch import Job, Options, convert_job
+from refq_cli.pipeline.batch import convert_job
 from refq_cli.pipeline.convert import convert
+from refq_cli.pipeline.jobs import Job, Options
 from tests.scripts import run_refq
 
 LSTM = {"lstm.weight_ih": torch.randn(16, 4), "lstm.weight_hh": torch.randn(16, 4)}

@@ -21,7 +21,8 @@ from typer.testing import CliRunner
 
 from refq_cli.cli.app import app
 from refq_cli.errors import RefqError
-from refq_cli.pipeline.batch import Job, Options, convert_job
+from refq_cli.pipeline.batch import convert_job
+from refq_cli.pipeline.jobs import Job, Options
 from tests.checkpoints import write
 from tests.scripts import run_refq
 

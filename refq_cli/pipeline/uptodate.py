@@ -1,0 +1,69 @@
+"""Whether a job's outputs are up to date (``--skip-unchanged``): its artifact records this
+input's sha256, this spec and this format version, and did not miss the gate it was converted
+with. Reads headers only: no torch."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from refq_cli.errors import RefqError
+from refq_cli.pipeline.jobs import Job
+
+
+def _recorded_gate(metadata: dict[str, Any]) -> dict[str, Any] | None:
+    """The artifact's ``refq.gate`` (checked), None without one; ArtifactError if malformed."""
+    from refq_cli.errors import ArtifactError
+
+    text = metadata.get("refq.gate")
+    if text is None:
+        return None
+    try:
+        gate = json.loads(text)
+    except (ValueError, RecursionError):
+        gate = None
+    if not (
+        isinstance(gate, dict)
+        and type(gate.get("passed")) is bool
+        and type(gate.get("min_sqnr")) in (int, float)
+    ):
+        raise ArtifactError("corrupt artifact: metadata refq.gate is malformed")
+    return gate
+
+
+def recorded_sqnrs(metadata: dict[str, Any]) -> list[tuple[str, float | None]]:
+    """(module.weight, SQNR dB) of every weight, from checked artifact metadata."""
+    return [
+        (f"{module}.{name}", w.get("sqnr_db"))
+        for module, info in metadata["refq.modules"].items()
+        for name, w in info["weights"].items()
+    ]
+
+
+def is_unchanged(job: Job) -> bool:
+    """Whether the job's artifact exists, records this input's sha256, this spec and this
+    format version (so converting again would give the same tensors), and did not miss the
+    gate it was converted with. Whether it passes the job's gate is :func:`run_job`'s to say."""
+    return unchanged_metadata(job) is not None
+
+
+def unchanged_metadata(job: Job) -> dict[str, Any] | None:
+    """The checked metadata of the job's artifact when :func:`is_unchanged`, else None."""
+    from refq_cli.io.digest import sha256_of
+    from refq_cli.io.header import FORMAT_VERSION, read_artifact
+    from refq_cli.spec.spec import load_spec
+
+    if not (job.output.is_file() and job.report.is_file() and job.report_md.is_file()):
+        return None
+    try:
+        _, metadata = read_artifact(job.output)
+        gate = _recorded_gate(metadata)
+    except RefqError:  # not an artifact this refq reads: converting again replaces it
+        return None
+    unchanged = (
+        metadata["refq.format_version"] == str(FORMAT_VERSION)
+        and (gate is None or gate["passed"])  # a rejected one put in place is never up to date
+        and metadata["refq.source"].get("sha256") == sha256_of(job.input)
+        and metadata["refq.spec"] == json.loads(json.dumps(load_spec(job.spec).to_dict()))
+    )
+    return metadata if unchanged else None
