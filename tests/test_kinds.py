@@ -70,3 +70,9 @@ def test_integer_types_and_schemes_are_what_the_numerics_use():
 def test_display_path_names_the_root():
     assert kinds.display_path("") == kinds.ROOT == "<root>"
     assert kinds.display_path("enc.rnn") == "enc.rnn"
+
+
+def test_every_observer_name_has_an_observer():
+    from refq_cli.quant.observers import OBSERVERS
+
+    assert {*OBSERVERS, "fixed"} == set(kinds.OBSERVER_NAMES)  # fixed takes the spec's numbers

@@ -23,7 +23,7 @@ from refq_cli.io.checkpoint import Checkpoint, load_checkpoint, read_tensors
 from refq_cli.io.outputs import Outputs
 from refq_cli.io.recurrent import RecurrentModule
 from refq_cli.io.safetensors_writer import SafetensorsWriter, check_header_fits
-from refq_cli.kinds import FACTS, display_path, facts_of
+from refq_cli.kinds import FACTS, KINDS, display_path, facts_of
 from refq_cli.pipeline.artifact import (
     artifact_header,
     artifact_metadata,
@@ -355,7 +355,7 @@ class _ModuleConversion:
 
 def _layers(info: RecurrentModule) -> list[tuple[int | None, list[str]]]:
     """The module's tensors by layer (both directions together); one group for a cell."""
-    if info.float_type.endswith("Cell"):
+    if KINDS[info.float_type].cell:
         return [(None, list(info.tensor_names))]
     layers: dict[int, list[str]] = {}
     for name in info.tensor_names:
@@ -376,18 +376,12 @@ def _single_layer(module: nn.Module, layer: int) -> nn.Module:
     type, sharing its tensors: running the layers one after another computes what the whole
     module computes (in eval mode, where dropout between layers is off)."""
     out_size = module.proj_size or module.hidden_size
-    config = {
+    config = {a: getattr(module, a) for a in KINDS[type(module).__name__].arguments}
+    config |= {  # one layer, whose input is the layer before's output; no dropout after it
         "input_size": module.input_size if layer == 0 else out_size * (1 + module.bidirectional),
-        "hidden_size": module.hidden_size,
         "num_layers": 1,
-        "bias": module.bias,
-        "batch_first": module.batch_first,
-        "bidirectional": module.bidirectional,
+        "dropout": 0.0,
     }
-    if isinstance(module, nn.LSTM):
-        config["proj_size"] = module.proj_size
-    if isinstance(module, nn.RNN):
-        config["nonlinearity"] = module.nonlinearity
     first = next(module.parameters())
     single = type(module)(**config, device="meta", dtype=first.dtype)
     tensors = {

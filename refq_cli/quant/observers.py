@@ -46,7 +46,7 @@ def observe(weight: torch.Tensor, spec: QParamSpec, where: str) -> WeightQParams
                 where=where,
             )
         else:
-            qp = _OBSERVERS[spec.observer](weight.detach().float(), spec, where)
+            qp = OBSERVERS[spec.observer](weight.detach().float(), spec, where)
         qp.check_weight(weight, where)
     except QParamsError as exc:
         raise spec.error(exc, where) from None
@@ -148,7 +148,7 @@ def mse(w: torch.Tensor, spec: QParamSpec, where: str) -> WeightQParams:
     return _from_range(best_lo, best_hi, spec, where)
 
 
-_OBSERVERS: dict[str, Callable[[torch.Tensor, QParamSpec, str], WeightQParams]] = {
+OBSERVERS: dict[str, Callable[[torch.Tensor, QParamSpec, str], WeightQParams]] = {
     "minmax": minmax,
     "percentile": percentile,
     "mse": mse,

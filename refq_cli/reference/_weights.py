@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from refq_cli.errors import QParamsError, did_you_mean
+from refq_cli.kinds import KINDS
 from refq_cli.quant.numerics import (
     QuantizedWeight,
     WeightQParams,
@@ -62,8 +63,10 @@ class QuantizedWeightsMixin:
 
     @classmethod
     def _config_of(cls, mod: nn.Module) -> dict[str, Any]:
-        """Constructor arguments that rebuild ``mod``'s structure."""
-        raise NotImplementedError
+        """Constructor arguments that rebuild ``mod``'s structure: its kind's
+        (:data:`refq_cli.kinds.KINDS`), for the torch.nn type this class stands for."""
+        kind = next(KINDS[t.__name__] for t in cls._FLOAT_TYPE.__mro__ if t.__name__ in KINDS)
+        return {name: getattr(mod, name) for name in kind.arguments}
 
     @classmethod
     def from_float(

@@ -80,10 +80,6 @@ class RNNCellBase(QuantizedWeightsMixin, nn.RNNCellBase):
             out = (out[0].squeeze(0), out[1].squeeze(0)) if is_lstm else out.squeeze(0)
         return out
 
-    @classmethod
-    def _config_of(cls, mod: nn.Module) -> dict[str, Any]:
-        return {"input_size": mod.input_size, "hidden_size": mod.hidden_size, "bias": mod.bias}
-
 
 class RNNCell(RNNCellBase):
     """Reference-quantized ``torch.nn.RNNCell`` (tanh or relu)."""
@@ -110,10 +106,6 @@ class RNNCell(RNNCellBase):
     @property
     def mode(self) -> str:  # type: ignore[override]
         return f"RNN_{self.nonlinearity.upper()}"
-
-    @classmethod
-    def _config_of(cls, mod: nn.Module) -> dict[str, Any]:
-        return {**super()._config_of(mod), "nonlinearity": mod.nonlinearity}
 
 
 class LSTMCell(RNNCellBase):

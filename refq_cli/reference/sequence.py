@@ -180,18 +180,6 @@ class RNNBase(QuantizedWeightsMixin, nn.RNNBase):
             return tuple(h.index_select(1, permutation) for h in hx)
         return hx.index_select(1, permutation)
 
-    @classmethod
-    def _config_of(cls, mod: nn.Module) -> dict[str, Any]:
-        return {
-            "input_size": mod.input_size,
-            "hidden_size": mod.hidden_size,
-            "num_layers": mod.num_layers,
-            "bias": mod.bias,
-            "batch_first": mod.batch_first,
-            "dropout": mod.dropout,
-            "bidirectional": mod.bidirectional,
-        }
-
 
 class RNN(RNNBase):
     """Reference-quantized ``torch.nn.RNN`` (tanh or relu), which PyTorch's reference set lacks."""
@@ -230,10 +218,6 @@ class RNN(RNNBase):
         )
         self.nonlinearity = nonlinearity
 
-    @classmethod
-    def _config_of(cls, mod: nn.Module) -> dict[str, Any]:
-        return {**super()._config_of(mod), "nonlinearity": mod.nonlinearity}
-
 
 class LSTM(RNNBase):
     """Reference-quantized ``torch.nn.LSTM``, ``proj_size`` included."""
@@ -243,10 +227,6 @@ class LSTM(RNNBase):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__("LSTM", *args, **kwargs)
-
-    @classmethod
-    def _config_of(cls, mod: nn.Module) -> dict[str, Any]:
-        return {**super()._config_of(mod), "proj_size": mod.proj_size}
 
 
 class GRU(RNNBase):
