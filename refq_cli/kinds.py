@@ -129,8 +129,8 @@ def facts_of(float_type: str) -> tuple[str, ...]:
 
 
 def kinds_with_fact(fact: str) -> tuple[str, ...]:
-    """The module types that take ``fact``."""
-    return tuple(k.name for k in KINDS.values() if fact in k.facts)
+    """The module types that take ``fact``, sorted by name."""
+    return tuple(sorted(k.name for k in KINDS.values() if fact in k.facts))
 
 
 def tensor_shapes(float_type: str, config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -190,4 +190,5 @@ SCHEMES: dict[str, tuple[str, bool]] = {
     "per_channel_symmetric": ("per_channel_affine", True),
 }
 QSCHEME_NAMES = (*SCHEMES, "none")  # none keeps a weight float
+FLOAT_TYPES = ("float16", "bfloat16", "float32", "float64")  # torch dtypes recurrent modules run in
 OBSERVER_NAMES = ("minmax", "mse", "percentile", "fixed")

@@ -114,3 +114,27 @@ def test_a_missed_gate_is_one_short_line_in_the_summary(tmp_path):
     assert error.startswith(f"{WEIGHTS} weight(s) below --min-sqnr 200 dB: ")
     assert f"and {WEIGHTS - 3} more" in error and error.count(" dB)") == 3
     assert REJECTED[0] in row
+
+
+def test_a_root_modules_weights_are_named_alike_by_every_gate(tmp_path):
+    # Judged again from the artifact, a root module's weight was ".weight_ih_l0".
+    import torch
+
+    from refq_cli.pipeline.batch import run_jobs
+    from refq_cli.pipeline.jobs import Job, Options
+
+    torch.manual_seed(0)
+    torch.save(torch.nn.LSTM(4, 3).state_dict(), tmp_path / "root.pt")
+    (tmp_path / "q.yaml").write_text("version: 1\n")
+    job = Job(
+        tmp_path / "root.pt",
+        tmp_path / "q.yaml",
+        tmp_path / "root.refq.safetensors",
+        tmp_path / "root.refq.report.json",
+    )
+    (first,) = run_jobs([job], Options())
+    gated = Job(*[getattr(job, f) for f in ("input", "spec", "output", "report")], min_sqnr=200.0)
+    (again,) = run_jobs([gated], Options(skip_unchanged=True))
+    assert again.status == "gate" and first.status == "converted"
+    names = {b["name"] for b in again.gate["below"]}
+    assert "weight_ih_l0" in names and not any(n.startswith(".") for n in names)

@@ -71,8 +71,12 @@ def test_duplicates_are_refused_unless_replaced(monkeypatch):
     monkeypatch.setattr(registry, "_CONVERTERS", dict(registry._CONVERTERS))
     with pytest.raises(registry.RegistryError, match="already registered"):
         registry.register(nn.LSTM)(lambda m, q: m)
-    registry.register(nn.LSTM, replace=True)(reference.GRU.from_float)
-    assert registry.converters()[nn.LSTM] == reference.GRU.from_float
+
+    def convert_lstm(module, qparams):
+        return reference.LSTM.from_float(module, qparams)
+
+    registry.register(nn.LSTM, replace=True)(convert_lstm)
+    assert registry.converters()[nn.LSTM] is convert_lstm
 
 
 def test_entry_point_converters_are_found(plugin_on_path):
@@ -165,3 +169,48 @@ def test_readers_are_refq_reference_modules_and_names_are_not_taken_twice(own_re
         registry.register(TheirGRU)(Imposter.from_float)
     assert TheirGRU not in registry.converters()  # refused whole
     assert registry.reader_for("QuantizedLSTM(Reference)", "LSTM") is reference.LSTM
+
+
+def test_a_reader_reads_only_the_float_type_it_stands_for(own_registry):
+    # An LSTM entry naming refq's GRU was rebuilt as a GRU, stopped only by chance later.
+    with pytest.raises(registry.RegistryError, match=r"records a LSTM module named .*stands for"):
+        registry.reader_for("QuantizedGRU(Reference)", "LSTM")
+    with pytest.raises(registry.RegistryError, match=r"stands for torch\.nn\.modules\.rnn\.GRU"):
+        registry.register(nn.LSTM, replace=True)(reference.GRU.from_float)
+    with pytest.raises(registry.RegistryError, match="stands for"):
+        registry.register(nn.LSTMCell, replace=True, reader=reference.GRUCell)(lambda m, q: m)
+
+
+def test_replacing_a_converter_cannot_take_the_name_another_converter_writes(own_registry):
+    # A subclass without a name of its own took over refq's LSTM name: every nn.LSTM
+    # conversion then failed, and every LSTM artifact loaded as the subclass.
+    class Hijack(reference.LSTM):
+        pass
+
+    class TheirLSTM(nn.LSTM):
+        pass
+
+    with pytest.raises(registry.RegistryError, match=r"which the converter of torch\.nn"):
+        registry.register(TheirLSTM, replace=True)(Hijack.from_float)
+    assert registry.reader_for("QuantizedLSTM(Reference)", "LSTM") is reference.LSTM
+
+
+def test_bad_readers_are_refused_with_a_registry_error(own_registry):
+    with pytest.raises(registry.RegistryError, match="'notaclass' is no subclass"):
+        registry.register(nn.LSTMCell, replace=True, reader="notaclass")(lambda m, q: m)
+
+    class Nameless(reference._weights.QuantizedWeightsMixin, nn.Module):
+        _FLOAT_TYPE = nn.LSTMCell
+
+    with pytest.raises(registry.RegistryError, match="has no _NAME"):
+        registry.register(nn.LSTMCell, replace=True, reader=Nameless)(lambda m, q: m)
+
+
+@pytest.mark.parametrize("made", ["not a module", nn.Linear(4, 3)])
+def test_a_converter_that_makes_no_reference_module_is_named(tmp_path, own_registry, made):
+    # It crashed as "internal error: TypeError: 'str' object is not callable".
+    registry.register(nn.LSTMCell, replace=True)(lambda m, q: made)
+    source, spec = lstm_cell_checkpoint(tmp_path)
+    with pytest.raises(registry.RegistryError, match=r"made .* not a refq reference module"):
+        convert(source, spec, tmp_path / "a.refq.safetensors")
+    assert not (tmp_path / "a.refq.safetensors").exists()

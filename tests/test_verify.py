@@ -110,3 +110,22 @@ def test_a_checkpoint_without_the_artifacts_modules_is_refused(converted, tmp_pa
     torch.save(state, tmp_path / "partial.pt")
     with pytest.raises(RefqError, match=r"partial\.pt: no recurrent module at gate"):
         verify(artifact, tmp_path / "partial.pt")
+
+
+def test_a_checkpoint_with_its_module_at_the_root_is_named(tmp_path):
+    # "found: none" was printed for a checkpoint whose module is at the root.
+    import torch
+
+    from refq_cli.errors import ArtifactError
+
+    torch.manual_seed(0)
+    torch.save(
+        {"aux." + k: v for k, v in torch.nn.LSTM(4, 3).state_dict().items()}, tmp_path / "a.pt"
+    )
+    torch.save(torch.nn.LSTM(4, 3).state_dict(), tmp_path / "root.pt")
+    (tmp_path / "q.yaml").write_text("version: 1\n")
+    convert(tmp_path / "a.pt", tmp_path / "q.yaml", tmp_path / "a.refq.safetensors")
+    with pytest.raises(
+        ArtifactError, match="no recurrent module at aux, which the artifact holds; found: <root>"
+    ):
+        verify(tmp_path / "a.refq.safetensors", tmp_path / "root.pt")

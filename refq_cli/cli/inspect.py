@@ -10,7 +10,7 @@ import typer
 
 from refq_cli.cli.options import JsonOutput
 from refq_cli.errors import ConversionError, RefqError, printable, strict_json
-from refq_cli.kinds import display_path
+from refq_cli.kinds import display_path, tensor_key
 
 
 def inspect_command(
@@ -167,7 +167,7 @@ def render_floats(desc: dict[str, Any], console: Any, list_them: bool) -> None:
 
 def render_channels(desc: dict[str, Any], console: Any) -> None:
     for w in desc["weights"]:
-        name = f"{w['module']}.{w['weight']}" if w["module"] else w["weight"]
+        name = tensor_key(w["module"], w["weight"])
         _line(console, f"{name}: channel scale zero_point")
         for c, (s, z) in enumerate(zip(w["scales"], w["zero_points"], strict=True)):
             _line(console, f"  {c} {s!r} {z}")
@@ -207,7 +207,7 @@ def diff_line(c: dict[str, Any], a: Path, b: Path) -> str:
     field = c["field"]
     if c["section"] == "modules" and field.startswith("weights."):  # gate.weight_hh: dtype ...
         weight, _, field = field.removeprefix("weights.").partition(".")
-        label = f"{c['module']}.{weight}" if c["module"] else weight
+        label = tensor_key(c["module"], weight)
         return f"{label}: {field or 'parameters'} {before} → {after}"
     if not field:
         return f"{label}: {before} → {after}"

@@ -25,9 +25,11 @@ from refq_cli.errors import ArtifactError, shorten
 from refq_cli.kinds import (
     ARGUMENTS,
     DTYPE_NAMES,
+    FLOAT_TYPES,
     KINDS,
     OBSERVER_NAMES,
     QSCHEME_NAMES,
+    tensor_key,
     tensor_shapes,
 )
 
@@ -304,7 +306,6 @@ def read_header(path: Path) -> dict[str, str]:
 
 # --- the metadata of a refq artifact, checked before anything uses it ---------------------------
 
-FLOAT_DTYPES = ("float64", "float32", "float16", "bfloat16")
 _JSON_KEYS = ("refq.modules", "refq.spec", "refq.source", "refq.producer")
 _TEXT_FIELDS = {"refq.source": ("name", "format", "sha256"), "refq.producer": ("refq", "torch")}
 
@@ -418,7 +419,7 @@ class _Checker:
         where = f"refq.modules[{shorten(module_path)}]"
         self.value(info, where, "object")
         float_type = self.field(info, "float_type", where, tuple(KINDS))
-        self.field(info, "float_dtype", where, FLOAT_DTYPES)
+        self.field(info, "float_dtype", where, FLOAT_TYPES)
         self.field(info, "is_decomposed", where, "bool")
         self.field(info, "reference_type", where, "text", default=None)
         config = self.field(info, "config", where, "object")
@@ -445,7 +446,7 @@ class _Checker:
         shapes = tensor_shapes(float_type, config)
         weights = self.weights(where, info, [n for n in shapes if n.startswith("weight")])
         for name, shape in shapes.items():
-            key = f"{module_path}.{name}" if module_path else name
+            key = tensor_key(module_path, name)
             self.tensor(tensors, key, shape, f"{where} ({float_type} {shorten(config)})")
             w = weights.get(name)
             if w is None or w["qscheme"] == "none":

@@ -18,11 +18,25 @@ import torch
 from torch import nn
 
 from refq_cli.errors import CheckpointError
-from refq_cli.kinds import KINDS, ROOT, display_path, facts_of, kind_with, tensor_key
+from refq_cli.kinds import (
+    ARGUMENTS,
+    FLOAT_TYPES,
+    KINDS,
+    ROOT,
+    display_path,
+    facts_of,
+    kind_with,
+    tensor_key,
+)
 
 Facts = dict[str, dict[str, Any]]  # module path -> constructor arguments a file records
 _LAYER_KEY = re.compile(r"^(weight|bias)_(ih|hh|hr)_l(\d+)(_reverse)?$")
 _CELL_KEYS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+
+_SEQUENCES = sorted((k for k in KINDS.values() if not k.cell), key=lambda k: k.gates)
+_GATE_COUNTS = ", ".join(f"{k.gates} ({k.name})" for k in _SEQUENCES[:-1]) + (
+    f" or {_SEQUENCES[-1].gates} ({_SEQUENCES[-1].name})"
+)  # "1 (RNN), 3 (GRU) or 4 (LSTM)"
 
 
 @dataclass(frozen=True)
@@ -81,7 +95,7 @@ def with_recorded(
     module: RecurrentModule, recorded: Mapping[str, Any], source: str
 ) -> RecurrentModule:
     """``module`` with the facts its file records; refused where they contradict its weights."""
-    for key, inferred in {"proj_size": 0, **module.config}.items():
+    for key, inferred in {"proj_size": ARGUMENTS["proj_size"].default, **module.config}.items():
         if key in recorded and recorded[key] != inferred:
             raise CheckpointError(
                 f"{_where(module.path, source)}: the module records {key}={recorded[key]!r}, "
@@ -134,7 +148,7 @@ def find_recurrent_modules(
             )
         if (is_cell or is_sequence) and prefix.split(".")[0] == ROOT:
             raise CheckpointError(
-                f"{source}: module path {prefix!r}: '<root>' names the root module in specs "
+                f"{source}: module path {prefix!r}: {ROOT!r} names the root module in specs "
                 "and reports; rename these keys"
             )
         if is_cell or is_sequence:
@@ -144,7 +158,7 @@ def find_recurrent_modules(
     return found
 
 
-_WEIGHT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+_WEIGHT_DTYPES = tuple(getattr(torch, name) for name in FLOAT_TYPES)
 
 
 def _check_dtypes(module: RecurrentModule, local: Mapping[str, torch.Tensor], source: str) -> None:
@@ -157,7 +171,7 @@ def _check_dtypes(module: RecurrentModule, local: Mapping[str, torch.Tensor], so
             hint = "" if dtype.is_floating_point else " (is this file already quantized?)"
             raise CheckpointError(
                 f"{where}: {name} has dtype {_dtype_name(dtype)}; recurrent weights must be "
-                f"float16, bfloat16, float32 or float64{hint}"
+                f"{', '.join(FLOAT_TYPES[:-1])} or {FLOAT_TYPES[-1]}{hint}"
             )
     dtypes = {local[name].dtype: name for name in module.tensor_names}
     if len(dtypes) > 1:
@@ -183,7 +197,7 @@ def _gates(prefix: str, weight_hh: torch.Tensor, hidden: int, source: str, key: 
     if kind_with(gates, cell=True) is None:
         raise CheckpointError(
             f"{_where(prefix, source)}: {key} has {gates} gates (shape "
-            f"{tuple(weight_hh.shape)}); recurrent weights have 1 (RNN), 3 (GRU) or 4 (LSTM)"
+            f"{tuple(weight_hh.shape)}); recurrent weights have {_GATE_COUNTS}"
         )
     return gates
 
@@ -239,7 +253,8 @@ def _sequence(prefix: str, local: Mapping[str, torch.Tensor], source: str) -> Re
         )
     hidden = local["weight_hr_l0"].shape[1] if has_proj else weight_hh.shape[1]
     gates = _gates(prefix, weight_hh, hidden, source, "weight_hh_l0")
-    if has_proj and gates != 4:
+    kind = kind_with(gates, cell=False)
+    if has_proj and "proj_size" not in kind.arguments:  # type: ignore[union-attr]
         raise CheckpointError(
             f"{_where(prefix, source)}: weight_hr (projections) belongs to an LSTM, but "
             f"weight_hh_l0 has {gates} gates"

@@ -23,9 +23,9 @@ from torch import nn
 from refq_cli import __version__
 from refq_cli.errors import ArtifactError, RefqError, shorten, strict_json
 from refq_cli.io.header import FORMAT, FORMAT_VERSION, read_artifact
-from refq_cli.kinds import FACTS, display_path
+from refq_cli.kinds import FACTS, display_path, tensor_key
 from refq_cli.quant.numerics import WeightQParams, dequantize
-from refq_cli.reference.registry import RegistryError, describe, reader_for
+from refq_cli.reference.registry import RegistryError, reader_for
 
 
 def weight_metadata(
@@ -172,19 +172,6 @@ def load_artifact(path: str | Path) -> Artifact:
     return Artifact(path, modules, tensors, metadata)
 
 
-def check_readable(ref: nn.Module, float_type: str) -> None:
-    """Refuse a converted module that :func:`load_artifact` would not rebuild as itself: its
-    class must be the one the registry has read modules of its name (``_get_name()``)."""
-    cls = reader_for(ref._get_name(), float_type)
-    if cls is not type(ref):
-        raise RegistryError(
-            f"the converter of {float_type} built a {describe(type(ref))} named "
-            f"{ref._get_name()!r}, but {describe(cls)} reads modules of that name back from "
-            "artifacts; register the converter with reader= its class, or give the class a "
-            "name of its own (_NAME)"
-        )
-
-
 def reference_from_artifact(
     path: str, info: Mapping[str, Any], tensors: dict[str, torch.Tensor], source: Path
 ) -> nn.Module:
@@ -197,7 +184,7 @@ def reference_from_artifact(
             raise ArtifactError(f"{source}: tensor {key!r} is missing") from None
 
     def key(name: str) -> str:
-        return f"{path}.{name}" if path else name
+        return tensor_key(path, name)
 
     try:
         cls = reader_for(info.get("reference_type"), info["float_type"])

@@ -27,7 +27,6 @@ from refq_cli.kinds import FACTS, KINDS, display_path, facts_of
 from refq_cli.pipeline.artifact import (
     artifact_header,
     artifact_metadata,
-    check_readable,
     module_metadata,
     weight_metadata,
 )
@@ -37,7 +36,7 @@ from refq_cli.pipeline.report import ModuleRow, Report, WeightRow, build_report
 from refq_cli.quant.numerics import WeightQParams
 from refq_cli.quant.observers import observe
 from refq_cli.quant.statistics import quantize_and_measure
-from refq_cli.reference.registry import converter_for
+from refq_cli.reference.registry import check_converter, check_readable, converted
 from refq_cli.spec.spec import ModulePlan, Spec, load_spec, resolve
 
 
@@ -139,6 +138,8 @@ def convert(
         {p: m.float_type for p, m in checkpoint.modules.items()},
     )
     check_calibration_names(calibration, calibration_inputs, checkpoint.modules)
+    for kind in dict.fromkeys(m.float_type for m in checkpoint.modules.values()):
+        check_converter(getattr(nn, kind))
     _check_no_collisions(checkpoint, plans)
     _check_recorded_facts(checkpoint, plans)
     check_header_fits(_artifact_names(checkpoint, plans), path=output)
@@ -296,16 +297,15 @@ class _ModuleConversion:
                 _layer_name(n): self._quantize(n) if self._quantized(n) else self._write_float(n)
                 for n in names
             }
-            ref_layer = converter_for(float_layer)(float_layer, self._qdict(names, _layer_name))
-            if hasattr(ref_layer, "use_fake_quantized"):  # refq's own; others quantize themselves
-                ref_layer.use_fake_quantized(fake_quantized)
+            ref_layer = converted(float_layer, self._qdict(names, _layer_name))
+            ref_layer.use_fake_quantized(fake_quantized)  # type: ignore[attr-defined]
             expected = module_output(float_layer, expected, cell)
             got = module_output(ref_layer, got, cell)
             del fake_quantized, ref_layer
             self._release(names)
         if not cell:  # on CUDA, the one-layer modules took its tensors into buffers of their own
             module.flatten_parameters()
-        ref = converter_for(module)(module, self._qdict(info.tensor_names)).train(False)
+        ref = converted(module, self._qdict(info.tensor_names)).train(False)
         check_readable(ref, info.float_type)
         self.result.reference = ref
         row["reference_type"] = ref._get_name()

@@ -48,12 +48,17 @@ def skeleton(checkpoint: Checkpoint) -> str:
                 value, note = module.recorded[fact], "as the file records it"
             else:
                 value, note = FACTS[fact].default, "PyTorch's default: weights cannot tell"
-                note += _CHOICES.get(fact, "")
+                note += _hint(fact)
             lines.append(f"    {fact}: {json.dumps(value)}  # {note}")
     return "\n".join(lines) + "\n"
 
 
-_CHOICES = {"nonlinearity": "; tanh or relu", "batch_first": "; true for (batch, time, features)"}
+def _hint(fact: str) -> str:
+    """What to write instead of a fact's default: its choices, or for batch_first its meaning."""
+    check = FACTS[fact].check
+    if isinstance(check, tuple):
+        return "; " + " or ".join(check)  # "; tanh or relu"
+    return "; true for (batch, time, features)" if fact == "batch_first" else ""
 
 
 def _quote(path: str) -> str:

@@ -257,7 +257,7 @@ def _roles(modules: dict[str, Any]) -> dict[str, str]:
     for module_path, info in modules.items():
         for weight_name, w in info["weights"].items():
             if w["qscheme"] != "none":
-                key = f"{module_path}.{weight_name}" if module_path else weight_name
+                key = tensor_key(module_path, weight_name)
                 roles |= {
                     key: "codes",
                     key + "_scale": "scales",

@@ -8,6 +8,7 @@ import json
 from typing import Any
 
 from refq_cli.errors import RefqError
+from refq_cli.kinds import tensor_key
 from refq_cli.pipeline.jobs import Job
 
 
@@ -34,7 +35,7 @@ def _recorded_gate(metadata: dict[str, Any]) -> dict[str, Any] | None:
 def recorded_sqnrs(metadata: dict[str, Any]) -> list[tuple[str, float | None]]:
     """(module.weight, SQNR dB) of every weight, from checked artifact metadata."""
     return [
-        (f"{module}.{name}", w.get("sqnr_db"))
+        (tensor_key(module, name), w.get("sqnr_db"))
         for module, info in metadata["refq.modules"].items()
         for name, w in info["weights"].items()
     ]

@@ -32,9 +32,10 @@ def verify(
         info = artifact.metadata["refq.modules"][path]
         found = checkpoint.modules.get(path)
         if found is None:
+            shown = ", ".join(map(display_path, checkpoint.modules)) or "none"
             raise ArtifactError(
                 f"{checkpoint_path}: no recurrent module at {display_path(path)}, which the "
-                f"artifact holds; found: {', '.join(checkpoint.modules) or 'none'}"
+                f"artifact holds; found: {shown}"
             )
         facts = {k: v for k, v in info["config"].items() if k in facts_of(info["float_type"])}
         float_module = found.build(checkpoint.tensors, facts).train(False)  # as converted

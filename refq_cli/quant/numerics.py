@@ -49,7 +49,6 @@ from refq_cli.kinds import INTEGER_TYPES, SCHEMES
 
 __all__ = [
     "DTYPES",
-    "QSCHEMES",
     "QuantDType",
     "QuantizedWeight",
     "WeightQParams",
@@ -75,8 +74,6 @@ DTYPES: dict[str, QuantDType] = {  # refq_cli.kinds' integer types, with their t
     name: QuantDType(name, getattr(torch, t.storage), t.qmin, t.qmax)
     for name, t in INTEGER_TYPES.items()
 }
-# Symmetric schemes are affine schemes whose zero point sits in the middle of the code range.
-QSCHEMES = SCHEMES
 
 _FIELDS = ("qscheme", "dtype", "scale", "zero_point", "axis", "quant_min", "quant_max")
 
@@ -143,7 +140,7 @@ class WeightQParams:
         where: str = "weight",
     ) -> WeightQParams:
         """Validate and normalise quantization parameters; ``where`` names the weight in errors."""
-        qscheme, symmetric = QSCHEMES[_choice("qscheme", qscheme, QSCHEMES, where)]
+        qscheme, symmetric = SCHEMES[_choice("qscheme", qscheme, SCHEMES, where)]
         qdtype = DTYPES[_choice("dtype", dtype, DTYPES, where)]
         quant_min = qdtype.qmin if quant_min is None else _integer(quant_min, "quant_min", where)
         quant_max = qdtype.qmax if quant_max is None else _integer(quant_max, "quant_max", where)

@@ -17,9 +17,9 @@ from dataclasses import replace
 import torch
 
 from refq_cli.errors import QParamsError
+from refq_cli.kinds import SCHEMES
 from refq_cli.quant.numerics import (
     DTYPES,
-    QSCHEMES,
     WeightQParams,
     fake_quantize,
     row_sums_of_squares,
@@ -66,7 +66,7 @@ def _channels(w: torch.Tensor, spec: QParamSpec, per_channel: bool, where: str) 
 
 def _from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QParamSpec, where: str) -> WeightQParams:
     """PyTorch's observer formulas: scale and zero point for the range [lo, hi] per row."""
-    affine, symmetric = QSCHEMES[spec.qscheme]
+    affine, symmetric = SCHEMES[spec.qscheme]
     d = DTYPES[spec.dtype]
     qmin = d.qmin if spec.quant_min is None else spec.quant_min
     qmax = d.qmax if spec.quant_max is None else spec.quant_max
@@ -97,7 +97,7 @@ def _from_range(lo: torch.Tensor, hi: torch.Tensor, spec: QParamSpec, where: str
 
 
 def _per_channel(spec: QParamSpec) -> bool:
-    return QSCHEMES[spec.qscheme][0] == "per_channel_affine"
+    return SCHEMES[spec.qscheme][0] == "per_channel_affine"
 
 
 def minmax(w: torch.Tensor, spec: QParamSpec, where: str) -> WeightQParams:
