@@ -65,7 +65,7 @@ def test_every_module_and_weight_is_listed(source):
         expected = weights_of(state, module)
         assert expected, module
         assert line == ", ".join(f"{n} {'x'.join(map(str, s))}" for n, s in expected.items())
-    assert "# refq spec for model.pt (sha256 " in text and "6 recurrent module(s)" in text
+    assert "# refq spec for model.pt (sha256 " in text and "6 recurrent modules." in text
 
 
 def test_every_fact_is_written_with_pytorchs_default(source):

@@ -434,7 +434,7 @@ def test_quantized_weight_dequantizes_like_the_module_path():
     qp = create(scale=0.01, zero_point=128)
     qw = QuantizedWeight(quantize(w, qp), qp)
     assert torch.equal(qw.dequantize(), fake_quantize(w, qp))
-    assert qw.axis is None and qw.qscheme == "per_tensor_affine" and qw.dtype == "quint8"
+    assert qw.axis is None and qw.qparams.qscheme == "per_tensor_affine" and qw.dtype == "quint8"
 
 
 def test_library_code_uses_no_quantized_tensor_api():

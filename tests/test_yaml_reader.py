@@ -149,6 +149,120 @@ def test_syntax_errors_empty_and_non_utf8_documents_have_positions():
             compose(data, "doc.yaml", "document", DocError)
 
 
+UNCLOSED = {
+    "flow-sequence-left-open": (
+        "version: 1\ndefaults: [\n",
+        "doc.yaml:3:1: YAML syntax error: expected the node content, but found '<stream end>' "
+        "(the flow sequence begun at 2:11 is not closed)",
+    ),
+    "flow-sequence-unfinished": (
+        "version: 1\ndefaults: [1, 2\n",
+        "doc.yaml:3:1: YAML syntax error: expected ',' or ']', but got '<stream end>' "
+        "(the flow sequence begun at 2:11 is not closed)",
+    ),
+    "flow-sequence-before-a-key": (
+        "name: [a\ncount: 1\n",
+        "doc.yaml:2:6: YAML syntax error: expected ',' or ']', but got ':' "
+        "(in the flow sequence begun at 1:7)",
+    ),
+    "flow-mapping-left-open": (
+        "version: 1\ndefaults: {\n",
+        "doc.yaml:3:1: YAML syntax error: expected the node content, but found '<stream end>' "
+        "(the flow mapping begun at 2:11 is not closed)",
+    ),
+    "flow-mapping-unfinished": (
+        "version: 1\ndefaults: {dtype: qint8\n",
+        "doc.yaml:3:1: YAML syntax error: expected ',' or '}', but got '<stream end>' "
+        "(the flow mapping begun at 2:11 is not closed)",
+    ),
+    "flow-mapping-closed-by-a-bracket": (
+        "name: {a: 1]\n",
+        "doc.yaml:1:12: YAML syntax error: expected ',' or '}', but got ']' "
+        "(in the flow mapping begun at 1:7)",
+    ),
+    "innermost-flow-collection": (
+        "name: [1, [2, {a: \n",
+        "doc.yaml:2:1: YAML syntax error: expected the node content, but found '<stream end>' "
+        "(the flow mapping begun at 1:15 is not closed)",
+    ),
+    "single-quoted-string": (
+        "name: 'enc\ncount: 1\n",
+        "doc.yaml:3:1: YAML syntax error: found unexpected end of stream "
+        "(the quoted string begun at 1:7 is not closed)",
+    ),
+    "double-quoted-string": (
+        'version: 1\nname: "enc\n',
+        "doc.yaml:3:1: YAML syntax error: found unexpected end of stream "
+        "(the quoted string begun at 2:7 is not closed)",
+    ),
+    "quoted-string-before-a-document": (
+        "name: 'enc\n---\n",
+        "doc.yaml:2:1: YAML syntax error: found unexpected document separator "
+        "(the quoted string begun at 1:7 is not closed)",
+    ),
+    "bad-escape": (
+        'name: "a\\qb"\n',
+        "doc.yaml:1:10: YAML syntax error: found unknown escape character 'q' "
+        "(in the double-quoted string begun at 1:7)",
+    ),
+    "block-mapping": (
+        "name:\n  a: 1\n b: 2\n",
+        "doc.yaml:3:2: YAML syntax error: expected <block end>, but found "
+        "'<block mapping start>' (in the block mapping begun at 1:1)",
+    ),
+    "block-mapping-extra-bracket": (
+        "scales: [1, 2]]\n",
+        "doc.yaml:1:15: YAML syntax error: expected <block end>, but found ']' "
+        "(in the block mapping begun at 1:1)",
+    ),
+    "block-sequence": (
+        "- a\nname: b\n",
+        "doc.yaml:2:1: YAML syntax error: expected <block end>, but found '?' "
+        "(in the block sequence begun at 1:1)",
+    ),
+    "duplicate-anchor": (
+        "name: &a x\nmode: &a y\n",
+        "doc.yaml:2:7: YAML syntax error: found duplicate anchor 'a'; first occurrence at 1:7, "
+        "second occurrence",
+    ),
+    "second-document": (
+        "name: a\n---\nname: b\n",
+        "doc.yaml:2:1: YAML syntax error: expected a single document in the stream at 1:1, but "
+        "found another document",
+    ),
+    # where PyYAML gives no other place, or the same one, the message names one place
+    "tab": (
+        "name:\n\tmode: fast\n",
+        "doc.yaml:2:1: YAML syntax error: found character '\\t' that cannot start any token",
+    ),
+    "undefined-tag-handle": (
+        "name: !x!y a\n",
+        "doc.yaml:1:7: YAML syntax error: found undefined tag handle '!x!'",
+    ),
+}
+
+
+@pytest.mark.parametrize(("text", "message"), UNCLOSED.values(), ids=UNCLOSED.keys())
+def test_syntax_errors_name_where_the_construct_began(text, message):
+    with pytest.raises(DocError) as caught:
+        compose(text, "doc.yaml", "document", DocError)
+    assert str(caught.value) == message
+
+
+def test_text_quoted_in_syntax_errors_is_cut_to_one_short_line():
+    name = "a" * 5000
+    with pytest.raises(DocError) as caught:
+        compose(f"name: &{name} x\nmode: &{name} y\n", "doc.yaml", "document", DocError)
+    context = f"found duplicate anchor {name!r}; first occurrence"
+    assert str(caught.value) == (
+        "doc.yaml:2:7: YAML syntax error: found duplicate anchor '"
+        + "a" * 201
+        + f" [... {len(context) - 300} characters cut ...] "
+        + "a" * 56
+        + "'; first occurrence at 1:7, second occurrence"
+    )
+
+
 def test_read_document_names_the_file(tmp_path):
     path = tmp_path / "doc.yaml"
     with pytest.raises(DocError, match=rf"^{re.escape(str(path))}: no such document file$"):

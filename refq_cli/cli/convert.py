@@ -193,11 +193,13 @@ def _convert_one(job: Any, options: Any, *, json_output: bool, quiet: bool) -> N
 
 
 def _print_summary(result: Any, totals: dict[str, Any]) -> None:
+    from refq_cli.pipeline.report import plural
+
     worst = totals["worst_sqnr_db"]
     worst_text = "exact" if worst is None else f"{worst:.1f} dB"
     typer.echo(
         printable(
-            f"{result.input} -> {result.output}: {totals['weights_quantized']} weights "
+            f"{result.input} -> {result.output}: {plural(totals['weights_quantized'], 'weight')} "
             f"quantized, worst SQNR {worst_text}, {totals['float_bytes']:,} -> "
             f"{totals['quantized_bytes']:,} bytes ({totals['compression_ratio']:.2f}x), "
             f"{result.seconds:.2f} s"

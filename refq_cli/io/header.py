@@ -86,7 +86,7 @@ def read_layout(path: Path) -> Layout:
             header_size = int.from_bytes(size_bytes, "little")
             file_size = f.seek(0, 2)
             if header_size > min(MAX_HEADER_BYTES, file_size - 8):
-                raise ArtifactError(
+                raise _checkpoint_error(path, size_bytes) or ArtifactError(
                     f"{path}: not a safetensors file: a header of {header_size} bytes in a "
                     f"file of {file_size}"
                 )
@@ -94,7 +94,10 @@ def read_layout(path: Path) -> Layout:
             text = f.read(header_size)
     except OSError as exc:
         raise ArtifactError(f"{path}: not a safetensors file: {exc.strerror or exc}") from None
-    header = _json_object(path, text)
+    try:
+        header = _json_object(path, text)
+    except ArtifactError as exc:
+        raise _checkpoint_error(path, size_bytes) or exc from None
     if "__metadata__" in header.repeated:
         raise ArtifactError(f"{path}: not a safetensors file: its header has two __metadata__")
     metadata = header.pop("__metadata__", None)
@@ -117,6 +120,36 @@ def read_layout(path: Path) -> Layout:
             f"{file_size}"
         )
     return Layout(metadata, dict(ordered))
+
+
+def _checkpoint_kind(start: bytes) -> str | None:
+    """What the first bytes of a file that is no safetensors file say it is, when they look
+    like a PyTorch checkpoint: a zip (torch.save, torch.jit.save) or a pickle (the legacy
+    torch.save format: the PROTO opcode, then the protocol)."""
+    if start.startswith(b"PK\x03\x04"):
+        return "a torch.save or TorchScript zip"
+    if len(start) >= 2 and start[0] == 0x80 and 2 <= start[1] <= 5:
+        return "a legacy torch.save pickle"
+    return None
+
+
+# how to make an artifact of a checkpoint, to end a message naming the checkpoint with
+_CONVERT_HINT = (
+    "make an artifact with `refq convert FILE --qconfig SPEC` (`refq init-config FILE` drafts "
+    "a SPEC)"
+)
+
+
+def _checkpoint_error(path: Path, start: bytes) -> ArtifactError | None:
+    """For a file with no safetensors header that starts with ``start``: the error saying it
+    looks like a checkpoint and how to convert it, when it does; else None."""
+    kind = _checkpoint_kind(start)
+    if kind is None:
+        return None
+    return ArtifactError(
+        f"{path}: not a refq artifact; it looks like a PyTorch checkpoint ({kind}); "
+        + _CONVERT_HINT
+    )
 
 
 def _without_blocking(path: str, flags: int) -> int:
@@ -286,7 +319,8 @@ def read_artifact_layout(path: Path) -> Layout:
     metadata = layout.metadata
     if metadata.get("format") != FORMAT:
         raise ArtifactError(
-            f"{path}: a safetensors file, but not a refq artifact (no format: refq)"
+            f"{path}: a safetensors file, but not a refq artifact (no format: refq); "
+            + _CONVERT_HINT
         )
     version = metadata.get("refq.format_version", "")
     if not (version.isascii() and version.isdigit() and len(version) < 10):

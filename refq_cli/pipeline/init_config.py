@@ -6,6 +6,7 @@ import json
 
 from refq_cli.io.checkpoint import Checkpoint
 from refq_cli.kinds import FACTS, display_path, facts_of
+from refq_cli.pipeline.report import plural
 from refq_cli.spec.spec import BUILTIN_DEFAULTS
 
 
@@ -16,7 +17,7 @@ def skeleton(checkpoint: Checkpoint) -> str:
     lines = [
         "# yaml-language-server: $schema=refq.schema.json",
         f"# refq spec for {checkpoint.path.name} (sha256 {checkpoint.sha256[:12]}): "
-        f"{len(checkpoint.modules)} recurrent module(s).",
+        f"{plural(len(checkpoint.modules), 'recurrent module')}.",
         "# Rules apply in order; a later match overrides earlier ones field by field.",
         "version: 1",
         "is_decomposed: false",

@@ -125,6 +125,11 @@ def assumed_facts_warning(report: Mapping[str, Any]) -> str | None:
     )
 
 
+def plural(count: int, noun: str) -> str:
+    """``count`` and ``noun``, made plural unless the count is one: "1 weight", "2 weights"."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def _fmt(value: Any) -> str:
     if value is None:
         return "exact"
@@ -145,7 +150,7 @@ def to_markdown(report: Report) -> str:
         f"- bytes: {totals['float_bytes']:,} float -> {totals['quantized_bytes']:,} quantized "
         f"({totals['compression_ratio']:.2f}x smaller)",
         f"- worst weight SQNR: {_fmt(totals['worst_sqnr_db'])} dB over "
-        f"{totals['weights_quantized']} quantized weights",
+        f"{plural(totals['weights_quantized'], 'quantized weight')}",
         f"- conversion time: {totals['seconds']:.2f} s",
         *_assumed_lines(report.get("assumed_facts") or {}),
         "",

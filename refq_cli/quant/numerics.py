@@ -239,9 +239,16 @@ class WeightQParams:
             )
         channels = weight.shape[self.axis]
         if self.scale.numel() != channels:
+            hint = (
+                "; for one scale for the whole weight use qscheme per_tensor_affine or "
+                "per_tensor_symmetric"
+                if self.scale.numel() == 1
+                else ""
+            )
             raise QParamsError(
                 f"{where}: per-channel scale has {self.scale.numel()} entries but the weight "
-                f"has {channels} channels along axis {self.axis} (shape {tuple(weight.shape)})",
+                f"has {channels} channels along axis {self.axis} (shape {tuple(weight.shape)})"
+                f"{hint}",
                 field="scale",
             )
 
@@ -301,12 +308,21 @@ def _as_tensor(value: Any, dtype: torch.dtype, device: Any, name: str, where: st
 class QuantizedWeight:
     """Integer codes of a weight with the parameters that give them meaning.
 
-    Stands in for PyTorch's quantized tensors: ``int_repr`` is an ordinary int8, uint8 or int32
-    tensor. ``decomposed`` records which numerics path produced it, so :meth:`dequantize` gives
-    exactly the values the module computes with.
+    Stands in for PyTorch's quantized tensors and answers their accessors with PyTorch's names
+    and types: ``int_repr()``, ``qscheme()``, ``q_scale()`` and ``q_zero_point()`` (per-tensor
+    weights), ``q_per_channel_scales()``, ``q_per_channel_zero_points()`` and
+    ``q_per_channel_axis()`` (per-channel weights), ``dequantize()``. As in PyTorch, asking a
+    per-channel weight for its per-tensor parameters, or the reverse, raises RuntimeError.
+    Symmetric schemes read as their affine counterparts, as PyTorch's quantized tensors do.
+
+    ``codes`` is an ordinary int8, uint8 or int32 tensor (``int_repr()`` returns a copy of it).
+    ``decomposed`` records which numerics path produced it, so :meth:`dequantize` gives exactly
+    the values the module computes with. ``scale``, ``zero_point``, ``axis`` (None for
+    per-tensor weights) and ``dtype`` (a name such as ``"qint8"``) read the parameters as refq
+    stores them; ``qparams.qscheme`` is the qscheme's name.
     """
 
-    int_repr: torch.Tensor
+    codes: torch.Tensor
     qparams: WeightQParams
     decomposed: bool = False
 
@@ -323,15 +339,59 @@ class QuantizedWeight:
         return self.qparams.axis if self.qparams.per_channel else None
 
     @property
-    def qscheme(self) -> str:
-        return self.qparams.qscheme
-
-    @property
     def dtype(self) -> str:
         return self.qparams.dtype
 
+    def int_repr(self) -> torch.Tensor:
+        """The integer codes, a new tensor as with PyTorch (``codes`` without the copy)."""
+        return self.codes.clone()
+
+    def qscheme(self) -> torch.qscheme:
+        """``torch.per_tensor_affine`` or ``torch.per_channel_affine``."""
+        return torch.per_channel_affine if self.qparams.per_channel else torch.per_tensor_affine
+
+    def _expect(self, per_channel: bool, accessor: str) -> None:
+        """RuntimeError, as PyTorch raises, for an accessor of the other kind of scheme."""
+        if self.qparams.per_channel == per_channel:
+            return
+        if per_channel:
+            needs, use = "per-channel", "q_scale() and q_zero_point()"
+        else:
+            needs = "per-tensor"
+            use = "q_per_channel_scales(), q_per_channel_zero_points() and q_per_channel_axis()"
+        raise RuntimeError(
+            f"{accessor}() needs a {needs} quantized weight, this one is "
+            f"{self.qparams.qscheme}: use {use}"
+        )
+
+    def q_scale(self) -> float:
+        """The scale of a per-tensor weight, as a Python float."""
+        self._expect(False, "q_scale")
+        return float(self.qparams.scale.item())
+
+    def q_zero_point(self) -> int:
+        """The zero point of a per-tensor weight, as a Python int."""
+        self._expect(False, "q_zero_point")
+        return int(self.qparams.zero_point.item())
+
+    def q_per_channel_scales(self) -> torch.Tensor:
+        """The scales of a per-channel weight, float64 as in PyTorch."""
+        self._expect(True, "q_per_channel_scales")
+        return self.qparams.scale.to(torch.float64, copy=True)
+
+    def q_per_channel_zero_points(self) -> torch.Tensor:
+        """The zero points of a per-channel weight, int64 as in PyTorch."""
+        self._expect(True, "q_per_channel_zero_points")
+        return self.qparams.zero_point.to(torch.int64, copy=True)
+
+    def q_per_channel_axis(self) -> int:
+        """The channel axis of a per-channel weight, non-negative as in PyTorch."""
+        self._expect(True, "q_per_channel_axis")
+        return self.qparams.axis % max(1, self.codes.dim())
+
     def dequantize(self) -> torch.Tensor:
-        return dequantize(self.int_repr, self.qparams, decomposed=self.decomposed)
+        """Float32 values of the codes, exactly those the module computes with."""
+        return dequantize(self.codes, self.qparams, decomposed=self.decomposed)
 
 
 def _fma_f32(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> torch.Tensor:

@@ -16,8 +16,9 @@ from typing import Any, ClassVar
 
 import yaml
 from yaml.constructor import SafeConstructor
+from yaml.parser import ParserError
 
-from refq_cli.errors import RefqError, did_you_mean, shorten
+from refq_cli.errors import RefqError, did_you_mean, printable, shorten
 from refq_cli.io.inputs import read_at_most, why_unreadable
 
 MAX_BYTES = 4 * 1024 * 1024
@@ -83,11 +84,24 @@ class _Loader(yaml.SafeLoader):
 
     composed = 0
 
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        # The start events of the flow collections (``[``, ``{``) being composed, innermost last;
+        # left as they are by an error, so that it can name the one that was not closed.
+        self.open_flows: list[yaml.CollectionStartEvent] = []
+
     def compose_node(self, parent: Any, index: Any) -> Any:
         self.composed += 1
         if self.composed > MAX_NODES:
             raise _TooManyNodes(self.peek_event().start_mark)
-        return super().compose_node(parent, index)
+        event = self.peek_event()
+        flow = isinstance(event, yaml.CollectionStartEvent) and bool(event.flow_style)
+        if flow:
+            self.open_flows.append(event)
+        node = super().compose_node(parent, index)
+        if flow:
+            self.open_flows.pop()
+        return node
 
 
 _Loader.add_implicit_resolver(
@@ -95,6 +109,53 @@ _Loader.add_implicit_resolver(
     re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
     list("-+0123456789"),
 )
+
+
+def _position(mark: yaml.Mark) -> str:
+    return f"{mark.line + 1}:{mark.column + 1}"
+
+
+# PyYAML's names for what it was reading when it failed, where they are not the usual words.
+_CONSTRUCTS = {
+    "block collection": "block sequence",
+    "quoted scalar": "quoted string",
+    "double-quoted scalar": "double-quoted string",
+    "simple key": "key",
+}
+# What PyYAML's problems say when the file ended with a construct still open.
+_ENDS = ("<stream end>", "end of stream", "document separator", "<document start>")
+_QUOTED_LIMIT = 300  # characters of PyYAML's problem and context, which quote the file
+
+
+def _syntax_error(exc: yaml.MarkedYAMLError, open_flows: Sequence[yaml.Event]) -> str:
+    """``YAML syntax error: ...`` for ``exc``, naming where the construct it was reading began
+    when that is elsewhere: an unclosed ``[`` is otherwise found only at the end of the file."""
+    problem = printable(exc.problem or "", _QUOTED_LIMIT)
+    context = printable(exc.context or "", _QUOTED_LIMIT)
+    mark, began = exc.problem_mark, exc.context_mark
+    if mark is None or not problem:
+        return f"YAML syntax error: {problem or context}"
+    reading = re.fullmatch(r"while (?:parsing|scanning) an? (.+)", context)
+    construct = reading[1] if reading else None
+    if began is not None and _position(began) == _position(mark):
+        began = None
+    if began is None and isinstance(exc, ParserError) and open_flows:
+        # "while parsing a flow node" at the place of the problem itself: name the sequence or
+        # mapping around that node (the composer has taken every event before the parser's error)
+        began = open_flows[-1].start_mark
+        kind = "sequence" if isinstance(open_flows[-1], yaml.SequenceStartEvent) else "mapping"
+        construct = f"flow {kind}"
+        if _position(began) == _position(mark):
+            began = None
+    if began is None:
+        return f"YAML syntax error: {problem}"
+    at = _position(began)
+    if construct is None:  # the composer's: "found duplicate anchor 'a'; first occurrence"
+        return f"YAML syntax error: {context} at {at}, {problem}"
+    construct = _CONSTRUCTS.get(construct, construct)
+    if any(end in problem for end in _ENDS):
+        return f"YAML syntax error: {problem} (the {construct} begun at {at} is not closed)"
+    return f"YAML syntax error: {problem} (in the {construct} begun at {at})"
 
 
 def read_document(path: str | Path, what: str, error_type: type[RefqError]) -> yaml.Node:
@@ -119,12 +180,15 @@ def compose(data: bytes | str, name: str, what: str, error_type: type[RefqError]
             raise error_type(f"{name}:{line}:1: the {what} is not UTF-8 text") from None
     else:
         text = data
+    loader: _Loader | None = None
     try:
-        root = yaml.compose(text, Loader=_Loader)
+        loader = _Loader(text)
+        root = loader.get_single_node()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
-        where = f"{name}:{mark.line + 1}:{mark.column + 1}" if mark else name
-        raise error_type(f"{where}: YAML syntax error: {exc.problem or exc.context}") from None
+        where = f"{name}:{_position(mark)}" if mark else name
+        flows = loader.open_flows if loader is not None else []
+        raise error_type(f"{where}: {_syntax_error(exc, flows)}") from None
     except yaml.YAMLError as exc:
         raise error_type(f"{name}: YAML error: {exc}") from None
     except RecursionError:
@@ -134,6 +198,9 @@ def compose(data: bytes | str, name: str, what: str, error_type: type[RefqError]
             f"{name}:{exc.mark.line + 1}:{exc.mark.column + 1}: the {what} has more than "
             f"{MAX_NODES} values"
         ) from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     if root is None:
         raise error_type(f"{name}:1:1: the {what} is empty; it needs at least 'version: 1'")
     return root

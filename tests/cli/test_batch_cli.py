@@ -162,11 +162,12 @@ def test_the_ci_example_runs_every_shard(tmp_path):
         )
     converted = []
     for k in (1, 2):
-        summary = json.loads((repo / f"refq-summary-{k}.json").read_text())
+        summary = json.loads((repo / "out" / "ci" / f"refq-summary-{k}.json").read_text())
         converted += [j["input"] for j in summary["jobs"] if j["status"] == "converted"]
-        assert (repo / f"refq-summary-{k}.md").read_text().startswith("## refq batch")
+        assert (repo / "out" / "ci" / f"refq-summary-{k}.md").read_text().startswith("## refq")
     assert len(converted) == 1 and converted[0].endswith("example.pt")
     assert (repo / "out" / "ci" / "example.refq.safetensors").exists()
+    assert sorted(p.name for p in repo.iterdir()) == ["configs", "examples", "out"]  # nothing else
 
 
 def test_a_shard_never_writes_over_another_shards_input(tmp_path, monkeypatch):

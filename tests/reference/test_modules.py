@@ -157,7 +157,7 @@ def test_quant_min_and_quant_max_are_honoured(kind):
         }
     ref = REFERENCE_TYPE[type(float_mod)].from_float(float_mod, qparams)
     for name in weight_names(float_mod):
-        codes = ref.get_quantized_weight(name).int_repr
+        codes = ref.get_quantized_weight(name).int_repr()
         assert int(codes.min()) == -8 and int(codes.max()) == 7
         assert float(ref.get_weight(name).abs().max()) <= 0.08 + 1e-7
 
@@ -173,7 +173,7 @@ def test_names_getters_and_state_dict_round_trip(kind):
     assert ref._get_name() == NAMES[kind]
     for name in weight_names(float_mod):
         qw = ref.get_quantized_weight(name)
-        assert isinstance(qw, QuantizedWeight) and qw.int_repr.dtype == torch.int8
+        assert isinstance(qw, QuantizedWeight) and qw.int_repr().dtype == torch.int8
         assert torch.equal(qw.dequantize(), ref.get_weight(name))
         assert f"{name}_scale" in ref.state_dict() and f"{name}_axis" in ref.state_dict()
 

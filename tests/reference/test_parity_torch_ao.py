@@ -46,7 +46,7 @@ def test_cells_match_torch_ao(ao, kind, per_channel, dtype, bias):
     assert torch.equal(ours.get_weight_ih(), theirs.get_weight_ih())
     assert torch.equal(ours.get_weight_hh(), theirs.get_weight_hh())
     assert torch.equal(
-        ours.get_quantized_weight_hh().int_repr, theirs.get_quantized_weight_hh().int_repr()
+        ours.get_quantized_weight_hh().int_repr(), theirs.get_quantized_weight_hh().int_repr()
     )
 
     x = torch.randn(5, 12)
@@ -114,7 +114,7 @@ def test_quantized_weight_bias_dict_matches_torch_ao(ao):
     assert list(mine) == list(reference)
     for name, value in mine.items():
         if name.startswith("weight"):
-            assert torch.equal(value.int_repr, reference[name].int_repr())
+            assert torch.equal(value.int_repr(), reference[name].int_repr())
             assert torch.equal(value.dequantize(), reference[name].dequantize())
         else:
             assert value is reference[name]
