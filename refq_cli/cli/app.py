@@ -90,7 +90,7 @@ def root(
     """Turn float PyTorch recurrent models into reference-quantized models."""
 
 
-for _name, _command in {
+COMMANDS = {
     "convert": convert_command,
     "batch": batch_command,
     "inspect": inspect_command,
@@ -98,7 +98,8 @@ for _name, _command in {
     "init-config": init_config_command,
     "schema": schema_command,
     "converters": converters_command,
-}.items():
+}
+for _name, _command in COMMANDS.items():
     app.command(_name)(reporting_errors(_command))
 
 
@@ -113,7 +114,7 @@ def main() -> None:
     quiet = [None if stream is None else QuietPipe(stream) for stream in streams]
     sys.stdout, sys.stderr = quiet  # type: ignore[assignment]
     try:
-        app()
+        code = _run()
     finally:
         # A pipe that broke since the last flush shows here, in time to point it at /dev/null.
         # Any other error Python's own flush at exit reports, as it would without the wrapper.
@@ -122,3 +123,27 @@ def main() -> None:
                 with contextlib.suppress(OSError):
                     stream.flush()
         sys.stdout, sys.stderr = streams
+    sys.exit(code)
+
+
+def _run() -> int:
+    """The app's exit code; a usage error (a missing argument, an unknown option or command)
+    is one line naming the command and where its options are listed, exit 2, like every other
+    error, instead of click's box."""
+    try:
+        result = app(standalone_mode=False)
+    except typer.TyperException as exc:  # click's usage errors, as Typer raises them
+        ctx = getattr(exc, "ctx", None)
+        named = next((a for a in sys.argv[1:] if a in COMMANDS), None)  # when click gives no ctx
+        command = ctx.command_path if ctx else "refq" + (f" {named}" if named else "")
+        message = printable(exc.format_message().rstrip("."))
+        if not message:  # no arguments at all: the help, already shown, says it all
+            return exc.exit_code
+        typer.echo(
+            f"refq: error: {command}: {message}; '{command} --help' lists the options", err=True
+        )
+        return exc.exit_code
+    except typer.Abort:
+        typer.echo("refq: aborted", err=True)
+        return 1
+    return result if isinstance(result, int) else 0

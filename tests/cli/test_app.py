@@ -59,6 +59,9 @@ def test_the_script_asks_torch_for_huge_pages_unless_told_otherwise(monkeypatch,
     if given is None:
         monkeypatch.delenv("THP_MEM_ALLOC_ENABLE")  # ...even when main() sets it
     seen = []
-    monkeypatch.setattr(app_module, "app", lambda: seen.append(os.environ["THP_MEM_ALLOC_ENABLE"]))
-    app_module.main()
-    assert seen == [expected]
+    monkeypatch.setattr(
+        app_module, "app", lambda **_: seen.append(os.environ["THP_MEM_ALLOC_ENABLE"])
+    )
+    with pytest.raises(SystemExit) as exit_:
+        app_module.main()
+    assert seen == [expected] and exit_.value.code == 0
