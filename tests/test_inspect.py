@@ -134,7 +134,7 @@ def test_totals_float_tensors_and_header(converted):
         nbytes = sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in names)
     quantized = {f"{w['module']}.{w['weight']}" for w in conversion.report["weights"]}
     owned = {k + s for k in quantized for s in ("", "_scale", "_zero_point")}
-    floats = sorted(names - owned)
+    floats = [n for n in stored_offsets(path) if n in names - owned]  # in the file's order
     assert [t["name"] for t in desc["float_tensors"]] == floats
     assert "frontend.weight" in floats and "aux.weight_ih_l0" in floats  # skipped: kept float
     assert "encoder.bias_ih_l0" in floats  # biases stay float
@@ -171,3 +171,28 @@ def test_a_weight_kept_float_is_listed_with_the_float_tensors(tmp_path):
         names = f.keys()
     for name in names:  # every tensor is shown, as a weight, its parameters or a float
         assert name in listed or name.removesuffix("_scale").removesuffix("_zero_point") in listed
+
+
+def test_rows_come_in_the_order_the_artifact_stores_them(converted):
+    # The table was alphabetical (the metadata's sorted JSON keys) while its help says "as
+    # stored": weight_hh before weight_ih, modules by name.
+    path, conversion = converted
+    desc = describe_artifact(path)
+    stored_order = [(w["module"], w["weight"]) for w in conversion.report["weights"]]
+    assert [(w["module"], w["weight"]) for w in desc["weights"]] == stored_order
+    assert stored_order != sorted(stored_order)  # the case the old table got wrong
+    in_file = stored_offsets(path)
+    floats = [t["name"] for t in desc["float_tensors"]]
+    assert floats == [n for n in in_file if n in floats]
+
+
+def stored_offsets(path):
+    """Tensor names in the order of their bytes in the file."""
+    import json
+    import struct
+
+    with open(path, "rb") as f:
+        (size,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return sorted(header, key=lambda n: header[n]["data_offsets"][0])

@@ -91,7 +91,10 @@ def describe_artifact(
             if channels:
                 row["scales"], row["zero_points"] = scale, zero_point
             weights.append(row)
-    floats = sorted(n for n in tensors if n not in owned)
+    # As stored: in the file's order, which is the checkpoint's (modules as converted, then
+    # every other tensor); the metadata's JSON keys are sorted, so they cannot tell it.
+    weights.sort(key=lambda w: tensors[tensor_key(w["module"], w["weight"])].start)
+    floats = sorted((n for n in tensors if n not in owned), key=lambda n: tensors[n].start)
     return {
         "path": str(path),
         "source": metadata["refq.source"],
