@@ -6,7 +6,6 @@ one line each, through the same runner as ``refq batch``.
 
 from __future__ import annotations
 
-import math
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
@@ -28,6 +27,7 @@ from refq_cli.cli.options import (
 )
 from refq_cli.cli.runner import run_batch
 from refq_cli.errors import ConversionError, RefqError, printable, strict_json
+from refq_cli.pipeline.gate import checked_min_sqnr
 
 
 def convert_command(
@@ -109,8 +109,7 @@ def convert_command(
     """Convert float checkpoints into reference-quantized artifacts and reports."""
     from refq_cli.pipeline.jobs import Job, Options, expand_inputs, output_paths
 
-    if min_sqnr is not None and not math.isfinite(min_sqnr):
-        raise RefqError(f"--min-sqnr {min_sqnr}: give a finite number of dB")
+    min_sqnr = checked_min_sqnr(min_sqnr)
     paths = expand_inputs(str(p) for p in inputs)
     if len(paths) > 1 and (output is not None or report is not None):
         raise RefqError("--output and --report name one file; with several inputs use --out-dir")

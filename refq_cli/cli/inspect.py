@@ -9,7 +9,8 @@ from typing import Annotated, Any
 import typer
 
 from refq_cli.cli.options import JsonOutput
-from refq_cli.errors import ConversionError, RefqError, printable, strict_json
+from refq_cli.cli.streams import plain
+from refq_cli.errors import ConversionError, RefqError, strict_json
 from refq_cli.kinds import display_path, tensor_key
 
 
@@ -78,14 +79,6 @@ def inspect_command(
     render_floats(desc, console, all_tensors)
     if channels:
         render_channels(desc, console)
-
-
-def plain(value: object) -> Any:
-    """``value`` as rich text that shows as written: escaped (:func:`printable`), no markup,
-    no emoji codes. Names, paths and metadata come from untrusted files."""
-    from rich.text import Text
-
-    return Text(printable(str(value)))
 
 
 def _line(console: Any, text: str) -> None:

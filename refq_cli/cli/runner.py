@@ -34,30 +34,23 @@ def run_batch(
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
     from refq_cli.io.outputs import write_file
-    from refq_cli.pipeline.batch import JobResult, prepare_run, run_jobs
-    from refq_cli.pipeline.jobs import check_jobs, is_summary
-    from refq_cli.pipeline.shards import parse_shard, select_shard
+    from refq_cli.pipeline.batch import JobResult, prepare_run, run_jobs, shard_jobs
+    from refq_cli.pipeline.jobs import is_summary
+    from refq_cli.pipeline.shards import parse_shard
     from refq_cli.pipeline.summary import run_summary, summary_markdown, totals_line
 
     if workers < 1:
         raise RefqError(f"--jobs {workers}: give at least 1")
+    part = parse_shard(shard) if shard is not None else None
     if list_jobs:
-        check_jobs(jobs)
-        if shard is not None:
-            jobs = select_shard(jobs, *parse_shard(shard))
+        jobs = shard_jobs(jobs, part)
         if json_output:
             typer.echo(strict_json(run_summary([JobResult.of(j, "listed") for j in jobs])))
         else:
             for j in jobs:
                 typer.echo(printable(f"{j.input} -> {j.output} ({j.spec})"))
         return
-    jobs, options = prepare_run(
-        jobs,
-        options,
-        shard=parse_shard(shard) if shard is not None else None,
-        summary=summary_md,
-        inputs=inputs,
-    )
+    jobs, options = prepare_run(jobs, options, shard=part, summary=summary_md, inputs=inputs)
     console = Console(stderr=json_output)
     show_bar = console.is_terminal and not quiet and not json_output
     bar = Progress(

@@ -29,4 +29,4 @@ def schema_command(
 
         typer.echo(json.dumps(output_schema(), indent=2))
     else:
-        raise RefqError(f"schema {of}: give spec or output")
+        raise RefqError(f"refq schema {of!r}: give spec or output")

@@ -1,4 +1,5 @@
-"""Standard streams that a closed pipe or a narrow encoding cannot turn into an error."""
+"""Standard streams that a closed pipe or a narrow encoding cannot turn into an error, and
+text from untrusted files shown on them as written."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import errno
 import os
 from collections.abc import Iterable
 from typing import IO, Any
+
+from refq_cli.errors import printable
 
 
 class QuietPipe:
@@ -62,3 +65,11 @@ class QuietPipe:
         with contextlib.suppress(OSError, ValueError):  # no descriptor: each write fails, dropped
             os.dup2(devnull, self._stream.fileno())
         os.close(devnull)
+
+
+def plain(value: object) -> Any:
+    """``value`` as rich text that shows as written: escaped (:func:`printable`), no markup,
+    no emoji codes. Names, paths and metadata come from untrusted files."""
+    from rich.text import Text
+
+    return Text(printable(str(value)))

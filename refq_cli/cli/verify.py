@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from refq_cli.cli.options import JsonOutput, TrustCode
-from refq_cli.errors import ConversionError, RefqError, strict_json
+from refq_cli.errors import ConversionError, strict_json
 from refq_cli.kinds import display_path
-from refq_cli.pipeline.gate import gate_error
+from refq_cli.pipeline.gate import checked_min_sqnr, gate_error
 
 
 def verify_command(
@@ -43,11 +42,10 @@ def verify_command(
     from rich.console import Console
     from rich.table import Table
 
-    from refq_cli.cli.inspect import plain
+    from refq_cli.cli.streams import plain
     from refq_cli.pipeline.verify import verify
 
-    if min_sqnr is not None and not math.isfinite(min_sqnr):
-        raise RefqError(f"--min-sqnr {min_sqnr}: give a finite number of dB")
+    min_sqnr = checked_min_sqnr(min_sqnr)
     result = verify(
         artifact, against, calibration=calibration, trust_code=trust_code, min_sqnr=min_sqnr
     )

@@ -9,7 +9,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -48,7 +48,6 @@ class JobResult:
     worst_sqnr_db: float | None = None
     gate: dict[str, Any] | None = None  # gate_record, when the job has a gate it was judged by
     exit_code: int = 0
-    detail: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @classmethod
     def of(cls, job: Job, status: str, **fields: Any) -> JobResult:
@@ -58,7 +57,6 @@ class JobResult:
     def record(self) -> dict[str, Any]:
         """The job's record in --json output."""
         out = asdict(self)
-        out.pop("detail")
         out.pop("exit_code")
         return out
 
@@ -135,7 +133,6 @@ def converted_result(job: Job, report: dict[str, Any]) -> JobResult:
         worst_sqnr_db=report["totals"]["worst_sqnr_db"],
         gate=report.get("gate"),
         exit_code=int(missed_gate(report)),
-        detail=report,
     )
     if missed_gate(report):
         assert job.min_sqnr is not None
@@ -209,6 +206,13 @@ def _init_worker(threads: int) -> None:
     ignore_torch_noise()  # as the parent process does
 
 
+def shard_jobs(jobs: Sequence[Job], shard: tuple[int, int] | None) -> list[Job]:
+    """The jobs of shard ``(k, n)`` (all without one), once no two jobs write one artifact:
+    what ``--list`` shows and :func:`prepare_run` prepares."""
+    check_jobs(jobs)
+    return select_shard(jobs, *shard) if shard is not None else list(jobs)
+
+
 def prepare_run(
     jobs: Sequence[Job],
     options: Options,
@@ -222,8 +226,7 @@ def prepare_run(
     summary) checked against each other and against every input of the run: ``inputs`` (the
     manifest) and those of every job, other shards' too. Returns the jobs to run and the
     options for them, which carry the run's inputs so that each job protects them all."""
-    check_jobs(jobs)
-    selected = select_shard(jobs, *shard) if shard is not None else list(jobs)
+    selected = shard_jobs(jobs, shard)
     chosen = {id(job) for job in selected}
     others = [pair for job in jobs if id(job) not in chosen for pair in job.inputs()]
     make_output_folders(selected)

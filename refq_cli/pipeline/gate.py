@@ -13,6 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
+from refq_cli.errors import RefqError
 from refq_cli.kinds import tensor_key
 
 GATE_SHOWN = 3  # names a missed gate's message shows (the worst); the rest are counted
@@ -46,6 +47,13 @@ class Gate:
         named = ((tensor_key(w["module"], w["weight"]), w["sqnr_db"]) for w in weights)
         self.below = named_below(named, self.min_sqnr)
         return gate_record(self.min_sqnr, WEIGHT_SQNR, self.below)
+
+
+def checked_min_sqnr(min_sqnr: float | None) -> float | None:
+    """``min_sqnr`` (dB) when it is a finite number or None; RefqError otherwise."""
+    if min_sqnr is not None and not math.isfinite(min_sqnr):
+        raise RefqError(f"--min-sqnr {min_sqnr}: give a finite number of dB")
+    return min_sqnr
 
 
 def named_below(named: Iterable[tuple[str, float | None]], min_sqnr: float) -> list[Below]:
