@@ -12,15 +12,59 @@ command such as ``::error::``), move the cursor or reorder text; :func:`shorten`
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 import json
 import math
+import os
 import reprlib
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 MESSAGE_LIMIT = 2000  # characters of a printed line; longer ones lose their middle
+
+# How messages name the caller's arguments: as Python keywords (``force=True``), or, once the
+# CLI has said so (:func:`naming_flags`), as its flags (``--force``).
+_FLAGS: contextvars.ContextVar[bool] = contextvars.ContextVar("refq_flags", default=False)
+_FLAG_OF = {"spec": "--qconfig", "workers": "--jobs"}  # flags other than --name-with-dashes
+
+
+@contextlib.contextmanager
+def naming_flags() -> Iterator[None]:
+    """Within it, messages name arguments by their CLI flags (a command of the CLI runs in it)."""
+    token = _FLAGS.set(True)
+    try:
+        yield
+    finally:
+        _FLAGS.reset(token)
+
+
+def set_naming_flags(on: bool) -> None:
+    """:func:`naming_flags` for the rest of this process (a worker of a CLI command)."""
+    _FLAGS.set(on)
+
+
+def names_flags() -> bool:
+    """Whether messages name arguments by their CLI flags here (:func:`naming_flags`)."""
+    return _FLAGS.get()
+
+
+_SWITCH: Any = object()  # argument() of a switch: no value to show
+
+
+def argument(name: str, value: Any = _SWITCH) -> str:
+    """How a message names the caller's argument ``name`` (a Python keyword of refq's API):
+    ``--output out/a.st`` or ``output='out/a.st'`` with a ``value``, and for a switch
+    ``--force`` or ``force=True``."""
+    if _FLAGS.get():
+        flag = _FLAG_OF.get(name, "--" + name.replace("_", "-"))
+        return flag if value is _SWITCH else f"{flag} {value}"
+    if value is _SWITCH:
+        return f"{name}=True"
+    text = str(value) if isinstance(value, (str, os.PathLike)) else value
+    return f"{name}={text!r}"
 
 
 class RefqError(Exception):
@@ -109,8 +153,11 @@ def printable(text: str, limit: int = MESSAGE_LIMIT) -> str:
 
 
 def markdown_cell(text: str) -> str:
-    """``text`` for a cell of a Markdown table: printable, with its pipes escaped."""
-    return printable(text).replace("|", "\\|")
+    """``text`` for a cell of a Markdown table: printable, with its pipes escaped and ``<``,
+    ``>`` and ``&`` as entities, so that a name (``<root>``, a key holding ``<!--``) shows as
+    text where the table is rendered, not as HTML."""
+    text = printable(text).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    return text.replace("|", "\\|")
 
 
 _REPR = reprlib.Repr()
@@ -163,3 +210,8 @@ def did_you_mean(word: str, choices: Iterable[str], *, aside: bool = False) -> s
     if not hint:
         return ""
     return f" (did you mean {hint[0]!r}?)" if aside else f"; did you mean {hint[0]!r}?"
+
+
+def plural(count: int, noun: str) -> str:
+    """``count`` and ``noun``, made plural unless the count is one: "1 weight", "2 weights"."""
+    return f"{count:,} {noun}" if count == 1 else f"{count:,} {noun}s"

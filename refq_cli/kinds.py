@@ -17,12 +17,21 @@ ROOT = "<root>"  # how specs, reports, messages and calibration files name a mod
 
 
 def display_path(path: str) -> str:
-    """A module path as specs and messages name it: ``<root>`` for the root module."""
+    """A module path as refq names it everywhere (specs, calibration files, reports, JSON
+    output, messages, ``Artifact.modules``): ``<root>`` for the root module, whose path in
+    PyTorch (``named_modules()``) and in the artifact's metadata is ``""``."""
     return path or ROOT
 
 
+def module_path(name: str) -> str:
+    """The PyTorch path of the module refq names ``name``: ``""`` for ``<root>``."""
+    return "" if name == ROOT else name
+
+
 def tensor_key(path: str, name: str) -> str:
-    """The checkpoint and artifact key of tensor ``name`` of the module at ``path``."""
+    """The checkpoint and artifact key of tensor ``name`` of the module at ``path`` (its PyTorch
+    path or refq's name for it)."""
+    path = module_path(path)
     return f"{path}.{name}" if path else name
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from importlib.resources import files
 from pathlib import Path
 
@@ -85,4 +86,55 @@ def silero_file(name: str) -> Path:
         pytest.skip("silero-vad is not installed")
     if not path.exists():
         pytest.skip(f"silero-vad has no {name}")
+    return path
+
+
+class Tagger(nn.Module):
+    """A 2-layer LSTM and a Linear head: the model the sharded checkpoints hold."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(4, 6, num_layers=2)
+        self.head = nn.Linear(6, 3)
+
+
+def tagger_state(seed: int = 0) -> dict[str, torch.Tensor]:
+    torch.manual_seed(seed)
+    return {k: v.detach().clone().contiguous() for k, v in Tagger().state_dict().items()}
+
+
+SHARD_NAMES = {
+    "safetensors": ("model.safetensors.index.json", "model-{:05d}-of-{:05d}.safetensors"),
+    "bin": ("pytorch_model.bin.index.json", "pytorch_model-{:05d}-of-{:05d}.bin"),
+}
+
+
+def write_sharded(
+    folder: Path,
+    kind: str = "safetensors",
+    state: dict[str, torch.Tensor] | None = None,
+    parts: list[list[str]] | None = None,
+) -> Path:
+    """Write ``state`` (the Tagger's) as a Hugging Face sharded checkpoint of ``kind``
+    (safetensors or bin) into ``folder``, and return its index. ``parts`` lists each shard's
+    keys; by default layer 0 of the LSTM is in the first shard, layer 1 and the head in the
+    second, so the LSTM is split across the two."""
+    state = tagger_state() if state is None else state
+    if parts is None:
+        parts = [[k for k in state if "_l0" in k], [k for k in state if "_l0" not in k]]
+    index_name, shard_name = SHARD_NAMES[kind]
+    folder.mkdir(parents=True, exist_ok=True)
+    weight_map = {}
+    for n, keys in enumerate(parts, 1):
+        name = shard_name.format(n, len(parts))
+        tensors = {k: state[k] for k in keys}
+        if kind == "safetensors":
+            save_file(tensors, folder / name, metadata={"format": "pt"})
+        else:
+            torch.save(tensors, folder / name)
+        weight_map.update(dict.fromkeys(keys, name))
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    path = folder / index_name
+    path.write_text(json.dumps(index, indent=2))
     return path

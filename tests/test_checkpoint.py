@@ -10,11 +10,11 @@ import pytest
 import torch
 from torch import nn
 
-from refq_cli.errors import CheckpointError, SpecError
+from refq_cli.errors import CheckpointError, SpecError, naming_flags
 from refq_cli.io.checkpoint import load_checkpoint
 from refq_cli.io.header import read_header
 from refq_cli.io.recurrent import find_recurrent_modules
-from refq_cli.pipeline.convert import convert
+from refq_cli.pipeline.convert import convert_checkpoint as convert
 from tests.checkpoints import FORMATS, silero_file, speech_state, write
 
 SPEECH_MODULES = {
@@ -75,7 +75,9 @@ def test_torchscript_archive_with_a_nested_module(tmp_path):
 
 def test_pickled_modules_need_trust(tmp_path):
     path = write(tmp_path, "pickle")
-    with pytest.raises(CheckpointError, match=r"refused to unpickle .*pass --trust-code"):
+    with pytest.raises(CheckpointError, match=r"refused to unpickle .*pass trust_code=True only"):
+        load_checkpoint(path)
+    with naming_flags(), pytest.raises(CheckpointError, match=r"pass --trust-code only for"):
         load_checkpoint(path)
     ckpt = load_checkpoint(path, trust_code=True)
     assert ckpt.format == "pickle" and set(ckpt.modules) == set(SPEECH_MODULES)
@@ -378,3 +380,121 @@ def test_an_apply_to_mismatch_of_a_fact_says_which_spec_key_fixes_it(tmp_path):
         r"\(set batch_first: true for this module under modules: in the spec\)",
     ):
         artifact.apply_to(model)
+
+
+# --- wrapper prefixes (strip_prefix) -------------------------------------------------------------
+
+
+def lightning_checkpoint(tmp_path: Path, prefix: str = "model.") -> Path:
+    """What PyTorch Lightning saves: the module's state_dict under its attribute's prefix,
+    with the training state beside it."""
+    torch.manual_seed(0)
+    model = nn.Module()
+    model.lstm = nn.LSTM(3, 4, num_layers=2)
+    model.head = nn.Linear(4, 2)
+    state = {prefix + k: v for k, v in model.state_dict().items()}
+    path = tmp_path / "epoch=3-step=90.ckpt"
+    optimizer = {"state": {0: {"step": torch.tensor(3.0)}}, "param_groups": [{"lr": 0.1}]}
+    torch.save({"state_dict": state, "epoch": 3, "optimizer_states": [optimizer]}, path)
+    return path
+
+
+@pytest.mark.parametrize(("prefix", "given"), [("model.", "model."), ("model.", "model")])
+def test_strip_prefix_takes_lightnings_prefix_off(tmp_path, prefix, given):
+    path = lightning_checkpoint(tmp_path, prefix)
+    assert set(load_checkpoint(path).modules) == {"model.lstm"}
+    checkpoint = load_checkpoint(path, strip_prefix=given)
+    assert {p: m.config["num_layers"] for p, m in checkpoint.modules.items()} == {"lstm": 2}
+    assert list(checkpoint.tensors)[-2:] == ["head.weight", "head.bias"]  # in the file's order
+    assert all(not k.startswith("model.") for k in checkpoint.tensors)
+
+
+def test_strip_prefix_takes_ddps_prefix_off_and_keeps_other_keys(tmp_path):
+    torch.manual_seed(0)
+    state = {"module." + k: v for k, v in nn.GRU(3, 4).state_dict().items()}
+    state["step_scale"] = torch.ones(1)
+    path = tmp_path / "ddp.pt"
+    torch.save(state, path)
+    checkpoint = load_checkpoint(path, strip_prefix="module")
+    assert list(checkpoint.modules) == [""]  # the wrapped module was the GRU itself
+    assert "step_scale" in checkpoint.tensors and "weight_ih_l0" in checkpoint.tensors
+
+
+def test_strip_prefix_also_moves_the_facts_a_file_records(tmp_path):
+    wrapper = nn.Module()
+    wrapper.model = nn.Module()
+    wrapper.model.rnn = nn.RNN(4, 3, nonlinearity="relu", batch_first=True)
+    wrapper.model.cell = nn.GRUCell(4, 3)
+    path = tmp_path / "wrapped.pt"
+    torch.save(wrapper, path)
+    checkpoint = load_checkpoint(path, trust_code=True, strip_prefix="model.")
+    assert set(checkpoint.modules) == {"rnn", "cell"}
+    assert checkpoint.modules["rnn"].recorded == {
+        "batch_first": True,
+        "dropout": 0.0,
+        "nonlinearity": "relu",
+    }
+    whole = nn.Module()
+    whole.model = nn.RNN(4, 3, nonlinearity="relu")  # the wrapper's own module at the root
+    torch.save(whole, path)
+    checkpoint = load_checkpoint(path, trust_code=True, strip_prefix="model")
+    assert checkpoint.modules[""].recorded["nonlinearity"] == "relu"
+
+
+def test_strip_prefix_that_no_key_starts_with_names_what_they_start_with(tmp_path):
+    path = write(tmp_path, "pt")
+    with pytest.raises(CheckpointError) as caught:
+        load_checkpoint(path, strip_prefix="model")
+    assert str(caught.value) == (
+        f"{path}: strip_prefix 'model.': no key starts with it; keys start with: frontend., "
+        "encoder., context., aux., decoder., gate., tanh_cell., head."
+    )
+    with naming_flags(), pytest.raises(CheckpointError, match=r": strip_prefix 'model\.': no key"):
+        load_checkpoint(path, strip_prefix="model")  # the same, from the spec or the flag
+    torch.save({f"k{n}.w": torch.zeros(1) for n in range(30)}, path)
+    with pytest.raises(CheckpointError, match=r"keys start with: k0\., .*k9\. and 20 more$"):
+        load_checkpoint(path, strip_prefix="model")
+
+
+def test_strip_prefix_that_makes_two_keys_one_is_refused(tmp_path):
+    path = tmp_path / "two.pt"
+    torch.save({"lstm.weight": torch.zeros(1), "model.lstm.weight": torch.ones(1)}, path)
+    message = (
+        rf"^{path}: strip_prefix 'model.': keys 'model.lstm.weight' and 'lstm.weight' would "
+        r"both be 'lstm.weight'; the prefix cannot be taken off$"
+    )
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path, strip_prefix="model.")
+    torch.save({"model.lstm.weight": torch.ones(1), "lstm.weight": torch.zeros(1)}, path)
+    with pytest.raises(CheckpointError, match=message):
+        load_checkpoint(path, strip_prefix="model.")
+    torch.save({"model.": torch.ones(1), "model.x": torch.zeros(1)}, path)
+    with pytest.raises(CheckpointError, match=r"key 'model\.' would become empty"):
+        load_checkpoint(path, strip_prefix="model.")
+
+
+@pytest.mark.parametrize("given", ["", ".", ".."])
+def test_an_empty_strip_prefix_is_refused_before_reading(tmp_path, given):
+    with pytest.raises(CheckpointError, match=r"^strip_prefix='\.*': give the prefix the"):
+        load_checkpoint(tmp_path / "missing.pt", strip_prefix=given)
+
+
+def test_strip_prefix_applies_to_a_sharded_checkpoint(tmp_path):
+    from tests.checkpoints import tagger_state, write_sharded
+
+    state = {"model." + k: v for k, v in tagger_state().items()}
+    index = write_sharded(tmp_path, "safetensors", state)
+    checkpoint = load_checkpoint(index, strip_prefix="model.")
+    assert list(checkpoint.modules) == ["lstm"] and "head.weight" in checkpoint.tensors
+
+
+def test_verify_takes_off_the_prefix_the_conversion_took_off(tmp_path):
+    from refq_cli.pipeline.verify import verify
+
+    path = lightning_checkpoint(tmp_path)
+    spec = tmp_path / "q.yaml"
+    spec.write_text("version: 1\nstrip_prefix: model.\n")
+    out = tmp_path / "x.refq.safetensors"
+    assert list(convert(path, spec, out).modules) == ["lstm"]
+    result = verify(out, path)
+    assert result["source_matches"] and [m["path"] for m in result["modules"]] == ["lstm"]

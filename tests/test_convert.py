@@ -14,7 +14,7 @@ from torch import nn
 from refq_cli import reference
 from refq_cli.errors import CheckpointError, SpecError
 from refq_cli.pipeline.artifact import ArtifactError, load_artifact
-from refq_cli.pipeline.convert import convert
+from refq_cli.pipeline.convert import convert_checkpoint as convert
 from refq_cli.pipeline.gate import Gate
 from tests.checkpoints import Speech, write
 

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from refq_cli.pipeline.artifact import load_artifact
-from refq_cli.pipeline.convert import convert
+from refq_cli.pipeline.convert import convert_checkpoint as convert
 from refq_cli.pipeline.verify import verify
 from refq_cli.quant import numerics as quant
 from refq_cli.quant import observers

@@ -145,7 +145,9 @@ def test_a_failed_conversion_job_leaves_no_hash_running(tmp_path, monkeypatch):
     hashes = Hashes(monkeypatch, hold=True)
     # as in a fresh process, the job starts hashing first
     monkeypatch.delitem(sys.modules, "torch", raising=False)
-    job = Job(source, tmp_path / "q.yaml", output, tmp_path / "model.report.json")
+    spec = tmp_path / "q.yaml"
+    spec.write_text("version: 1\n")
+    job = Job(source, spec, output, tmp_path / "model.report.json")
     with pytest.raises(RefqError, match="exists"):
         convert_job(job, Options())  # fails on its output, before reading the input
     (started,) = hashes.wait(1)

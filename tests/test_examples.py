@@ -29,3 +29,30 @@ def test_python_api_example_converts_and_stays_close_to_float():
     assert "QuantizedGRUCell(Reference)" in result.stdout
     sqnr = float(re.search(r"SQNR = ([\d.]+) dB", result.stdout).group(1))
     assert sqnr > 30
+
+
+def run_example(name: str) -> str:
+    return subprocess.run(
+        [sys.executable, str(EXAMPLES / name)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PATH": ""},
+    ).stdout
+
+
+def test_the_convert_example_converts_verifies_and_runs_the_quantized_model():
+    out = run_example("convert_and_run.py")
+    assert re.search(
+        r"wrote .*example\.refq\.safetensors and example\.refq\.report\.md: 6 weights", out
+    )
+    assert "per_channel_symmetric qint8" in out
+    assert "verify: source matches True, gate passed True" in out
+    same = int(re.search(r"same top class as the float model for (\d)/8", out).group(1))
+    assert same >= 7
+
+
+def test_the_batch_example_runs_every_shard_of_the_ci_manifest():
+    out = run_example("batch_manifest.py")
+    assert re.search(r"^(converted|skipped) +\S*example\.pt -> \S*out/ci/example", out, re.M)
+    assert out.rstrip().endswith("jobs: 1, failed: 0")

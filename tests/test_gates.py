@@ -41,7 +41,8 @@ def test_a_retried_red_convert_stays_red(tmp_path):
     assert gate_of(tmp_path / REJECTED[0]) == {"min_sqnr": 200.0, "passed": False}
     report = json.loads((tmp_path / REJECTED[1]).read_text())
     assert report["gate"]["passed"] is False and len(report["gate"]["below"]) == WEIGHTS
-    assert "Quality gate (--min-sqnr 200 dB): 22 weight(s)" in (tmp_path / REJECTED[2]).read_text()
+    markdown = (tmp_path / REJECTED[2]).read_text()
+    assert "Quality gate (minimum SQNR 200 dB): 22 weights below 200 dB" in markdown
     assert "model.refq.rejected.safetensors" in first.stderr
     retry = run_refq("convert", source, "-q", q, "--min-sqnr", "200", "--skip-unchanged")
     assert retry.returncode == 1 and "SKIPPED" not in retry.stdout
@@ -73,7 +74,7 @@ def test_the_gate_is_judged_again_from_the_recorded_sqnrs(tmp_path):
     before = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in map(tmp_path.joinpath, NAMES)]
     stricter = run_refq("convert", source, "-q", q, "--min-sqnr", "200", "--skip-unchanged")
     assert stricter.returncode == 1 and stricter.stdout.startswith("GATE"), stricter.stdout
-    assert "22 weight(s) below --min-sqnr 200 dB" in stricter.stdout
+    assert "22 weights below 200 dB" in stricter.stdout
     assert gate_of(tmp_path / NAMES[0]) == {"min_sqnr": 30.0, "passed": True}
     for gate in ("30", "10", None):  # equal, looser, none
         args = ("--min-sqnr", gate) if gate else ()
@@ -111,7 +112,7 @@ def test_a_missed_gate_is_one_short_line_in_the_summary(tmp_path):
     (row,) = [line for line in summary.read_text().splitlines() if "| gate |" in line]
     error = row.split(" | ")[-1]
     assert len(error) < 200, error
-    assert error.startswith(f"{WEIGHTS} weight(s) below --min-sqnr 200 dB: ")
+    assert error.startswith(f"{WEIGHTS} weights below 200 dB: ")
     assert f"and {WEIGHTS - 3} more" in error and error.count(" dB)") == 3
     assert REJECTED[0] in row
 

@@ -209,3 +209,50 @@ def test_format_versions_that_are_not_plain_numbers(tmp_path, version):
     )
     with pytest.raises(ArtifactError, match="is not a number"):
         read_header(path)
+
+
+def _metadata(source):
+    from refq_cli.io.header import Layout
+
+    metadata = {"format": "refq", "refq.format_version": "1", "refq.modules": "{}"}
+    metadata |= {"refq.spec": "{}", "refq.producer": '{"refq": "0", "torch": "2"}'}
+    return Layout({**metadata, "refq.source": json.dumps(source)}, {})
+
+
+SOURCE = {"name": "model.safetensors.index.json", "sha256": "ab" * 32, "format": "safetensors"}
+SHARDS = [{"name": "model-00001-of-00002.safetensors", "sha256": "cd" * 32}]
+
+
+def test_the_shards_of_a_sharded_source_are_read(tmp_path):
+    from refq_cli.io.header import check_metadata
+
+    assert "shards" not in check_metadata(tmp_path, _metadata(SOURCE))["refq.source"]
+    two = [*SHARDS, {"name": "model-00002-of-00002.safetensors", "sha256": "ef" * 32}]
+    checked = check_metadata(tmp_path, _metadata({**SOURCE, "shards": two}))
+    assert checked["refq.source"]["shards"] == two
+
+
+@pytest.mark.parametrize(
+    ("shards", "pattern"),
+    [
+        (
+            {"a": "b"},
+            r"refq\.source\.shards must be a list of one or more \{name, sha256\} records",
+        ),
+        ([], r"refq\.source\.shards must be a list of one or more"),
+        (None, r"refq\.source\.shards must be a list"),
+        (["model.bin"], r"refq\.source\.shards\[0\] must be a JSON object, got 'model.bin'"),
+        ([*SHARDS, {"sha256": "00"}], r"refq\.source\.shards\[1\]\.name is missing"),
+        ([{"name": "a.bin"}], r"refq\.source\.shards\[0\]\.sha256 is missing"),
+        ([{"name": 3, "sha256": "00"}], r"refq\.source\.shards\[0\]\.name must be text, got 3"),
+        (
+            [{"name": "a", "sha256": [1]}],
+            r"refq\.source\.shards\[0\]\.sha256 must be text, got \[1\]",
+        ),
+    ],
+)
+def test_malformed_shards_of_a_source_are_refused(tmp_path, shards, pattern):
+    from refq_cli.io.header import check_metadata
+
+    with pytest.raises(ArtifactError, match=rf"^{tmp_path}: corrupt artifact: metadata {pattern}"):
+        check_metadata(tmp_path, _metadata({**SOURCE, "shards": shards}))

@@ -13,7 +13,7 @@ from safetensors import safe_open
 from torch import nn
 
 from refq_cli.io.checkpoint import load_checkpoint
-from refq_cli.pipeline.convert import convert
+from refq_cli.pipeline.convert import convert_checkpoint as convert
 from refq_cli.pipeline.init_config import skeleton
 from refq_cli.spec.spec import load_spec, resolve
 from tests.checkpoints import speech_state, write

@@ -19,7 +19,7 @@ from refq_cli.cli.app import app
 from refq_cli.io import header
 from refq_cli.io.header import read_layout
 from refq_cli.pipeline import inspect as inspect_module
-from refq_cli.pipeline.convert import convert
+from refq_cli.pipeline.convert import convert_checkpoint as convert
 from tests.checkpoints import write
 from tests.scripts import run_and_check_torch, run_refq
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from refq_cli.errors import ArtifactError
+from refq_cli.errors import ArtifactError, naming_flags
 from refq_cli.io.outputs import Outputs, check_outputs, starts_with, write_file
 
 
@@ -63,8 +63,13 @@ def test_only_checked_outputs_are_written(tmp_path):
 def test_an_existing_file_is_refused_without_force_and_replaced_with_it(tmp_path):
     target = tmp_path / "a.bin"
     target.write_bytes(b"someone's")
-    with pytest.raises(ArtifactError, match=r"^--output .*a\.bin: already exists; pass --force"):
+    with (
+        naming_flags(),
+        pytest.raises(ArtifactError, match=r"^--output .*a\.bin: already exists; pass --force"),
+    ):
         Outputs({"--output": target}, {})
+    with pytest.raises(ArtifactError, match=r"^output='.*a\.bin': already exists; pass force=True"):
+        Outputs({"output": target}, {})  # from Python, an argument of the API as Python names it
     assert target.read_bytes() == b"someone's"
     with Outputs({"--output": target}, {}, force=True) as outputs:
         outputs.write(target, b"mine")
@@ -122,9 +127,13 @@ REFUSALS = {
         {"--output": "a.st", "--summary-md": "a.st"},
         r"^--summary-md .*a\.st: the same file as --output .*a\.st; give each output its own",
     ),
-    "no-folder": (
-        {"--json-out": "missing/x.json"},
-        r"^--json-out .*x\.json: the folder .*missing does not exist$",
+    "folder-is-a-file": (
+        {"--json-out": "q.yaml/x.json"},
+        r"^--json-out .*x\.json: the folder .*q\.yaml is not a directory$",
+    ),
+    "folder-under-a-file": (
+        {"--json-out": "q.yaml/deeper/x.json"},
+        r"^--json-out .*x\.json: cannot create the folder .*deeper: .*q\.yaml is not a directory$",
     ),
     "a-folder": ({"--out-dir": "."}, r"^--out-dir .*: is a directory; give a file path$"),
 }
@@ -138,3 +147,30 @@ def test_check_outputs_names_the_flag_of_each_refusal(tmp_path, outputs, message
     with pytest.raises(ArtifactError, match=message):
         check_outputs({f: tmp_path / p for f, p in outputs.items()}, {"spec": spec}, force=True)
     assert names(tmp_path) == ["q.yaml"]  # checking writes nothing
+
+
+def test_a_missing_folder_is_checked_before_any_work_and_made_once_all_outputs_pass(tmp_path):
+    # -o into a missing folder was refused while --out-dir made one; now every output's
+    # folder is made, once every output passed its checks: checking alone makes nothing.
+    spec = tmp_path / "q.yaml"
+    spec.write_text("version: 1\n")
+    deep = tmp_path / "new" / "deeper" / "a.st"
+    check_outputs({"output": deep}, {"spec": spec})
+    assert names(tmp_path) == ["q.yaml"]
+    with pytest.raises(ArtifactError, match=r"would overwrite the spec"):  # a later one refused
+        Outputs({"output": deep, "report": tmp_path / "new" / ".." / "q.yaml"}, {"spec": spec})
+    assert names(tmp_path) == ["q.yaml"]
+    with Outputs({"output": deep, "report": tmp_path / "new" / "r.json"}, {}) as outputs:
+        assert names(tmp_path / "new") == ["deeper"]  # made: a writer may put temporaries there
+        outputs.write(deep, b"codes")
+        outputs.write(tmp_path / "new" / "r.json", b"{}")
+        outputs.commit()
+    assert deep.read_bytes() == b"codes" and names(tmp_path / "new") == ["deeper", "r.json"]
+
+
+@pytest.mark.skipif(__import__("os").geteuid() == 0, reason="root writes anywhere")
+def test_a_missing_folder_under_a_read_only_one_is_refused_before_any_work(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    with pytest.raises(ArtifactError, match=r"the folder .*locked is not writable"):
+        check_outputs({"output": locked / "new" / "a.st"}, {})

@@ -10,7 +10,7 @@ from torch import nn
 
 from refq_cli import reference
 from refq_cli.pipeline.artifact import ArtifactError, load_artifact
-from refq_cli.pipeline.convert import convert
+from refq_cli.pipeline.convert import convert_checkpoint as convert
 from refq_cli.reference import registry
 from tests.scripts import run_refq
 

@@ -143,3 +143,20 @@ def test_shard_text_is_k_slash_n_in_ascii_digits():
     for text in ("+1/2", " 1/2", "1/2 ", "１/２", "1_0/20", "1/2/3", "/2", "0x1/2"):
         with pytest.raises(RefqError, match="write K/N"):
             parse_shard(text)
+
+
+def test_a_sharded_checkpoint_weighs_its_index_and_every_shard(tmp_path):
+    pointer = "version https://git-lfs.github.com/spec/v1\noid sha256:{}\nsize 7000000\n"
+    (tmp_path / "a.safetensors").write_bytes(b"\0" * 3000)
+    (tmp_path / "b.safetensors").write_text(pointer.format("cd" * 32))  # not pulled: its size
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"weight_map": {"x": "a.safetensors", "y": "b.safetensors"}}))
+    assert input_bytes(index) == index.stat().st_size + 3000 + 7000000
+    broken = tmp_path / "broken.safetensors.index.json"
+    broken.write_text("{not json")
+    assert input_bytes(broken) == broken.stat().st_size  # its job fails, naming why
+    # the heavy index goes alone against two inputs that weigh less together
+    (tmp_path / "m1.pt").write_bytes(b"\0" * 4000)
+    (tmp_path / "m2.pt").write_bytes(b"\0" * 4000)
+    jobs = [job(str(tmp_path / n)) for n in ("m1.pt", "m2.pt", index.name)]
+    assert assign_shards(jobs, 2) == [1, 1, 0]

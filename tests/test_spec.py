@@ -301,3 +301,20 @@ def test_module_facts_must_fit_the_module_type(facts, float_type, message):
     spec = parse_spec(f"version: 1\nmodules:\n  m: {{{facts}}}\n", "q.yaml")
     with pytest.raises(SpecError, match=message):
         resolve(spec, {"m": ["weight_ih"]}, {"m": float_type})
+
+
+def test_strip_prefix_is_read_checked_and_recorded():
+    spec = parse_spec("version: 1\nstrip_prefix: model.\n", "q.yaml")
+    assert spec.strip_prefix == "model." and spec.to_dict()["strip_prefix"] == "model."
+    assert "strip_prefix" not in parse_spec("version: 1\n", "q.yaml").to_dict()  # bytes as before
+    assert spec.stripping("model") is spec and spec.stripping(None) is spec
+    with pytest.raises(SpecError, match=r"^q.yaml:2:15: strip_prefix must be non-empty text"):
+        parse_spec("version: 1\nstrip_prefix: ''\n", "q.yaml")
+    with pytest.raises(
+        SpecError, match=r"^q.yaml:2:15: strip_prefix must be non-empty text, got 3"
+    ):
+        parse_spec("version: 1\nstrip_prefix: 3\n", "q.yaml")
+    with pytest.raises(
+        SpecError, match=r"strip_prefix='module.': the spec q.yaml says strip_prefix: model."
+    ):
+        spec.stripping("module.")

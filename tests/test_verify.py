@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from refq_cli.errors import RefqError
-from refq_cli.pipeline.convert import convert
+from refq_cli.pipeline.convert import convert_checkpoint as convert
 from refq_cli.pipeline.verify import verify
 from tests.checkpoints import write
 

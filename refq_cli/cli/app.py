@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import os
 import sys
 import warnings
@@ -21,16 +22,18 @@ from refq_cli.cli.convert import convert_command
 from refq_cli.cli.converters import converters_command
 from refq_cli.cli.init_config import init_config_command
 from refq_cli.cli.inspect import inspect_command
+from refq_cli.cli.options import Help, eager_flag
 from refq_cli.cli.schema import schema_command
 from refq_cli.cli.streams import QuietPipe
 from refq_cli.cli.verify import verify_command
-from refq_cli.errors import RefqError, ignore_torch_noise, printable
+from refq_cli.errors import RefqError, ignore_torch_noise, naming_flags, printable
 
 app = typer.Typer(
     name="refq",
     help="Turn float PyTorch recurrent models into reference-quantized models.",
     no_args_is_help=True,
     add_completion=False,
+    add_help_option=False,  # refq's own --help (options.Help), without a <bool> beside it
     pretty_exceptions_enable=False,
 )
 
@@ -46,7 +49,7 @@ def reporting_errors(command: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
         try:
-            with warnings.catch_warnings():
+            with warnings.catch_warnings(), naming_flags():
                 ignore_torch_noise()
                 return command(*args, **kwargs)
         except RefqError as exc:
@@ -79,15 +82,29 @@ def _print_version(value: bool) -> None:
 def root(
     version: Annotated[
         bool,
-        typer.Option(
-            "--version",
-            callback=_print_version,
-            is_eager=True,
-            help="Print refq's version and exit.",
-        ),
+        eager_flag("--version", help="Print refq's version and exit.", callback=_print_version),
     ] = False,
+    show_help: Help = False,
 ) -> None:
     """Turn float PyTorch recurrent models into reference-quantized models."""
+
+
+def with_help(command: Callable[..., Any]) -> Callable[..., Any]:
+    """``command`` taking refq's ``--help`` (:data:`refq_cli.cli.options.Help`) as its last
+    option: the app's commands are made without click's, whose type column says ``<bool>``."""
+    signature = inspect.signature(command, eval_str=True)
+    extra = inspect.Parameter(
+        "show_help", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Help
+    )
+
+    @functools.wraps(command)
+    def run(*args: Any, show_help: bool = False, **kwargs: Any) -> Any:
+        return command(*args, **kwargs)
+
+    run.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=[*signature.parameters.values(), extra]
+    )
+    return run
 
 
 COMMANDS = {
@@ -100,7 +117,7 @@ COMMANDS = {
     "converters": converters_command,
 }
 for _name, _command in COMMANDS.items():
-    app.command(_name)(reporting_errors(_command))
+    app.command(_name, add_help_option=False)(with_help(reporting_errors(_command)))
 
 
 def main() -> None:

@@ -16,6 +16,7 @@ from refq_cli.cli.options import (
     Quiet,
     Shard,
     SkipUnchanged,
+    StripPrefix,
     SummaryMarkdown,
     TrustCode,
     Workers,
@@ -33,6 +34,7 @@ def batch_command(
     skip_unchanged: SkipUnchanged = False,
     fail_fast: FailFast = False,
     summary_md: SummaryMarkdown = None,
+    strip_prefix: StripPrefix = None,
     device: Device = "cpu",
     force: Force = False,
     trust_code: TrustCode = False,
@@ -41,12 +43,12 @@ def batch_command(
 ) -> None:
     """Run the conversion jobs a manifest lists (one shard of them with --shard)."""
     from refq_cli.cli.runner import run_batch
-    from refq_cli.pipeline.jobs import Options
+    from refq_cli.pipeline.jobs import Options, check_device
     from refq_cli.pipeline.manifest import load_manifest
 
     run_batch(
         load_manifest(manifest),
-        Options(force, skip_unchanged, device, trust_code),
+        Options(force, skip_unchanged, check_device(device), trust_code, strip_prefix),
         inputs=[("manifest", manifest)],
         shard=shard,
         list_jobs=list_jobs,

@@ -21,12 +21,13 @@ from refq_cli.cli.options import (
     Quiet,
     Shard,
     SkipUnchanged,
+    StripPrefix,
     SummaryMarkdown,
     TrustCode,
     Workers,
 )
 from refq_cli.cli.runner import run_batch
-from refq_cli.errors import ConversionError, RefqError, printable, strict_json
+from refq_cli.errors import ConversionError, RefqError, plural, printable, strict_json
 from refq_cli.pipeline.gate import checked_min_sqnr
 
 
@@ -47,30 +48,43 @@ def convert_command(
         ),
     ],
     output: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--output",
             "-o",
             help="Artifact path, for one input \\[default: CHECKPOINT stem + .refq.safetensors]",
             show_default=False,
+            metavar="<path>",  # taken as text: a trailing / must reach file_argument
         ),
     ] = None,
     out_dir: Annotated[
         Path | None,
         typer.Option(
             "--out-dir",
-            help="Folder for the artifacts, named after their inputs "
-            "\\[default: beside each input]",
+            help="Folder for the artifacts, named after their inputs; a glob's matches keep "
+            "their folders below the glob's fixed part ('models/**/*.pt': models/a/x.pt -> "
+            "OUT/a/x.refq.safetensors) \\[default: beside each input]",
+            show_default=False,
+        ),
+    ] = None,
+    root: Annotated[
+        Path | None,
+        typer.Option(
+            "--root",
+            help="With --out-dir: mirror every input's folder relative to this folder instead "
+            "(inputs must lie inside it) \\[default: a glob's fixed part; a path given alone "
+            "goes into --out-dir itself]",
             show_default=False,
         ),
     ] = None,
     report: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--report",
             help="Report JSON path, for one input; the Markdown report "
             "goes beside it with .md \\[default: beside the artifact]",
             show_default=False,
+            metavar="<path>",
         ),
     ] = None,
     calibration: Annotated[
@@ -94,6 +108,7 @@ def convert_command(
             show_default=False,
         ),
     ] = None,
+    strip_prefix: StripPrefix = None,
     device: Device = "cpu",
     force: Force = False,
     trust_code: TrustCode = False,
@@ -107,17 +122,46 @@ def convert_command(
     quiet: Quiet = False,
 ) -> None:
     """Convert float checkpoints into reference-quantized artifacts and reports."""
-    from refq_cli.pipeline.jobs import Job, Options, expand_inputs, output_paths
+    from refq_cli.pipeline.jobs import (
+        Job,
+        Options,
+        check_device,
+        check_root,
+        file_argument,
+        find_inputs,
+        normalized,
+        out_folder,
+        output_paths,
+    )
 
     min_sqnr = checked_min_sqnr(min_sqnr)
-    paths = expand_inputs(str(p) for p in inputs)
-    if len(paths) > 1 and (output is not None or report is not None):
+    if root is not None and out_dir is None:
+        raise RefqError("--root says where under --out-dir the artifacts go; give --out-dir too")
+    found = find_inputs(str(p) for p in inputs)
+    if len(found) > 1 and (output is not None or report is not None):
         raise RefqError("--output and --report name one file; with several inputs use --out-dir")
+    if output is not None and (out_dir is not None or root is not None):
+        raise RefqError("--output names the artifact itself; give --out-dir (and --root) or it")
+    check_device(device)
+    output, report = (
+        None if p is None else file_argument(name, p)
+        for name, p in (("output", output), ("report", report))
+    )
+    output, out_dir, report, calibration = (
+        None if p is None else normalized(p) for p in (output, out_dir, report, calibration)
+    )
+    root = None if root is None else check_root(root, f"--root {root}")
     jobs = [
-        Job(p, qconfig, *output_paths(p, output, out_dir, report), calibration, min_sqnr)
-        for p in paths
+        Job(
+            item.path,
+            normalized(qconfig),
+            *output_paths(item.path, output, out_folder(out_dir, item, root), report),
+            calibration,
+            min_sqnr,
+        )
+        for item in found
     ]
-    options = Options(force, skip_unchanged, device, trust_code)
+    options = Options(force, skip_unchanged, device, trust_code, strip_prefix)
     batch = (
         len(jobs) > 1
         or out_dir is not None
@@ -145,10 +189,12 @@ def convert_command(
 
 
 def _convert_one(job: Any, options: Any, *, json_output: bool, quiet: bool) -> None:
+    """``refq_cli.convert`` on the one job, with a progress bar, its summary and its error."""
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
 
-    from refq_cli.pipeline.batch import JobResult, convert_job, converted_result
+    from refq_cli.pipeline.api import convert
+    from refq_cli.pipeline.batch import JobResult, converted_result
     from refq_cli.pipeline.report import assumed_facts_warning
     from refq_cli.pipeline.summary import run_summary
 
@@ -164,13 +210,21 @@ def _convert_one(job: Any, options: Any, *, json_output: bool, quiet: bool) -> N
     task = bar.add_task("reading", total=None)
     try:
         with bar if show_progress else nullcontext():
-            report = convert_job(
-                job,
-                options,
+            report = convert(
+                job.input,
+                job.spec,
+                job.output,
+                report=job.report,
+                calibration=job.calibration,
+                min_sqnr=job.min_sqnr,
+                strip_prefix=options.strip_prefix,
+                force=options.force,
+                device=options.device,
+                trust_code=options.trust_code,
                 progress=lambda what, done, total: bar.update(
                     task, description=what, completed=done, total=total
                 ),
-            )
+            ).report
     except RefqError as exc:  # the one record --json promises, then the error and its code
         if json_output:
             failed = JobResult.of(job, "failed", error=str(exc), exit_code=exc.exit_code)
@@ -192,8 +246,6 @@ def _convert_one(job: Any, options: Any, *, json_output: bool, quiet: bool) -> N
 
 
 def _print_summary(result: Any, totals: dict[str, Any]) -> None:
-    from refq_cli.pipeline.report import plural
-
     worst = totals["worst_sqnr_db"]
     worst_text = "exact" if worst is None else f"{worst:.1f} dB"
     typer.echo(

@@ -8,10 +8,10 @@ from typing import Annotated, Any
 
 import typer
 
-from refq_cli.cli.options import JsonOutput
+from refq_cli.cli.options import JsonOutput, flag
 from refq_cli.cli.streams import plain
-from refq_cli.errors import ConversionError, RefqError, strict_json
-from refq_cli.kinds import display_path, tensor_key
+from refq_cli.errors import ConversionError, RefqError, plural, strict_json
+from refq_cli.kinds import tensor_key
 
 
 def inspect_command(
@@ -22,15 +22,15 @@ def inspect_command(
     module: Annotated[str, typer.Option("--module", help="Only modules matching this glob.")] = "*",
     weight: Annotated[str, typer.Option("--weight", help="Only weights matching this glob.")] = "*",
     channels: Annotated[
-        bool, typer.Option("--channels", help="Print every channel's scale and zero point.")
+        bool, flag("--channels", help="Print every channel's scale and zero point.")
     ] = False,
-    all_tensors: Annotated[bool, typer.Option("--all", help="List the float tensors too.")] = False,
+    all_tensors: Annotated[bool, flag("--all", help="List the float tensors too.")] = False,
     sort: Annotated[
         str, typer.Option("--sort", help="Row order: artifact (as stored) or sqnr (worst first).")
     ] = "artifact",
     diff: Annotated[
         bool,
-        typer.Option(
+        flag(
             "--diff",
             help="Compare two artifacts: metadata, modules and every tensor's bytes; exit 1 "
             "if they differ. --module/--weight narrow it to those tensors and modules.",
@@ -46,9 +46,9 @@ def inspect_command(
 
     if sort not in ("artifact", "sqnr"):
         raise RefqError(f"--sort {sort}: use artifact or sqnr")
-    for flag, glob in (("--module", module), ("--weight", weight)):
+    for option, glob in (("--module", module), ("--weight", weight)):
         if len(glob) > MAX_GLOB:
-            raise RefqError(f"{flag}: a glob of {len(glob)} characters; at most {MAX_GLOB}")
+            raise RefqError(f"{option}: a glob of {len(glob)} characters; at most {MAX_GLOB}")
     if len(artifacts) != (2 if diff else 1):
         raise RefqError(
             "--diff takes two artifacts"
@@ -65,7 +65,7 @@ def inspect_command(
             render_diff(changes, console, *artifacts)
         if changes:
             raise ConversionError(
-                f"{artifacts[0]} and {artifacts[1]} differ ({len(changes)} difference(s))"
+                f"{artifacts[0]} and {artifacts[1]} differ ({plural(len(changes), 'difference')})"
             )
         return
     desc = describe_artifact(artifacts[0], module=module, weight=weight, channels=channels)
@@ -102,12 +102,15 @@ def render_header(desc: dict[str, Any], console: Any) -> None:
         console,
         f"source: {source.get('name')} ({source.get('format')}), sha256 {source.get('sha256')}",
     )
+    for shard in source.get("shards", []):
+        _line(console, f"  shard: {shard['name']}, sha256 {shard['sha256']}")
     _line(console, f"producer: refq {producer.get('refq')}, torch {producer.get('torch')}")
     _line(
         console,
-        f"totals: {totals['modules']} modules, {totals['quantized_weights']} quantized weights, "
-        f"{totals['float_tensors']} float tensors, {totals['tensor_bytes']:,} tensor bytes, "
-        f"{totals['file_bytes']:,} file bytes",
+        f"totals: {plural(totals['modules'], 'module')}, "
+        f"{plural(totals['quantized_weights'], 'quantized weight')}, "
+        f"{plural(totals['float_tensors'], 'float tensor')}, "
+        f"{totals['tensor_bytes']:,} tensor bytes, {totals['file_bytes']:,} file bytes",
     )
 
 
@@ -134,7 +137,7 @@ def render_table(desc: dict[str, Any], console: Any) -> None:
         table.add_column(column, no_wrap=column in ("module", "weight"))
     for w in desc["weights"]:
         cells = (
-            display_path(w["module"]),
+            w["module"],
             w["module_type"],
             w["weight"],
             "x".join(map(str, w["shape"])),
@@ -173,7 +176,7 @@ def render_diff(changes: list[dict[str, Any]], console: Any, a: Path, b: Path) -
     if not changes:
         _line(console, f"{a} and {b}: no differences")
         return
-    _line(console, f"{a} → {b}: {len(changes):,} difference(s)")
+    _line(console, f"{a} → {b}: {plural(len(changes), 'difference')}")
     for c in changes:
         _line(console, "  " + diff_line(c, a, b))
 

@@ -43,7 +43,7 @@ def run_batch(
         raise RefqError(f"--jobs {workers}: give at least 1")
     part = parse_shard(shard) if shard is not None else None
     if list_jobs:
-        jobs = shard_jobs(jobs, part)
+        jobs = shard_jobs(jobs, part, options.strip_prefix)
         if json_output:
             typer.echo(strict_json(run_summary([JobResult.of(j, "listed") for j in jobs])))
         else:

@@ -9,7 +9,6 @@ import typer
 
 from refq_cli.cli.options import JsonOutput, TrustCode
 from refq_cli.errors import ConversionError, strict_json
-from refq_cli.kinds import display_path
 from refq_cli.pipeline.gate import checked_min_sqnr, gate_error
 
 
@@ -65,7 +64,7 @@ def verify_command(
         for m in result["modules"]:
             sqnr = m["output_sqnr_db"]
             cells = (
-                display_path(m["path"]),
+                m["path"],
                 m["float_type"],
                 m["probe"],
                 "exact" if sqnr is None else f"{sqnr:.2f}",

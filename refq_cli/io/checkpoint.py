@@ -2,12 +2,16 @@
 
 Accepted inputs: a ``state_dict`` saved with ``torch.save`` (also nested under ``state_dict`` or
 ``model``), a ``.safetensors`` file, a TorchScript archive, and, only when trusted to run code
-(``trust_code``), a pickled ``nn.Module``. Files are recognised by their bytes, not their names.
+(``trust_code``), a pickled ``nn.Module``. Files are recognised by their bytes, not their names,
+except a Hugging Face sharded checkpoint's index (``*.index.json``, :mod:`.sharded`): its
+shards, each read as a single file is, make one checkpoint.
 Unless trusted, ``torch.save`` files are read with ``weights_only=True`` and TorchScript archives
 by refq's own reader (:mod:`refq_cli.io.torchscript`), so no code from the file runs. What a file
 cannot hold as plain data or would cost far more than its size to read is refused.
 
-Every tensor that is not a recurrent module's is carried through unchanged.
+Every tensor that is not a recurrent module's is carried through unchanged. ``strip_prefix``
+takes a wrapper's prefix (``model.`` of PyTorch Lightning, ``module.`` of DDP) off the keys
+before modules are found.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from refq_cli.errors import CheckpointError, shorten
+from refq_cli.errors import CheckpointError, argument, shorten
 from refq_cli.io.digest import sha256_of
 from refq_cli.io.inputs import open_regular, why_unreadable
 from refq_cli.io.pages import WORTH_RELEASING, drop_pages, mapped_ranges
@@ -38,26 +42,54 @@ from refq_cli.io.recurrent import (
     recorded_facts,
     with_recorded,
 )
+from refq_cli.io.sharded import (
+    MAX_INDEX_BYTES,
+    check_distinct,
+    file_identity,
+    index_of,
+    is_index,
+    parse_index,
+)
 from refq_cli.io.torchscript import is_torchscript, read_torchscript
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One file of a sharded checkpoint: its name in the index's folder, and its sha256."""
+
+    name: str
+    path: Path
+    sha256: str
 
 
 @dataclass
 class Checkpoint:
-    """Everything read from one input file."""
+    """Everything read from one input: a file, or an index and its shards (``shards``)."""
 
     path: Path
-    format: str  # state_dict | safetensors | torchscript | pickle
-    sha256: str
+    format: str  # state_dict | safetensors | torchscript | pickle (an index: its shards')
+    sha256: str  # of the file; of an index, of the index file itself
     tensors: dict[str, torch.Tensor]
     modules: dict[str, RecurrentModule] = field(default_factory=dict)
+    shards: tuple[Shard, ...] = ()  # of an index, sorted by name
     _mapped: list[tuple[int, int]] | None = field(default=None, repr=False)
-    _input: _OpenInput | None = field(default=None, repr=False)
+    _inputs: list[_OpenInput] = field(default_factory=list, repr=False)
 
     def check_unchanged(self) -> None:
-        """CheckpointError if the file changed since refq began reading it: tensors mapped
-        from it may then hold bytes its recorded sha256 does not cover."""
-        if self._input is not None:
-            self._input.check_unchanged()
+        """CheckpointError if a file (the index or a shard) changed since refq began reading
+        it: tensors mapped from it may then hold bytes its recorded sha256 does not cover."""
+        for opened in self._inputs:
+            opened.check_unchanged()
+
+    @property
+    def source(self) -> dict[str, Any]:
+        """What the artifact's ``refq.source`` and the report record of the input: its name,
+        sha256 and format, and for an index ``shards``, each shard's name and sha256."""
+        found: dict[str, Any] = {"name": self.path.name, "sha256": self.sha256}
+        found["format"] = self.format
+        if self.shards:
+            found["shards"] = [{"name": s.name, "sha256": s.sha256} for s in self.shards]
+        return found
 
     @property
     def other_tensor_names(self) -> list[str]:
@@ -76,28 +108,111 @@ class Checkpoint:
         found) are left alone.
         """
         if self._mapped is None:  # reading the process's memory map costs a millisecond or so
-            small = self.path.stat().st_size < WORTH_RELEASING
-            self._mapped = [] if small else mapped_ranges(self.path)
+            files = [s.path for s in self.shards] if self.shards else [self.path]
+            sizes = [f.stat().st_size for f in files]
+            small = sum(sizes) < WORTH_RELEASING
+            self._mapped = [] if small else [r for f in files for r in mapped_ranges(f)]
         for t in tensors:
             drop_pages(t, self._mapped)
 
 
-def load_checkpoint(path: str | Path, *, trust_code: bool = False) -> Checkpoint:
-    """Read ``path`` and find its recurrent modules; CheckpointError for anything unreadable."""
+def load_checkpoint(
+    path: str | Path, *, trust_code: bool = False, strip_prefix: str | None = None
+) -> Checkpoint:
+    """Read ``path`` (a checkpoint file, or a sharded checkpoint's ``*.index.json``) and find
+    its recurrent modules; CheckpointError for anything unreadable.
+
+    ``strip_prefix`` (``"model."``; the trailing dot may be left out) is taken off every key
+    that starts with it, and off the module paths the file records facts for, before modules
+    are found; other keys are kept as they are."""
     path = Path(path)
-    fmt, digest, tensors, facts, opened = _read(path, trust_code, "checkpoint")
+    prefix = _prefix_of(strip_prefix)
+    shards: tuple[Shard, ...] = ()
+    if is_index(path):
+        fmt, digest, tensors, facts, inputs, shards = _read_index(path, trust_code)
+    else:
+        index = index_of(path)
+        if index is not None:  # a part of a checkpoint, which would convert as a model
+            raise CheckpointError(
+                f"{path}: is one shard of the sharded checkpoint {index}; give the index, which "
+                "reads every shard as one checkpoint"
+            )
+        fmt, digest, tensors, facts, opened = _read(path, trust_code, "checkpoint")
+        inputs = [opened]
+    if prefix is not None:
+        tensors, facts = _strip(path, prefix, tensors, facts)
     modules = find_recurrent_modules(tensors, str(path))
     for module_path, recorded in facts.items():
         if module_path in modules:
             modules[module_path] = with_recorded(modules[module_path], recorded, str(path))
-    return Checkpoint(path, fmt, digest, tensors, modules, _input=opened)
+    return Checkpoint(path, fmt, digest, tensors, modules, shards, _inputs=inputs)
+
+
+def _prefix_of(strip_prefix: str | None) -> str | None:
+    """``strip_prefix`` ending with its dot; CheckpointError for an empty one."""
+    if strip_prefix is None:
+        return None
+    if not isinstance(strip_prefix, str) or not strip_prefix.strip("."):
+        raise CheckpointError(
+            f"{argument('strip_prefix', strip_prefix)}: give the prefix the checkpoint's keys "
+            "start with, such as 'model.'"
+        )
+    return strip_prefix if strip_prefix.endswith(".") else strip_prefix + "."
+
+
+_SHOWN_STARTS = 10
+
+
+def _strip(
+    path: Path, prefix: str, tensors: dict[str, torch.Tensor], facts: Facts
+) -> tuple[dict[str, torch.Tensor], Facts]:
+    """``tensors`` and ``facts`` with ``prefix`` taken off the keys and module paths that
+    start with it; CheckpointError when none does, or two keys would become one."""
+    named = f"{path}: strip_prefix {prefix!r}"  # the spec's key, --strip-prefix or strip_prefix=
+    stripped: dict[str, torch.Tensor] = {}
+    was: dict[str, str] = {}  # stripped key -> the key it was
+    for key, tensor in tensors.items():
+        new = key[len(prefix) :] if key.startswith(prefix) else key
+        if not new:
+            raise CheckpointError(f"{named}: key {shorten(key)} would become empty")
+        if new in stripped:
+            first, second = (was[new], key) if was[new] != new else (key, new)
+            raise CheckpointError(
+                f"{named}: keys {shorten(first)} and {shorten(second)} would both be "
+                f"{shorten(new)}; the prefix cannot be taken off"
+            )
+        stripped[new] = tensor
+        was[new] = key
+    if all(was[k] == k for k in stripped):
+        starts = list(
+            dict.fromkeys(k.partition(".")[0] + ("." if "." in k else "") for k in tensors)
+        )
+        shown = ", ".join(starts[:_SHOWN_STARTS]) + (
+            f" and {len(starts) - _SHOWN_STARTS} more" if len(starts) > _SHOWN_STARTS else ""
+        )
+        raise CheckpointError(f"{named}: no key starts with it; keys start with: {shown}")
+    wrapper = prefix[:-1]  # the wrapper module itself, which may be a recurrent module
+    moved = {
+        "" if p == wrapper else p[len(prefix) :] if p.startswith(prefix) else p: recorded
+        for p, recorded in facts.items()
+    }
+    return stripped, moved
 
 
 def read_tensors(
     path: str | Path, *, trust_code: bool = False, what: str = "checkpoint"
 ) -> tuple[str, str, dict[str, torch.Tensor]]:
-    """(format, sha256, name -> tensor) of a checkpoint or a ``what`` file (calibration)."""
-    fmt, digest, tensors, _, _ = _read(Path(path), trust_code, what)
+    """(format, sha256, name -> tensor) of a checkpoint (a sharded one's index among them) or
+    a ``what`` file (calibration), which is one file."""
+    path = Path(path)
+    if is_index(path):
+        if what != "checkpoint":
+            raise CheckpointError(
+                f"{path}: a sharded checkpoint's index; a {what} file is a single file"
+            )
+        fmt, digest, tensors, _, _, _ = _read_index(path, trust_code)
+        return fmt, digest, tensors
+    fmt, digest, tensors, _, _ = _read(path, trust_code, what)
     return fmt, digest, tensors
 
 
@@ -105,13 +220,14 @@ class _OpenInput:
     """An input file opened once: every later read goes through ``/proc/self/fd`` to this open
     file (where the system has it), so a path whose link or folder is swapped meanwhile cannot
     show refq other bytes than those it hashed, and a change to the file itself shows in its
-    status. Closed when no longer referenced."""
+    status. Closed when no longer referenced. ``where`` is how a message that it cannot be
+    opened names it (``path`` unless given)."""
 
-    def __init__(self, path: Path, what: str) -> None:
+    def __init__(self, path: Path, what: str, where: str | None = None) -> None:
         try:
             self.fd = open_regular(path)
         except OSError as exc:
-            raise CheckpointError(f"{path}: {why_unreadable(exc, what)}") from None
+            raise CheckpointError(f"{where or path}: {why_unreadable(exc, what)}") from None
         weakref.finalize(self, os.close, self.fd)
         self.path = path
         self.before = os.fstat(self.fd)
@@ -136,11 +252,12 @@ class _OpenInput:
 
 
 def _read(
-    path: Path, trust_code: bool, what: str
+    path: Path, trust_code: bool, what: str, opened: _OpenInput | None = None
 ) -> tuple[str, str, dict[str, torch.Tensor], Facts, _OpenInput]:
     """What :func:`read_tensors` returns, the facts the file records about its modules, and
-    the open file it was read from. Messages name ``path``, never the file descriptor."""
-    opened = _OpenInput(path, what)
+    the open file it was read from (``opened`` when given: ``path`` opened already). Messages
+    name ``path``, never the file descriptor."""
+    opened = opened or _OpenInput(path, what)
     try:
         fmt, digest, tensors, facts = _read_open(opened, trust_code, what)
     except CheckpointError as exc:
@@ -149,6 +266,75 @@ def _read(
     for key, tensor in tensors.items():
         _check_tensor(path, key, tensor, opened.before.st_size)
     return fmt, digest, tensors, facts, opened
+
+
+def _read_index(
+    path: Path, trust_code: bool
+) -> tuple[str, str, dict[str, torch.Tensor], Facts, list[_OpenInput], tuple[Shard, ...]]:
+    """The format, sha256 (of the index), tensors and facts of a sharded checkpoint, the open
+    index and shards, and the shards. Each shard is read as :func:`_read` reads a single file;
+    together they must hold exactly the tensors the weight_map places in each."""
+    opened = _OpenInput(path, "checkpoint")
+    index = parse_index(path, _read_fd(opened.fd, MAX_INDEX_BYTES))
+    opened.check_unchanged()
+    seen: dict[tuple[int, int], str | None] = {file_identity(opened.before): None}
+    inputs = [opened]
+    for name in index.shards:  # every shard opened, and told apart, before any is read
+        shard = _OpenInput(index.shard_path(name), "shard", where=index.where(name))
+        check_distinct(index, name, shard.before, seen)
+        inputs.append(shard)
+    formats: dict[str, str] = {}  # format -> the first shard of it
+    found: dict[str, torch.Tensor] = {}
+    facts: Facts = {}
+    shards = []
+    for name, shard in zip(index.shards, inputs[1:], strict=True):
+        fmt, digest, tensors, recorded, _ = _read(shard.path, trust_code, "checkpoint", shard)
+        formats.setdefault(fmt, name)
+        if len(formats) > 1:
+            (first, first_name), *_ = formats.items()
+            raise CheckpointError(
+                f"{index.where(name)} is {fmt}, but shard {shorten(first_name)} is {first}; "
+                "the shards of one checkpoint share a format"
+            )
+        for key, tensor in tensors.items():
+            owner = index.weight_map.get(key)
+            if owner is None:
+                raise CheckpointError(
+                    f"{index.where(name)} holds tensor {shorten(key)}, which the weight_map "
+                    "does not list; the index and its shards disagree"
+                )
+            if owner != name:
+                twice = "; a tensor lies in one shard" if key in found else ""
+                raise CheckpointError(
+                    f"{index.where(name)} holds tensor {shorten(key)}, which the weight_map "
+                    f"places in shard {shorten(owner)}{twice}; the index and its shards disagree"
+                )
+            found[key] = tensor
+        for module_path, values in recorded.items():
+            if facts.setdefault(module_path, values) != values:
+                raise CheckpointError(
+                    f"{index.where(name)} records other facts of module {shorten(module_path)} "
+                    "than an earlier shard"
+                )
+        shards.append(Shard(name, shard.path, digest))
+    for key, name in index.weight_map.items():
+        if key not in found:
+            raise CheckpointError(
+                f"{path}: weight_map[{shorten(key)}] places tensor {shorten(key)} in shard "
+                f"{shorten(name)}, which does not hold it"
+            )
+    opened.check_unchanged()
+    return next(iter(formats)), index.sha256, found, facts, inputs, tuple(shards)
+
+
+def _read_fd(fd: int, limit: int) -> bytes:
+    """The bytes of open file ``fd`` from its start, or its first ``limit + 1`` when it holds
+    more."""
+    chunks, offset = [], 0
+    while offset <= limit and (chunk := os.pread(fd, limit + 1 - offset, offset)):
+        chunks.append(chunk)
+        offset += len(chunk)
+    return b"".join(chunks)
 
 
 def _read_open(
@@ -178,9 +364,10 @@ def _read_open(
                 f"{path}: is already a refq artifact; convert the float checkpoint it came from"
             )
     else:
+        named = "; a sharded checkpoint's index is read by its name, *.index.json"
         raise CheckpointError(
             f"{path}: not a checkpoint refq can read (expected a torch.save file, a "
-            ".safetensors file or a TorchScript archive)"
+            ".safetensors file or a TorchScript archive)" + (named if head[:1] == b"{" else "")
         )
     return fmt, digest, tensors, facts
 
@@ -313,8 +500,8 @@ def _load_torch_save(
         if not trust_code:
             raise CheckpointError(
                 f"{path}: refused to unpickle Python objects ({_refused_globals(exc)}); "
-                "a state_dict or .safetensors file needs no trust; pass --trust-code only "
-                "for a file you trust, since unpickling can run code"
+                f"a state_dict or .safetensors file needs no trust; pass {argument('trust_code')} "
+                "only for a file you trust, since unpickling can run code"
             ) from None
         obj = _load_trusted_pickle(path, zip_format)
         fmt = "pickle"

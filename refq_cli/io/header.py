@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 from refq_cli.errors import ArtifactError, shorten
+from refq_cli.io.inputs import why_unreadable
 from refq_cli.kinds import (
     ARGUMENTS,
     DTYPE_NAMES,
@@ -93,7 +94,7 @@ def read_layout(path: Path) -> Layout:
             f.seek(8)
             text = f.read(header_size)
     except OSError as exc:
-        raise ArtifactError(f"{path}: not a safetensors file: {exc.strerror or exc}") from None
+        raise ArtifactError(f"{path}: {why_unreadable(exc, 'artifact')}") from None
     try:
         header = _json_object(path, text)
     except ArtifactError as exc:
@@ -398,6 +399,7 @@ def check_metadata(path: Path, layout: Layout) -> dict[str, Any]:
         check.value(metadata[key], key, "object")
         for name in fields:
             check.field(metadata[key], name, key, "text", default=None)
+    check.shards(metadata["refq.source"])
     check.value(metadata["refq.modules"], "refq.modules", "object")
     for module_path, info in metadata["refq.modules"].items():
         check.module(module_path, info, layout.tensors)
@@ -448,6 +450,23 @@ class _Checker:
                 raise self.fail(f"{where}.{key} is missing")
             return default
         return self.value(obj[key], f"{where}.{key}", kind)
+
+    def shards(self, source: dict[str, Any]) -> None:
+        """The optional ``shards`` of ``refq.source`` (a sharded checkpoint's): a list of one
+        or more ``{"name", "sha256"}`` records, sorted by name."""
+        if "shards" not in source:
+            return
+        records, where = source["shards"], "refq.source.shards"
+        if not isinstance(records, list) or not records:
+            raise self.fail(
+                f"{where} must be a list of one or more {{name, sha256}} records, got "
+                + shorten(records)
+            )
+        for n, record in enumerate(records):
+            at = f"{where}[{n}]"
+            self.value(record, at, "object")
+            self.field(record, "name", at, "text")
+            self.field(record, "sha256", at, "text")
 
     def module(self, module_path: str, info: Any, tensors: dict[str, TensorEntry]) -> None:
         where = f"refq.modules[{shorten(module_path)}]"
@@ -507,6 +526,7 @@ class _Checker:
             at = f"{where}.weights[{name!r}]"
             self.value(w, at, "object")
             if self.field(w, "qscheme", at, QSCHEME_NAMES) != "none":
+                self.field(w, "spec_qscheme", at, QSCHEME_NAMES, default=None)
                 self.field(w, "dtype", at, DTYPE_NAMES)
                 self.field(w, "axis", at, "axis")
                 self.field(w, "quant_min", at, "int")

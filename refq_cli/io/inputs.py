@@ -48,10 +48,11 @@ def read_at_most(path: str | Path, limit: int) -> bytes:
 def why_unreadable(exc: OSError, what: str) -> str:
     """The end of a one-line message saying why the ``what`` file (checkpoint, spec, ...) that
     :func:`open_regular` was given cannot be read."""
+    a = "an" if what[:1] in "aeiou" else "a"
     if isinstance(exc, FileNotFoundError):
         return f"no such {what} file"
     if isinstance(exc, IsADirectoryError):
-        return f"is a directory, not a {what} file"
+        return f"is a directory, not {a} {what} file"
     if isinstance(exc, NotRegularFile):
-        return f"is not a regular file (a FIFO, device or socket); give a {what} file"
+        return f"is not a regular file (a FIFO, device or socket); give {a} {what} file"
     return f"cannot read the {what}: {exc.strerror or exc}"

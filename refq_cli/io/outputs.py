@@ -4,8 +4,12 @@
 and against every input of the run, through links of files and of folders (and hard links):
 never an input, even with ``--force``; never an existing file without ``--force`` (unless its
 ``replaceable`` test says it is refq's own output that may be replaced); never a link, a
-directory, a FIFO or a device. :meth:`Outputs.write` stages a file in a temporary beside its
-target, created exclusively under an unpredictable name and locked while it exists;
+directory, a FIFO or a device. An output's folder that does not exist is checked (its nearest
+existing folder must be a writable folder) and made once every output passed its checks;
+:func:`check_outputs`, the check before any work, makes none, so that a run refused before its
+work leaves no folder behind. :meth:`Outputs.write` stages a file
+in a temporary beside its target, created exclusively under an unpredictable name and locked
+while it exists;
 :meth:`Outputs.commit` checks again and moves every staged file into place at once, holding
 each output folder's lock, so that the files of one run (an artifact and its reports) always
 come from that run. A temporary whose lock can be taken belongs to no live writer: later runs
@@ -18,6 +22,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 import secrets
 import stat
 from collections.abc import Callable, Iterable, Mapping
@@ -26,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-from refq_cli.errors import ArtifactError
+from refq_cli.errors import ArtifactError, argument
 
 TEMP_SUFFIX = ".tmp"
 _TOKEN_CHARS = 16  # hex digits of the random part of a temporary's name
@@ -41,7 +46,7 @@ class _Output:
     flag: str
     path: Path
     name: str
-    folder: int  # index into Outputs._folders
+    folder: int | None  # index into Outputs._folders; None: a folder to create, not open yet
     seen: tuple[int, int] | None  # (device, inode) of what was there when checked
     tmp: str | None = None  # the staged temporary's name in the folder
     tmp_fd: int | None = None  # open, and locked, while the temporary exists
@@ -52,8 +57,12 @@ class Outputs:
     that removes whatever it staged and did not commit.
 
     ``outputs`` and ``inputs`` are (description, path) pairs or a mapping of them: the
-    description names the flag or file in messages. ``replaceable[description](path)`` says
-    whether an existing output may be replaced without ``force``.
+    description names the flag or file in messages. An output's description that is the name
+    of an argument of refq's API (``output``, ``report``, ``summary_md``; optionally followed
+    by a note in brackets, ``output (rejected)``) is shown as messages name arguments
+    (:func:`refq_cli.errors.argument`: ``--output out/a.st`` from the CLI, ``output='out/a.st'``
+    from Python). ``replaceable[description](path)`` says whether an existing output may be
+    replaced without ``force``.
     """
 
     def __init__(
@@ -63,6 +72,7 @@ class Outputs:
         *,
         force: bool = False,
         replaceable: Mapping[str, Replaceable] | None = None,
+        make_folders: bool = True,
     ) -> None:
         self.force = force
         self.inputs = [(d, p) for d, p in _pairs(inputs) if p is not None]
@@ -72,6 +82,9 @@ class Outputs:
         try:
             for flag, path in _pairs(outputs):
                 self._add(flag, Path(path))
+            if make_folders:  # every output passed its checks: the missing folders now
+                for out in self._outputs:
+                    self._make_folder(out)
         except BaseException:
             self.close()
             raise
@@ -86,28 +99,36 @@ class Outputs:
 
     def _add(self, flag: str, path: Path) -> None:
         folder = path.parent
+        who = _who(flag, path)
         if path.name in ("", ".", "..") or os.path.isdir(path):
-            raise ArtifactError(f"{flag} {path}: is a directory; give a file path")
+            raise ArtifactError(f"{who}: is a directory; give a file path")
+        existing = folder
         if not folder.is_dir():
-            what = "is not a directory" if os.path.lexists(folder) else "does not exist"
-            raise ArtifactError(f"{flag} {path}: the folder {folder} {what}")
+            if os.path.lexists(folder):
+                raise ArtifactError(f"{who}: the folder {folder} is not a directory")
+            existing = _existing_ancestor(folder)
+            if not existing.is_dir():
+                raise ArtifactError(
+                    f"{who}: cannot create the folder {folder}: {existing} is not a directory"
+                )
         names = _names(path)
         inode = _inode(path)
         for description, source in self.inputs:
             if names & _names(source) or (inode is not None and inode == _inode(source)):
                 raise ArtifactError(
-                    f"{flag} {path}: would overwrite the {description} {source}; pick another path"
+                    f"{who}: would overwrite the {description} {source}; pick another path"
                 )
         for other in self._outputs:
             if names & _names(other.path) or (inode is not None and inode == _inode(other.path)):
                 raise ArtifactError(
-                    f"{flag} {path}: the same file as {other.flag} {other.path}; give each output "
+                    f"{who}: the same file as {_who(other.flag, other.path)}; give each output "
                     "its own path"
                 )
         seen = self._check_existing(flag, path)
-        if not os.access(folder, os.W_OK | os.X_OK):
-            raise ArtifactError(f"{flag} {path}: the folder {folder} is not writable")
-        self._outputs.append(_Output(flag, path, path.name, self._folder(flag, path), seen))
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise ArtifactError(f"{who}: the folder {existing} is not writable")
+        index = self._folder(flag, path) if existing is folder else None
+        self._outputs.append(_Output(flag, path, path.name, index, seen))
 
     def _check_existing(self, flag: str, path: Path) -> tuple[int, int] | None:
         """What is at ``path`` now, if refq may replace it; refuses what it may not."""
@@ -116,20 +137,37 @@ class Outputs:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise ArtifactError(f"{flag} {path}: cannot check it: {exc.strerror or exc}") from None
+            raise ArtifactError(
+                f"{_who(flag, path)}: cannot check it: {exc.strerror or exc}"
+            ) from None
         _refuse_odd(flag, path, st.st_mode)
         if not self.force:
             test = self._replaceable.get(flag)
             if test is None or not test(path):
-                raise ArtifactError(f"{flag} {path}: already exists; pass --force to overwrite it")
+                raise ArtifactError(
+                    f"{_who(flag, path)}: already exists; pass {argument('force')} to overwrite it"
+                )
         return (st.st_dev, st.st_ino)
+
+    def _make_folder(self, out: _Output) -> None:
+        """Make (and open) the output's folder, checked when it was added, if it is missing."""
+        if out.folder is not None:
+            return
+        try:
+            out.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ArtifactError(
+                f"{_who(out.flag, out.path)}: cannot create the folder {out.path.parent}: "
+                f"{exc.strerror or exc}"
+            ) from None
+        out.folder = self._folder(out.flag, out.path)
 
     def _folder(self, flag: str, path: Path) -> int:
         try:
             fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError as exc:
             raise ArtifactError(
-                f"{flag} {path}: cannot open the folder {path.parent}: {exc.strerror or exc}"
+                f"{_who(flag, path)}: cannot open the folder {path.parent}: {exc.strerror or exc}"
             ) from None
         st = os.fstat(fd)
         for i, (_, other) in enumerate(self._folders):
@@ -149,6 +187,8 @@ class Outputs:
         if out is None:
             raise ValueError(f"{path} is not one of the checked outputs")
         self._discard(out)
+        self._make_folder(out)
+        assert out.folder is not None
         dir_fd = self._folders[out.folder][1]
         try:
             with _Lock(dir_fd, fcntl.LOCK_EX):  # no cleanup between creating and locking
@@ -163,7 +203,9 @@ class Outputs:
                 os.fsync(f.fileno())
         except OSError as exc:
             self._discard(out)
-            raise ArtifactError(f"{out.flag} {path}: cannot write: {exc.strerror or exc}") from None
+            raise ArtifactError(
+                f"{_who(out.flag, out.path)}: cannot write: {exc.strerror or exc}"
+            ) from None
         except BaseException:
             self._discard(out)
             raise
@@ -172,7 +214,10 @@ class Outputs:
         """Move every staged file into place, after checking each target again, holding the
         lock of every output folder: a concurrent run's files are all before or all after."""
         staged = [o for o in self._outputs if o.tmp is not None]
-        folders = sorted({o.folder for o in staged}, key=lambda i: _key(self._folders[i][1]))
+        folders = sorted(
+            {o.folder for o in staged if o.folder is not None},
+            key=lambda i: _key(self._folders[i][1]),
+        )
         current = staged[0] if staged else None
         try:
             for i in folders:
@@ -191,7 +236,7 @@ class Outputs:
         except OSError as exc:
             assert current is not None
             raise ArtifactError(
-                f"{current.flag} {current.path}: cannot write: {exc.strerror or exc}"
+                f"{_who(current.flag, current.path)}: cannot write: {exc.strerror or exc}"
             ) from None
         finally:
             for i in folders:
@@ -202,42 +247,41 @@ class Outputs:
 
     def _recheck(self, out: _Output) -> None:
         """Inputs may have become links, and files may have appeared, while refq worked."""
+        assert out.folder is not None  # staged, so its folder is open
+        who = _who(out.flag, out.path)
         dir_fd = self._folders[out.folder][1]
         target = os.path.join(_folder_path(*self._folders[out.folder]), out.name)
         for description, source in self.inputs:
             if target in _names(source):
                 raise ArtifactError(
-                    f"{out.flag} {out.path}: would overwrite the {description} {source} (it "
-                    "became a link while refq ran); nothing was written"
+                    f"{who}: would overwrite the {description} {source} (it became a link "
+                    "while refq ran); nothing was written"
                 )
         try:
             st = os.stat(out.name, dir_fd=dir_fd, follow_symlinks=False)
         except FileNotFoundError:
             return
         except OSError as exc:
-            raise ArtifactError(
-                f"{out.flag} {out.path}: cannot check it: {exc.strerror or exc}"
-            ) from None
+            raise ArtifactError(f"{who}: cannot check it: {exc.strerror or exc}") from None
         _refuse_odd(out.flag, out.path, st.st_mode)
         now = (st.st_dev, st.st_ino)
         if now in {_inode(source) for _, source in self.inputs}:
             raise ArtifactError(
-                f"{out.flag} {out.path}: became a link of an input while refq ran; nothing was "
-                "written"
+                f"{who}: became a link of an input while refq ran; nothing was written"
             )
         if not self.force and now != out.seen:
             raise ArtifactError(
-                f"{out.flag} {out.path}: was created while refq ran; pass --force to overwrite it"
+                f"{who}: was created while refq ran; pass {argument('force')} to overwrite it"
             )
 
     # --- cleaning up ------------------------------------------------------------------------
 
     def _discard(self, out: _Output) -> None:
         """Remove the output's staged temporary, if any; never raises over the real error."""
-        if out.tmp is not None:
+        if out.tmp is not None and out.folder is not None:
             with suppress(OSError):
                 os.unlink(out.tmp, dir_fd=self._folders[out.folder][1])
-            out.tmp = None
+        out.tmp = None
         if out.tmp_fd is not None:
             os.close(out.tmp_fd)
             out.tmp_fd = None
@@ -257,8 +301,9 @@ def check_outputs(
     force: bool = False,
     replaceable: Mapping[str, Replaceable] | None = None,
 ) -> None:
-    """Refuse outputs that :class:`Outputs` would refuse, now, before any work."""
-    Outputs(outputs, inputs, force=force, replaceable=replaceable).close()
+    """Refuse outputs that :class:`Outputs` would refuse, now, before any work (making no
+    folder)."""
+    Outputs(outputs, inputs, force=force, replaceable=replaceable, make_folders=False).close()
 
 
 def write_file(
@@ -297,6 +342,25 @@ def _pairs(paths: Paths) -> list[tuple[str, Path]]:
     return list(paths.items()) if isinstance(paths, Mapping) else list(paths)
 
 
+_ARGUMENT = re.compile(r"([a-z][a-z_]*)( \(.+\))?")  # "output", "output (rejected)"
+
+
+def _who(flag: str, path: Path) -> str:
+    """How a message names the output ``path`` described by ``flag`` (see :class:`Outputs`)."""
+    named = _ARGUMENT.fullmatch(flag)
+    if named is None:
+        return f"{flag} {path}"
+    return argument(named[1], path) + (named[2] or "")
+
+
+def _existing_ancestor(folder: Path) -> Path:
+    """The nearest of ``folder``'s parents that is there (a folder, a file or a link)."""
+    for parent in folder.parents:
+        if os.path.lexists(parent):
+            return parent
+    return Path(".")  # the last parent of a relative path
+
+
 def _names(path: Path) -> set[str]:
     """The directory entries writing ``path`` could replace or write through: the name itself
     in its real folder, and where its links lead."""
@@ -326,12 +390,13 @@ def _key(fd: int) -> tuple[int, int]:
 
 
 def _refuse_odd(flag: str, path: Path, mode: int) -> None:
+    who = _who(flag, path)
     if stat.S_ISLNK(mode):
-        raise ArtifactError(f"{flag} {path}: is a symbolic link; give the path of a file")
+        raise ArtifactError(f"{who}: is a symbolic link; give the path of a file")
     if stat.S_ISDIR(mode):
-        raise ArtifactError(f"{flag} {path}: is a directory; give a file path")
+        raise ArtifactError(f"{who}: is a directory; give a file path")
     if not stat.S_ISREG(mode):
-        raise ArtifactError(f"{flag} {path}: is not a regular file (a FIFO, device or socket)")
+        raise ArtifactError(f"{who}: is not a regular file (a FIFO, device or socket)")
 
 
 def _temporary_prefix(name: str) -> str:

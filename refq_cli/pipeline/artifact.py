@@ -12,7 +12,7 @@ input and spec give byte-identical files.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,19 +23,23 @@ from torch import nn
 from refq_cli import __version__
 from refq_cli.errors import ArtifactError, RefqError, shorten, strict_json
 from refq_cli.io.header import FORMAT, FORMAT_VERSION, read_artifact
-from refq_cli.kinds import FACTS, display_path, tensor_key
+from refq_cli.kinds import FACTS, ROOT, display_path, module_path, tensor_key
 from refq_cli.quant.numerics import WeightQParams, dequantize
 from refq_cli.reference.registry import RegistryError, reader_for
+from refq_cli.spec.spec import QParamSpec
 
 
 def weight_metadata(
-    observer: str, qp: WeightQParams | None, sqnr_db: float | None
+    spec: QParamSpec, qp: WeightQParams | None, sqnr_db: float | None
 ) -> dict[str, Any]:
-    """A weight's entry in a module's metadata: how it was quantized, or ``none`` (kept float)."""
-    entry: dict[str, Any] = {"qscheme": "none", "observer": observer}
+    """A weight's entry in a module's metadata: how it was quantized, or ``none`` (kept float).
+    ``qscheme`` is the stored form (a symmetric scheme as its affine counterpart, which the
+    reference modules read); ``spec_qscheme`` the scheme the spec asked for, which refq shows."""
+    entry: dict[str, Any] = {"qscheme": "none", "observer": spec.observer}
     if qp is not None:
         entry.update(
             qscheme=qp.qscheme,
+            spec_qscheme=spec.qscheme,
             dtype=qp.dtype,
             axis=qp.axis if qp.per_channel else None,
             quant_min=qp.quant_min,
@@ -94,7 +98,8 @@ def artifact_header(metadata: Mapping[str, Any]) -> dict[str, str]:
 
 @dataclass
 class Artifact:
-    """An artifact read back: runnable reference modules and every other tensor.
+    """An artifact read back: runnable reference modules, by name (``<root>`` for a module at
+    the root, whose key in the metadata is ``""``), and every other tensor.
 
     The modules are in eval mode, as the conversion measured them: dropout between layers is
     off, so the same input gives the same output. ``module.train()`` turns it back on.
@@ -105,8 +110,13 @@ class Artifact:
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, Any]
 
-    def apply_to(self, model: nn.Module) -> nn.Module:
+    def apply_to(self, model: nn.Module, *, strip_prefix: str | None = None) -> nn.Module:
         """Swap the reference modules into ``model`` and load every other tensor into it.
+
+        ``strip_prefix`` maps the artifact's names onto the model's: an artifact converted from
+        a Lightning checkpoint holds ``model.lstm``, which ``strip_prefix="model."`` puts at
+        ``model.lstm``'s place in the bare model, ``lstm`` (its other tensors likewise; those
+        without the prefix keep their names).
 
         Everything is checked before anything changes: where the model's modules or tensors do
         not match the artifact's, ArtifactError says how, and the model is left as it was.
@@ -115,22 +125,29 @@ class Artifact:
         rest of the model keeps its own); ``model.train()`` afterwards puts them in training
         mode, with dropout, like any other module.
         """
+        rename = _renaming(strip_prefix)
         infos = self.metadata["refq.modules"]
-        for path in self.modules:
+        places = {}
+        for name in self.modules:
+            path = module_path(rename(name))
             try:
-                current = model.get_submodule(path) if path else model
+                places[name] = model.get_submodule(path) if path else model
             except AttributeError:
-                raise ArtifactError(f"{self.path}: the model has no module at {path!r}") from None
-            problems = check_module_matches(current, infos[path])
+                raise ArtifactError(
+                    f"{self.path}: the model has no module at {path!r}"
+                    + _prefix_hint(model, path, strip_prefix)
+                ) from None
+            problems = check_module_matches(places[name], infos[module_path(name)])
             if problems:
                 raise ArtifactError(
-                    f"{self.path}: {display_path(path)} differs from the artifact: "
-                    + "; ".join(problems)
+                    f"{self.path}: {path or ROOT} differs from the artifact: " + "; ".join(problems)
                 )
-        if "" in self.modules:
-            return self.modules[""]
+        root = next((ref for name, ref in self.modules.items() if rename(name) == ROOT), None)
+        if root is not None:
+            return root
         own = model.state_dict()
-        for name, tensor in self.tensors.items():
+        tensors = {rename(name): tensor for name, tensor in self.tensors.items()}
+        for name, tensor in tensors.items():
             if name not in own:
                 raise ArtifactError(f"{self.path}: the model has no place for tensor {name!r}")
             if own[name].shape != tensor.shape:
@@ -138,11 +155,33 @@ class Artifact:
                     f"{self.path}: tensor {name!r} has shape {tuple(tensor.shape)}, the model's "
                     f"{tuple(own[name].shape)}"
                 )
-        for path, ref in self.modules.items():
-            parent_path, _, name = path.rpartition(".")
-            setattr(model.get_submodule(parent_path) if parent_path else model, name, ref)
-        model.load_state_dict(self.tensors, strict=False)
+        for name, ref in self.modules.items():
+            parent_path, _, attribute = rename(name).rpartition(".")
+            setattr(model.get_submodule(parent_path) if parent_path else model, attribute, ref)
+        model.load_state_dict(tensors, strict=False)
         return model
+
+
+def _renaming(strip_prefix: str | None) -> Callable[[str], str]:
+    """The artifact's name -> the model's, for ``apply_to(strip_prefix=...)``."""
+    if strip_prefix is None:
+        return lambda name: name
+    prefix = strip_prefix if strip_prefix.endswith(".") else strip_prefix + "."
+    if prefix == ".":
+        raise ArtifactError("strip_prefix='': give the prefix to strip, such as 'model.'")
+    return lambda name: ROOT if name == prefix[:-1] else name.removeprefix(prefix)
+
+
+def _prefix_hint(model: nn.Module, path: str, strip_prefix: str | None) -> str:
+    """When the model has the module once a wrapper's first path component is gone."""
+    wrapper, dot, rest = path.partition(".")
+    if strip_prefix is not None or not dot:
+        return ""
+    try:
+        model.get_submodule(rest)
+    except AttributeError:
+        return ""
+    return f"; it has {rest!r}: pass strip_prefix={wrapper + '.'!r}"
 
 
 def load_artifact(path: str | Path) -> Artifact:
@@ -158,16 +197,16 @@ def load_artifact(path: str | Path) -> Artifact:
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise ArtifactError(f"{path}: corrupt or truncated artifact: {exc}") from None
     modules = {}
-    for module_path, info in metadata["refq.modules"].items():
+    for stored, info in metadata["refq.modules"].items():
         try:
-            ref = reference_from_artifact(module_path, info, tensors, path)
-            modules[module_path] = ref.train(False)
+            ref = reference_from_artifact(stored, info, tensors, path)
+            modules[display_path(stored)] = ref.train(False)
         except ArtifactError:
             raise
         except (RefqError, KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:
             raise ArtifactError(
-                f"{path}: module {shorten(module_path)} cannot be rebuilt from the artifact: "
-                f"{type(exc).__name__}: {exc}"
+                f"{path}: module {shorten(display_path(stored))} cannot be rebuilt from the "
+                f"artifact: {type(exc).__name__}: {exc}"
             ) from None
     return Artifact(path, modules, tensors, metadata)
 

@@ -4,17 +4,25 @@ failures (unless told to stop at the first) and reports every job."""
 
 from __future__ import annotations
 
+import itertools
 import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import asdict, dataclass
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, replace
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from refq_cli.errors import RefqError, ignore_torch_noise, strict_json
+from refq_cli.errors import (
+    RefqError,
+    argument,
+    ignore_torch_noise,
+    names_flags,
+    set_naming_flags,
+    strict_json,
+)
 from refq_cli.io.outputs import Outputs, Paths, Replaceable
 from refq_cli.pipeline.gate import WEIGHT_SQNR, Gate, gate_error, gate_record, named_below
 from refq_cli.pipeline.jobs import (
@@ -23,11 +31,14 @@ from refq_cli.pipeline.jobs import (
     check_jobs,
     check_run,
     job_outputs,
-    make_output_folders,
     rejected_job,
 )
 from refq_cli.pipeline.shards import select_shard
 from refq_cli.pipeline.uptodate import recorded_sqnrs, unchanged_metadata
+
+if TYPE_CHECKING:
+    from refq_cli.pipeline.convert import Conversion
+    from refq_cli.spec.spec import Spec
 
 STATUSES = ("converted", "skipped", "gate", "failed", "not_run", "listed")
 
@@ -62,9 +73,15 @@ class JobResult:
 
 
 def convert_job(
-    job: Job, options: Options, progress: Callable[[str, int, int | None], None] | None = None
-) -> dict[str, Any]:
-    """Convert one job and write its artifact and reports; return the report. Raises RefqError.
+    job: Job,
+    options: Options,
+    progress: Callable[[str, int, int | None], None] | None = None,
+    *,
+    spec: Spec | None = None,
+) -> Conversion:
+    """Convert one job and write its artifact and reports (``spec``, when given, instead of
+    reading ``job.spec``). Raises RefqError. Returns the conversion, with the paths its files
+    went to: the ``.rejected`` names when it missed its gate.
 
     Output paths are checked before any work (see :class:`refq_cli.io.outputs.Outputs`): distinct
     from each other, from the job's inputs and ``options.protected``, and new unless ``force``
@@ -76,17 +93,22 @@ def convert_job(
     if "torch" not in sys.modules:  # hash while torch imports, below; later jobs gain nothing
         digest.start(job.input)
     try:
-        return _convert_job(job, options, progress)
+        return _convert_job(job, options, progress, spec)
     finally:
         digest.discard(job.input)  # a job that failed before reading its input
 
 
 def _convert_job(
-    job: Job, options: Options, progress: Callable[[str, int, int | None], None] | None
-) -> dict[str, Any]:
-    from refq_cli.pipeline.convert import convert
+    job: Job,
+    options: Options,
+    progress: Callable[[str, int, int | None], None] | None,
+    spec: Spec | None,
+) -> Conversion:
+    from refq_cli.pipeline.convert import convert_checkpoint
     from refq_cli.pipeline.report import to_markdown
+    from refq_cli.spec.spec import load_spec
 
+    spec = (spec or load_spec(job.spec)).stripping(options.strip_prefix)
     paths, tests = job_outputs(job, options.by_flags, options.skip_unchanged)
     gate = Gate(float(job.min_sqnr)) if job.min_sqnr is not None else None
     rejected = rejected_job(job)
@@ -98,9 +120,9 @@ def _convert_job(
         gate=gate,
         artifact=(job.output, rejected.output),
     ) as outputs:
-        conversion = convert(
+        conversion = convert_checkpoint(
             job.input,
-            job.spec,
+            spec,
             job.output,
             force=options.force,
             device=options.device,
@@ -115,7 +137,9 @@ def _convert_job(
         outputs.write(target.report, (strict_json(report, sort_keys=True) + "\n").encode())
         outputs.write(target.report_md, to_markdown(report).encode())
         outputs.commit()
-    return report
+    return replace(
+        conversion, output=target.output, report_json=target.report, report_md=target.report_md
+    )
 
 
 def missed_gate(report: dict[str, Any]) -> bool:
@@ -170,10 +194,9 @@ def run_job(job: Job, options: Options) -> JobResult:
     try:
         metadata = None
         if options.skip_unchanged and job.input.is_file():
-            metadata = unchanged_metadata(job)
+            metadata = unchanged_metadata(job, options.strip_prefix)
         if metadata is None:  # with --skip-unchanged, refq's own outputs out of date are replaced
-            report = convert_job(job, options)
-            result = converted_result(job, report)
+            result = converted_result(job, convert_job(job, options).report)
         else:
             result = _skipped_result(job, metadata)
     except RefqError as exc:
@@ -199,17 +222,20 @@ def _skipped_result(job: Job, metadata: dict[str, Any]) -> JobResult:
     return result
 
 
-def _init_worker(threads: int) -> None:
+def _init_worker(threads: int, flags: bool) -> None:
     import torch
 
     torch.set_num_threads(threads)
     ignore_torch_noise()  # as the parent process does
+    set_naming_flags(flags)  # messages name the CLI's flags when the parent's do
 
 
-def shard_jobs(jobs: Sequence[Job], shard: tuple[int, int] | None) -> list[Job]:
+def shard_jobs(
+    jobs: Sequence[Job], shard: tuple[int, int] | None, strip_prefix: str | None = None
+) -> list[Job]:
     """The jobs of shard ``(k, n)`` (all without one), once no two jobs write one artifact:
     what ``--list`` shows and :func:`prepare_run` prepares."""
-    check_jobs(jobs)
+    check_jobs(jobs, strip_prefix)
     return select_shard(jobs, *shard) if shard is not None else list(jobs)
 
 
@@ -222,14 +248,13 @@ def prepare_run(
     inputs: Sequence[tuple[str, Path]] = (),
 ) -> tuple[list[Job], Options]:
     """Everything a run does before its work, in this order: no two jobs write one artifact;
-    the jobs of shard ``(k, n)``; their output folders; every output of those jobs (and the
+    the jobs of shard ``(k, n)``; every output of those jobs (and the
     summary) checked against each other and against every input of the run: ``inputs`` (the
     manifest) and those of every job, other shards' too. Returns the jobs to run and the
     options for them, which carry the run's inputs so that each job protects them all."""
-    selected = shard_jobs(jobs, shard)
+    selected = shard_jobs(jobs, shard, options.strip_prefix)
     chosen = {id(job) for job in selected}
     others = [pair for job in jobs if id(job) not in chosen for pair in job.inputs()]
-    make_output_folders(selected)
     return selected, check_run(selected, options, summary=summary, inputs=[*inputs, *others])
 
 
@@ -244,7 +269,6 @@ def run_jobs(
     """Run every job (in ``workers`` processes, each converting whole files) and report each,
     in the order of ``jobs``. With ``fail_fast``, jobs not started after a failure are
     reported as "not_run"."""
-    make_output_folders(jobs)
     results: dict[int, JobResult] = {}
     report = on_result or (lambda _: None)
     stopped = False
@@ -258,21 +282,26 @@ def run_jobs(
     else:
         threads = max(1, (os.cpu_count() or 1) // workers)
         with ProcessPoolExecutor(
-            workers, mp_context=get_context("spawn"), initializer=_init_worker, initargs=(threads,)
+            workers,
+            mp_context=get_context("spawn"),
+            initializer=_init_worker,
+            initargs=(threads, names_flags()),
         ) as pool:
-            futures = {pool.submit(run_job, job, options): i for i, job in enumerate(jobs)}
-            for future in as_completed(futures):
-                if future.cancelled():  # after a failure, with fail_fast: "not_run" below
-                    continue
-                i = futures[future]
-                results[i] = future.result()
-                report(results[i])
-                if fail_fast and results[i].exit_code != 0 and not stopped:
-                    stopped = True
-                    for other in futures:
-                        other.cancel()
+            waiting = iter(enumerate(jobs))
+            running: dict[Future[JobResult], int] = {}
+            while True:  # at most one job per worker handed out: --fail-fast stops the rest
+                for i, job in itertools.islice(waiting, 0 if stopped else workers - len(running)):
+                    running[pool.submit(run_job, job, options)] = i
+                if not running:
+                    break
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    i = running.pop(future)
+                    results[i] = future.result()
+                    report(results[i])
+                    stopped = stopped or (fail_fast and results[i].exit_code != 0)
     for i, job in enumerate(jobs):
         if i not in results:
-            results[i] = JobResult.of(job, "not_run", error="stopped by --fail-fast")
+            results[i] = JobResult.of(job, "not_run", error=f"stopped by {argument('fail_fast')}")
             report(results[i])
     return [results[i] for i in range(len(jobs))]

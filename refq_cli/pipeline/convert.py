@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from refq_cli.errors import CheckpointError, RefqError, SpecError
+from refq_cli.errors import CheckpointError, RefqError, SpecError, argument
 from refq_cli.io.checkpoint import Checkpoint, load_checkpoint, read_tensors
 from refq_cli.io.outputs import Outputs
 from refq_cli.io.recurrent import RecurrentModule
@@ -37,7 +37,7 @@ from refq_cli.quant.numerics import WeightQParams
 from refq_cli.quant.observers import observe
 from refq_cli.quant.statistics import quantize_and_measure
 from refq_cli.reference.registry import check_converter, check_readable, converted
-from refq_cli.spec.spec import ModulePlan, Spec, load_spec, resolve
+from refq_cli.spec.spec import ModulePlan, Spec, as_spec, resolve
 
 
 @dataclass
@@ -59,7 +59,7 @@ class ConvertedModule:
         assert self.reference is not None
         weights = {
             name: weight_metadata(
-                self.plan.weights[name].observer,
+                self.plan.weights[name],
                 self.qparams.get(name),
                 rows[name]["sqnr_db"] if name in self.qparams else None,
             )
@@ -77,31 +77,57 @@ class ConvertedModule:
 
 @dataclass(frozen=True)
 class Conversion:
-    """What :func:`convert` made, each part built once and in this order: the modules, the
-    report, the artifact's metadata."""
+    """What a conversion made, each part built once and in this order: the modules, the
+    report, the artifact's metadata; and, once its files are in place, where they are (the
+    ``.rejected`` names when it missed its gate)."""
 
     checkpoint: Checkpoint
     spec: Spec
-    modules: dict[str, ConvertedModule]
+    modules: dict[str, ConvertedModule]  # by name (<root> for the root)
     report: Report
     metadata: dict[str, Any]
+    output: Path | None = None
+    report_json: Path | None = None
+    report_md: Path | None = None
+
+    @property
+    def passed(self) -> bool:
+        """False when the conversion missed its gate (its files were then set aside)."""
+        gate = self.report.get("gate")
+        return gate is None or gate["passed"]
 
 
 def resolve_device(device: str) -> torch.device:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise RefqError(f"--device {device}: not a device; use cpu or cuda") from None
+        raise RefqError(f"{argument('device', device)}: not a device; use cpu or cuda") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise RefqError("--device cuda: CUDA is not available on this machine; use --device cpu")
+        raise RefqError(
+            f"{argument('device', device)}: CUDA is not available on this machine; use "
+            f"{argument('device', 'cpu')}"
+        )
     if dev.type not in ("cpu", "cuda"):
-        raise RefqError(f"--device {device}: use cpu or cuda")
+        raise RefqError(f"{argument('device', device)}: use cpu or cuda")
     return dev
 
 
-def convert(
+def read_calibration(calibration: str | Path | None) -> dict[str, torch.Tensor]:
+    """The probe inputs of a calibration file, by module name; messages name the argument."""
+    if calibration is None:
+        return {}
+    try:
+        return read_tensors(calibration, what="calibration")[2]
+    except CheckpointError as exc:
+        text, named = str(exc), str(calibration)
+        if text.startswith(named + ":"):
+            text = argument("calibration", calibration) + text[len(named) :]
+        raise CheckpointError(text) from None
+
+
+def convert_checkpoint(
     input_path: str | Path,
-    spec_path: str | Path,
+    spec: str | Path | Spec | Mapping[str, Any],
     output: str | Path,
     *,
     force: bool = False,
@@ -112,7 +138,9 @@ def convert(
     outputs: Outputs | None = None,
     gate: Gate | None = None,
 ) -> Conversion:
-    """Convert one checkpoint as the spec says and write the artifact to ``output``.
+    """Convert one checkpoint as the spec (a path, a :class:`Spec` or a dict) says and write
+    the artifact to ``output``: the work of :func:`refq_cli.convert`, which also writes the
+    reports and sets a missed gate's files aside.
 
     Raises a RefqError subclass on bad input, and then writes nothing. ``progress(what, done,
     total)`` hears of each module as its conversion starts.
@@ -123,11 +151,11 @@ def convert(
     """
     started = time.perf_counter()
     step = progress or (lambda what, done, total: None)
-    spec = load_spec(spec_path)
+    spec = as_spec(spec)
     dev = resolve_device(device)
-    calibration_inputs = read_tensors(calibration, what="calibration")[2] if calibration else {}
+    calibration_inputs = read_calibration(calibration)
     step("loading the checkpoint", 0, None)
-    checkpoint = load_checkpoint(input_path, trust_code=trust_code)
+    checkpoint = load_checkpoint(input_path, trust_code=trust_code, strip_prefix=spec.strip_prefix)
     if not checkpoint.modules:
         raise CheckpointError(
             f"{input_path}: no recurrent module found (looked for weight_ih/weight_hh keys)"
@@ -153,13 +181,13 @@ def convert(
             converting = _ModuleConversion(checkpoint, info, plans[path], spec, dev, writer)
             module_rows.append(converting.run(calibration_inputs.get(display_path(path))))
             weight_rows += converting.weight_rows
-            modules[path] = converting.result
+            modules[display_path(path)] = converting.result
         for key in checkpoint.other_tensor_names:
             writer.add(key, checkpoint.tensors[key])
             checkpoint.release([checkpoint.tensors[key]])
         report = build_report(
             checkpoint,
-            Path(spec_path).name,
+            Path(spec.path).name,
             weight_rows,
             module_rows,
             writer.size,
@@ -172,8 +200,8 @@ def convert(
         for row in weight_rows:
             rows.setdefault(row["module"], {})[row["weight"]] = row
         entries = {
-            path: m.metadata(rows.get(path, {}), spec.is_decomposed)
-            for path, m in modules.items()
+            m.info.path: m.metadata(rows.get(name, {}), spec.is_decomposed)
+            for name, m in modules.items()
             if m.reference is not None
         }
         metadata = artifact_metadata(entries, spec.to_dict(), report)
@@ -208,8 +236,8 @@ def check_calibration_names(
     unknown = set(inputs) - set(shown)
     if unknown:
         raise RefqError(
-            f"--calibration {calibration}: {', '.join(sorted(unknown))} is no recurrent module; "
-            f"modules: {', '.join(shown)}"
+            f"{argument('calibration', calibration)}: {', '.join(sorted(unknown))} is no "
+            f"recurrent module; modules: {', '.join(shown)}"
         )
 
 
@@ -280,7 +308,7 @@ class _ModuleConversion:
     def run(self, calibration: torch.Tensor | None) -> ModuleRow:
         """Convert the module; returns its row of the report."""
         info, module = self.info, self.result.float_module
-        row: ModuleRow = {"path": info.path, "float_type": info.float_type}  # type: ignore[typeddict-item]
+        row: ModuleRow = {"path": display_path(info.path), "float_type": info.float_type}  # type: ignore[typeddict-item]
         row["skipped"] = self.plan.skip
         if self.plan.skip:
             for name in info.tensor_names:
@@ -348,7 +376,13 @@ class _ModuleConversion:
         self.writer.add(key + "_zero_point", qp.zero_point)
         observer = self.plan.weights[name].observer
         self.weight_rows.append(
-            {"module": self.info.path, "weight": name, "observer": observer, **stats}
+            {
+                "module": display_path(self.info.path),
+                "weight": name,
+                "observer": observer,
+                **stats,
+                "qscheme": self.plan.weights[name].qscheme,  # as the spec says it, not as stored
+            }
         )
         return values
 

@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
-from refq_cli.errors import RefqError
+from refq_cli.errors import RefqError, argument, plural
 from refq_cli.kinds import tensor_key
 
 GATE_SHOWN = 3  # names a missed gate's message shows (the worst); the rest are counted
@@ -52,7 +52,7 @@ class Gate:
 def checked_min_sqnr(min_sqnr: float | None) -> float | None:
     """``min_sqnr`` (dB) when it is a finite number or None; RefqError otherwise."""
     if min_sqnr is not None and not math.isfinite(min_sqnr):
-        raise RefqError(f"--min-sqnr {min_sqnr}: give a finite number of dB")
+        raise RefqError(f"{argument('min_sqnr', min_sqnr)}: give a finite number of dB")
     return min_sqnr
 
 
@@ -75,7 +75,7 @@ def gate_error(min_sqnr: float, below: Sequence[Below], noun: str = "weight") ->
     """One short line: how many missed the gate, the worst few, how many more."""
     more = len(below) - GATE_SHOWN
     worst = ", ".join(f"{b['name']} ({b['sqnr_db']:.2f} dB)" for b in below[:GATE_SHOWN])
-    return f"{len(below)} {noun}(s) below --min-sqnr {min_sqnr:g} dB: {worst}" + (
+    return f"{plural(len(below), noun)} below {min_sqnr:g} dB: {worst}" + (
         f" and {more} more" if more > 0 else ""
     )
 
@@ -83,4 +83,4 @@ def gate_error(min_sqnr: float, below: Sequence[Below], noun: str = "weight") ->
 def gate_line(gate: GateRecord) -> str:
     """The gate's line in the Markdown report."""
     verdict = gate_error(gate["min_sqnr_db"], gate["below"]) if gate["below"] else "passed"
-    return f"Quality gate (--min-sqnr {gate['min_sqnr_db']:g} dB): {verdict}."
+    return f"Quality gate (minimum SQNR {gate['min_sqnr_db']:g} dB): {verdict}."

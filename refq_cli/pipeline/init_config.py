@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 
+from refq_cli.errors import plural
 from refq_cli.io.checkpoint import Checkpoint
 from refq_cli.kinds import FACTS, display_path, facts_of
-from refq_cli.pipeline.report import plural
 from refq_cli.spec.spec import BUILTIN_DEFAULTS
 
 

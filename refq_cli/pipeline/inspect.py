@@ -26,7 +26,7 @@ from refq_cli.io.header import (
     read_block,
     read_values,
 )
-from refq_cli.kinds import tensor_key
+from refq_cli.kinds import display_path, tensor_key
 
 _QUANTIZED_SUFFIXES = ("_scale", "_zero_point")
 _FLOAT32_MAX = 3.4028234663852886e38  # 1/scale must be a float32 too
@@ -66,7 +66,7 @@ def describe_artifact(
             key = tensor_key(module_path, weight_name)
             owned.update(key + s for s in ("", *_QUANTIZED_SUFFIXES))
             if not (
-                fnmatch.fnmatchcase(module_path, module)
+                fnmatch.fnmatchcase(display_path(module_path), module)
                 and fnmatch.fnmatchcase(weight_name, weight)
             ):
                 continue
@@ -75,12 +75,12 @@ def describe_artifact(
             )
             _check_params(path, key, scale, zero_point, w)
             row = {
-                "module": module_path,
+                "module": display_path(module_path),
                 "module_type": info["float_type"],
                 "weight": weight_name,
                 "shape": tensors[key].shape,
                 "dtype": w["dtype"],
-                "qscheme": w["qscheme"],
+                "qscheme": w.get("spec_qscheme", w["qscheme"]),  # as the spec said it
                 "axis": w["axis"],
                 "quant_min": w["quant_min"],
                 "quant_max": w["quant_max"],
@@ -140,9 +140,9 @@ def diff_artifacts(
                 )
     modules_a, modules_b = meta_a["refq.modules"], meta_b["refq.modules"]
     for path in _union(modules_a, modules_b):
-        if not fnmatch.fnmatchcase(path, module):
+        if not fnmatch.fnmatchcase(display_path(path), module):
             continue
-        where = {"section": "modules", "module": path}
+        where = {"section": "modules", "module": display_path(path)}
         if path not in modules_a or path not in modules_b:
             info = modules_a.get(path) or modules_b[path]
             change = "removed" if path in modules_a else "added"
@@ -278,7 +278,9 @@ def _tensor_matches(name: str, modules: set[str], module: str, weight: str) -> b
     owner = max(owners, key=len) if owners else name.rpartition(".")[0]
     local = name[len(owner) + 1 :] if owner else name
     stems = [local] + [local.removesuffix(s) for s in _QUANTIZED_SUFFIXES if local.endswith(s)]
-    return fnmatch.fnmatchcase(owner, module) and any(fnmatch.fnmatchcase(s, weight) for s in stems)
+    return fnmatch.fnmatchcase(display_path(owner), module) and any(
+        fnmatch.fnmatchcase(s, weight) for s in stems
+    )
 
 
 def _compare_tensor(

@@ -14,7 +14,12 @@ jobs:
     min_sqnr: 30
 ```
 
-Relative paths are relative to the manifest's folder.
+Relative paths are relative to the manifest's folder. With ``out_dir``, a glob's matches keep
+their folders under it, relative to the glob's fixed part (``checkpoints/a/m.pt`` of
+``checkpoints/**/*.pt`` -> ``out/a/m.refq.safetensors``), or relative to ``root`` when a job
+gives one; a path goes into ``out_dir`` itself (under its folder relative to ``root`` with one).
+What a job names is checked as the manifest is read: a path that names no file, a folder given
+as an input, a missing spec or calibration file are errors at file:line:column.
 """
 
 from __future__ import annotations
@@ -24,7 +29,16 @@ from pathlib import Path
 import yaml
 
 from refq_cli.errors import RefqError
-from refq_cli.pipeline.jobs import Job, check_jobs, expand_inputs, output_paths
+from refq_cli.pipeline.jobs import (
+    Job,
+    check_distinct,
+    check_root,
+    file_problem,
+    find_inputs,
+    normalized,
+    out_folder,
+    output_paths,
+)
 from refq_cli.spec.yaml_reader import Field, Settings, YamlReader, read_document
 
 MANIFEST_VERSION = 1
@@ -39,6 +53,10 @@ JOB_FIELDS: dict[str, Field] = {
     "spec": Field("str", "The YAML spec to convert with."),
     "output": Field("str", "Artifact path (for an input that names one file)."),
     "out_dir": Field("str", "Folder for the artifacts, named after their inputs."),
+    "root": Field(
+        "str",
+        "Folder whose tree the artifacts mirror under out_dir (default: a glob's fixed part).",
+    ),
     "calibration": Field("str", "Probe inputs for the report."),
     "min_sqnr": Field("number", "Quality gate: the job fails when a weight's SQNR (dB) is below."),
 }
@@ -62,27 +80,20 @@ def load_manifest(path: str | Path) -> list[Job]:
         own = reader.settings(node, JOB_FIELDS, "a job")
         if "output" in own and "out_dir" in own:
             raise reader.fail(node, "give output or out_dir, not both")
-        # a job's own output or out_dir replaces the default one of the other kind
-        inherited = {
-            k: v
-            for k, v in defaults.items()
-            if not (k in ("output", "out_dir") and ({"output", "out_dir"} & set(own)))
-        }
+        # a job's own output replaces the default out_dir (and root), its out_dir the output
+        dropped = {"out_dir", "root"} if "output" in own else {"output"} if "out_dir" in own else ()
+        inherited = {k: v for k, v in defaults.items() if k not in dropped}
         jobs.extend(_expand(reader, node, {**inherited, **own}, base))
     try:
-        check_jobs(jobs)
+        check_distinct(jobs)
     except RefqError as exc:
         raise ManifestError(f"{path}: {exc}") from None
     return jobs
 
 
 def _expand(reader: YamlReader, node: yaml.Node, settings: Settings, base: Path) -> list[Job]:
-    def where(key: str) -> yaml.Node | None:
-        return next((v for k, v in node.value if k.value == key), None)
-
     def fail(key: str, message: str) -> ManifestError:
-        at = where(key) or node
-        return reader.fail(at, message)  # type: ignore[return-value]
+        return ManifestError(f"{settings[key].loc}: {message}")
 
     for required in ("input", "spec"):
         if required not in settings:
@@ -90,28 +101,61 @@ def _expand(reader: YamlReader, node: yaml.Node, settings: Settings, base: Path)
     if "output" in settings and "out_dir" in settings:
         raise fail("output", "give output or out_dir, not both (defaults included)")
 
-    def resolve(key: str) -> Path | None:
-        return base / settings[key].value if key in settings else None
+    def resolve(key: str, what: str | None = None) -> Path | None:
+        """The path ``key`` names, relative to the manifest's folder; with ``what``, a file
+        of that kind that must exist."""
+        if key not in settings:
+            return None
+        resolved = normalized(base / settings[key].value)
+        problem = file_problem(resolved, what) if what else None
+        if problem:
+            raise fail(key, f"{key} {_quoted(settings[key].value, resolved)}: {problem}")
+        return resolved
 
-    pattern = str(base / settings["input"].value)
+    spec = resolve("spec", "spec")  # the spec first, as a conversion reads it
+    value = settings["input"].value
     try:  # as refq convert takes its inputs: a path that exists is taken as it is
-        inputs = expand_inputs([pattern])
-    except RefqError:
-        raise fail("input", f"input {settings['input'].value!r} matches no file") from None
+        inputs = find_inputs([value], base)
+    except RefqError as exc:  # "PATTERN: matches no file..."
+        raise fail("input", f"input {value!r} {str(exc)[len(value) + 2 :]}") from None
+    for item in inputs:
+        problem = file_problem(item.path, "checkpoint") if item.glob is None else None
+        if problem:
+            raise fail("input", f"input {_quoted(value, item.path)}: {problem}")
+    calibration = resolve("calibration", "calibration")
+    out_dir = resolve("out_dir")
+    tree_root = resolve("root")
+    root_named = f"root {_quoted(settings['root'].value, tree_root)}" if tree_root else None
+    if tree_root is not None:
+        if out_dir is None:
+            raise fail("root", "root says where under out_dir the artifacts go; give out_dir too")
+        try:
+            tree_root = check_root(tree_root, root_named or "root")
+        except RefqError as exc:
+            raise fail("root", str(exc)) from None
     if "output" in settings and len(inputs) > 1:
         raise fail("output", f"output names one file but input matches {len(inputs)}; use out_dir")
     jobs = []
-    for input_path in inputs:
-        artifact, report = output_paths(input_path, resolve("output"), resolve("out_dir"))
+    for item in inputs:
+        try:
+            folder = out_folder(out_dir, item, tree_root, key="root", root_named=root_named)
+        except RefqError as exc:
+            raise fail("root" if tree_root is not None else "input", str(exc)) from None
+        artifact, report = output_paths(item.path, resolve("output"), folder)
         jobs.append(
             Job(
-                input=input_path,
-                spec=resolve("spec"),  # type: ignore[arg-type]
+                input=item.path,
+                spec=spec,  # type: ignore[arg-type]
                 output=artifact,
                 report=report,
-                calibration=resolve("calibration"),
+                calibration=calibration,
                 min_sqnr=settings["min_sqnr"].value if "min_sqnr" in settings else None,
                 base=base,
             )
         )
     return jobs
+
+
+def _quoted(value: str, resolved: Path) -> str:
+    """A path as the manifest wrote it, and where that is when it differs."""
+    return repr(value) if Path(value) == resolved else f"{value!r} ({resolved})"

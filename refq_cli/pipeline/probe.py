@@ -47,12 +47,12 @@ def probe_for(module: nn.Module, given: torch.Tensor | None, path: str) -> torch
     )
     if given.dim() != 3 or given.shape[-1] != module.input_size or 0 in given.shape:
         raise RefqError(
-            f"--calibration: input for {display_path(path)} must be a non-empty {layout} tensor "
+            f"the calibration input for {display_path(path)} must be a non-empty {layout} tensor "
             f"with {module.input_size} features, got shape {tuple(given.shape)}"
         )
     if not given.is_floating_point() or not bool(torch.isfinite(given).all()):
         raise RefqError(
-            f"--calibration: input for {display_path(path)} must hold finite floating-point values"
+            f"the calibration input for {display_path(path)} must hold finite floating-point values"
         )
     weight = next(module.parameters())
     return given.to(device=weight.device, dtype=weight.dtype)

@@ -9,34 +9,40 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 from refq_cli import __version__
-from refq_cli.errors import markdown_cell, printable
-from refq_cli.kinds import display_path
+from refq_cli.errors import markdown_cell, plural, printable
 from refq_cli.pipeline.gate import GateRecord, gate_line
 from refq_cli.pipeline.probe import ProbeResult
 from refq_cli.quant.statistics import WeightStats
 
 
+class ShardSource(TypedDict):
+    name: str
+    sha256: str
+
+
 class Source(TypedDict):
-    """The checkpoint a conversion read (also the artifact's ``refq.source``)."""
+    """The checkpoint a conversion read (also the artifact's ``refq.source``); for a sharded
+    checkpoint, its index's name and sha256, and every shard's."""
 
     name: str
     sha256: str
     format: str  # state_dict | safetensors | torchscript | pickle
+    shards: NotRequired[list[ShardSource]]
 
 
 class WeightRow(WeightStats):
     """A quantized weight of the report."""
 
-    module: str  # the module's path; "" at the root
+    module: str  # the module's name (kinds.display_path: <root> at the root)
     weight: str
     observer: str
 
 
 class _ModuleRowBase(TypedDict):
-    path: str
+    path: str  # the module's name (<root> at the root)
     float_type: str
     skipped: bool
 
@@ -89,11 +95,7 @@ def build_report(
     sqnrs = [w["sqnr_db"] for w in weights if w["sqnr_db"] is not None]
     return {
         "refq_version": __version__,
-        "source": {
-            "name": checkpoint.path.name,
-            "sha256": checkpoint.sha256,
-            "format": checkpoint.format,
-        },
+        "source": checkpoint.source,
         "spec": spec_name,
         "weights": list(weights),
         "modules": list(modules),
@@ -125,11 +127,6 @@ def assumed_facts_warning(report: Mapping[str, Any]) -> str | None:
     )
 
 
-def plural(count: int, noun: str) -> str:
-    """``count`` and ``noun``, made plural unless the count is one: "1 weight", "2 weights"."""
-    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
-
-
 def _fmt(value: Any) -> str:
     if value is None:
         return "exact"
@@ -146,6 +143,10 @@ def to_markdown(report: Report) -> str:
         f"# refq conversion report: {printable(source['name'])}",
         "",
         f"- source sha256: `{source['sha256']}` ({source['format']})",
+        *(
+            f"- shard `{printable(shard['name'])}`: sha256 `{shard['sha256']}`"
+            for shard in source.get("shards", [])
+        ),
         f"- spec: `{printable(report['spec'])}`",
         f"- bytes: {totals['float_bytes']:,} float -> {totals['quantized_bytes']:,} quantized "
         f"({totals['compression_ratio']:.2f}x smaller)",
@@ -156,17 +157,18 @@ def to_markdown(report: Report) -> str:
         "",
         "## Weights",
         "",
-        "| module | weight | shape | qscheme | dtype | scale | zero point | SQNR dB | "
+        "| module | weight | shape | qscheme | dtype | observer | scale | zero point | SQNR dB | "
         "max abs err | clipped |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for w in report["weights"]:
         scale = _range(w["scale_min"], w["scale_max"])
         zp = _range(w["zero_point_min"], w["zero_point_max"])
         lines.append(
-            f"| {markdown_cell(display_path(w['module']))} | {w['weight']} | "
+            f"| {markdown_cell(w['module'])} | {w['weight']} | "
             f"{'x'.join(map(str, w['shape']))} | "
-            f"{w['qscheme']} | {w['dtype']} | {scale} | {zp} | {_fmt(w['sqnr_db'])} | "
+            f"{w['qscheme']} | {w['dtype']} | {w['observer']} | {scale} | {zp} | "
+            f"{_fmt(w['sqnr_db'])} | "
             f"{_fmt(w['max_abs_error'])} | {w['clipped_fraction']:.2%} |"
         )
     lines += [
@@ -178,13 +180,10 @@ def to_markdown(report: Report) -> str:
     ]
     for m in report["modules"]:
         if m["skipped"]:
-            lines.append(
-                f"| {markdown_cell(display_path(m['path']))} | {m['float_type']} | kept float "
-                "| | | |"
-            )
+            lines.append(f"| {markdown_cell(m['path'])} | {m['float_type']} | kept float | | | |")
             continue
         lines.append(
-            f"| {markdown_cell(display_path(m['path']))} | {m['float_type']} | "
+            f"| {markdown_cell(m['path'])} | {m['float_type']} | "
             f"{m['reference_type']} | "
             f"{_fmt(m['output_sqnr_db'])} | {_fmt(m['output_max_abs_error'])} | "
             f"{_fmt(m['hidden_error_per_step'][-1])} |"

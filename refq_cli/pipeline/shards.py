@@ -9,19 +9,19 @@ import re
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from refq_cli.errors import RefqError
+from refq_cli.errors import RefqError, argument
 from refq_cli.io.inputs import read_at_most
-from refq_cli.pipeline.jobs import Job
+from refq_cli.pipeline.jobs import Job, checkpoint_files
 
 
 def parse_shard(text: str) -> tuple[int, int]:
     """``"K/N"`` with 1 <= K <= N: shard K of N (ASCII digits, nothing else)."""
     match = re.fullmatch(r"([0-9]+)/([0-9]+)", text)
     if match is None:
-        raise RefqError(f"--shard {text}: write K/N, for example 2/8")
+        raise RefqError(f"{argument('shard', text)}: write K/N, for example 2/8")
     k, n = int(match[1]), int(match[2])
     if not 1 <= k <= n:
-        raise RefqError(f"--shard {text}: K must be between 1 and N")
+        raise RefqError(f"{argument('shard', text)}: K must be between 1 and N")
     return k, n
 
 
@@ -30,7 +30,13 @@ _LFS_POINTER_MAX = 1024  # bytes: Git LFS pointer files are about 130
 
 
 def input_bytes(path: Path) -> int:
-    """The size of an input as sharding weighs it: its size on disk, or for a Git LFS pointer
+    """The size of an input as sharding weighs it: the sum of :func:`file_bytes` over the files
+    it is read from (a sharded checkpoint's index and every shard it names)."""
+    return sum(file_bytes(file) for file in checkpoint_files(path))
+
+
+def file_bytes(path: Path) -> int:
+    """The size of a file as sharding weighs it: its size on disk, or for a Git LFS pointer
     the size of the file it stands for (so runners that pulled it and runners that did not
     agree); 0 for what is not a regular file (the job fails later, naming why)."""
     try:

@@ -1,10 +1,11 @@
 """Whether a job's outputs are up to date (``--skip-unchanged``): its artifact records this
-input's sha256, this spec and this format version, and did not miss the gate it was converted
-with. Reads headers only: no torch."""
+input's sha256 (a sharded checkpoint's: its index's and each shard's), this spec and this
+format version, and did not miss the gate it was converted with. Reads headers only: no torch."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from refq_cli.errors import RefqError
@@ -41,16 +42,38 @@ def recorded_sqnrs(metadata: dict[str, Any]) -> list[tuple[str, float | None]]:
     ]
 
 
-def is_unchanged(job: Job) -> bool:
+def source_unchanged(recorded: dict[str, Any], path: Path) -> bool:
+    """Whether the checkpoint at ``path`` is the one an artifact's ``refq.source`` records:
+    the same sha256, and for a sharded checkpoint's index the same shards, in the same order,
+    each with the same sha256. A file that cannot be read is not."""
+    from refq_cli.io.digest import sha256_of
+    from refq_cli.io.sharded import is_index, read_checked
+
+    try:
+        if not is_index(path):
+            return "shards" not in recorded and recorded.get("sha256") == sha256_of(path)
+        index = read_checked(path)
+        shards = recorded.get("shards")
+        if (
+            recorded.get("sha256") != index.sha256
+            or not isinstance(shards, list)
+            or [s.get("name") for s in shards] != index.shards
+        ):
+            return False
+        return all(s.get("sha256") == sha256_of(index.shard_path(s["name"])) for s in shards)
+    except (RefqError, OSError):  # converting again says what is wrong with it
+        return False
+
+
+def is_unchanged(job: Job, strip_prefix: str | None = None) -> bool:
     """Whether the job's artifact exists, records this input's sha256, this spec and this
     format version (so converting again would give the same tensors), and did not miss the
     gate it was converted with. Whether it passes the job's gate is :func:`run_job`'s to say."""
-    return unchanged_metadata(job) is not None
+    return unchanged_metadata(job, strip_prefix) is not None
 
 
-def unchanged_metadata(job: Job) -> dict[str, Any] | None:
+def unchanged_metadata(job: Job, strip_prefix: str | None = None) -> dict[str, Any] | None:
     """The checked metadata of the job's artifact when :func:`is_unchanged`, else None."""
-    from refq_cli.io.digest import sha256_of
     from refq_cli.io.header import FORMAT_VERSION, read_artifact
     from refq_cli.spec.spec import load_spec
 
@@ -64,7 +87,8 @@ def unchanged_metadata(job: Job) -> dict[str, Any] | None:
     unchanged = (
         metadata["refq.format_version"] == str(FORMAT_VERSION)
         and (gate is None or gate["passed"])  # a rejected one put in place is never up to date
-        and metadata["refq.source"].get("sha256") == sha256_of(job.input)
-        and metadata["refq.spec"] == json.loads(json.dumps(load_spec(job.spec).to_dict()))
+        and source_unchanged(metadata["refq.source"], job.input)
+        and metadata["refq.spec"]
+        == json.loads(json.dumps(load_spec(job.spec).stripping(strip_prefix).to_dict()))
     )
     return metadata if unchanged else None

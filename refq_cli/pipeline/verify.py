@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from refq_cli.io.checkpoint import load_checkpoint, read_tensors
-from refq_cli.kinds import display_path, facts_of
+from refq_cli.kinds import display_path, facts_of, module_path
 from refq_cli.pipeline.artifact import ArtifactError, check_module_matches, load_artifact
 from refq_cli.pipeline.convert import check_calibration_names
 from refq_cli.pipeline.gate import OUTPUT_SQNR, gate_record, named_below
@@ -20,15 +20,23 @@ def verify(
     calibration: str | Path | None = None,
     trust_code: bool = False,
     min_sqnr: float | None = None,
+    strip_prefix: str | None = None,
 ) -> dict[str, Any]:
     """Per-module output error of the artifact's reference modules against the float ones;
-    with ``min_sqnr``, the gate those output SQNRs are judged by (``gate``, else None)."""
+    with ``min_sqnr``, the gate those output SQNRs are judged by (``gate``, else None).
+    ``checkpoint_path`` may be a sharded checkpoint's index; ``strip_prefix`` is as
+    :func:`~refq_cli.io.checkpoint.load_checkpoint` takes it, by default the one the artifact's
+    spec records (the conversion's)."""
     artifact = load_artifact(artifact_path)
-    checkpoint = load_checkpoint(checkpoint_path, trust_code=trust_code)
+    if strip_prefix is None:
+        recorded = artifact.metadata["refq.spec"].get("strip_prefix")
+        strip_prefix = recorded if isinstance(recorded, str) else None
+    checkpoint = load_checkpoint(checkpoint_path, trust_code=trust_code, strip_prefix=strip_prefix)
     inputs = read_tensors(calibration, what="calibration")[2] if calibration else {}
     check_calibration_names(calibration, inputs, artifact.modules)
     rows = []
-    for path, ref in artifact.modules.items():
+    for name, ref in artifact.modules.items():
+        path = module_path(name)
         info = artifact.metadata["refq.modules"][path]
         found = checkpoint.modules.get(path)
         if found is None:
@@ -48,21 +56,23 @@ def verify(
         x = probe_for(float_module, inputs.get(display_path(path)), path)
         rows.append(
             {
-                "path": path,
+                "path": name,
                 "float_type": info["float_type"],
                 "probe": "calibration" if display_path(path) in inputs else "random",
                 **probe_module(float_module, ref.train(False), x),  # no dropout: repeatable
             }
         )
-    expected = artifact.metadata["refq.source"].get("sha256")
+    recorded, source = artifact.metadata["refq.source"], checkpoint.source
     gate = None
     if min_sqnr is not None:
-        named = ((display_path(m["path"]), m["output_sqnr_db"]) for m in rows)
+        named = ((m["path"], m["output_sqnr_db"]) for m in rows)
         gate = gate_record(min_sqnr, OUTPUT_SQNR, named_below(named, min_sqnr))
     return {
         "artifact": str(artifact_path),
         "checkpoint": str(checkpoint_path),
-        "source_matches": expected == checkpoint.sha256,
+        # the same file, or the same index and the same shards (each with its sha256)
+        "source_matches": recorded.get("sha256") == source["sha256"]
+        and recorded.get("shards") == source.get("shards"),
         "modules": rows,
         "gate": gate,
     }

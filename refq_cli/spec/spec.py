@@ -7,14 +7,15 @@ the validator and the JSON Schema (``refq schema``) are both generated from them
 from __future__ import annotations
 
 import fnmatch
+import os
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from refq_cli.errors import QParamsError, SpecError, shorten
+from refq_cli.errors import QParamsError, SpecError, argument, shorten
 from refq_cli.kinds import (
     DTYPE_NAMES,
     FACTS,
@@ -96,6 +97,11 @@ class Rule:
     weights: dict[str, tuple[Loc, Settings]] = field(default_factory=dict)
 
 
+def with_dot(prefix: str) -> str:
+    """A module-path prefix as refq records it: ``model`` and ``model.`` are ``model.``."""
+    return prefix if prefix.endswith(".") else prefix + "."
+
+
 @dataclass(frozen=True)
 class Spec:
     """A validated spec file. ``to_dict()`` gives it back as plain data (for the artifact)."""
@@ -105,6 +111,23 @@ class Spec:
     defaults: Settings = field(default_factory=dict)
     rules: tuple[Rule, ...] = ()
     modules: dict[str, tuple[Loc, Settings]] = field(default_factory=dict)
+    strip_prefix: str | None = None  # a wrapper's prefix every key loses ("model.", with its dot)
+
+    def stripping(self, prefix: str | None) -> Spec:
+        """This spec, with the prefix a caller gives beside it (``--strip-prefix``)."""
+        if prefix is None or with_dot(prefix) == self.strip_prefix:
+            return self
+        if not prefix.strip("."):
+            raise SpecError(
+                f"{argument('strip_prefix', prefix)}: give the prefix the checkpoint's keys "
+                "start with, such as 'model.'"
+            )
+        if self.strip_prefix is not None:
+            raise SpecError(
+                f"{argument('strip_prefix', prefix)}: the spec {self.path} says strip_prefix: "
+                f"{self.strip_prefix}; give one of them"
+            )
+        return replace(self, strip_prefix=with_dot(prefix))
 
     def to_dict(self) -> dict[str, Any]:
         def plain(settings: Settings) -> dict[str, Any]:
@@ -118,13 +141,16 @@ class Spec:
             if rule.weights:
                 entry["weights"] = {k: plain(v) for k, (_, v) in rule.weights.items()}
             rules.append(entry)
-        return {
+        out = {
             "version": SPEC_VERSION,
             "is_decomposed": self.is_decomposed,
             "defaults": plain(self.defaults),
             "rules": rules,
             "modules": {k: plain(v) for k, (_, v) in self.modules.items()},
         }
+        if self.strip_prefix is not None:
+            out["strip_prefix"] = self.strip_prefix
+        return out
 
 
 @dataclass(frozen=True)
@@ -166,6 +192,34 @@ def parse_spec(data: bytes | str, name: str = "<spec>") -> Spec:
     return _SpecReader(name, "spec", SpecError).read(compose(data, name, "spec", SpecError))
 
 
+DICT_SPEC = "spec=<dict>"  # how messages name a spec given as a dict
+
+
+def as_spec(spec: str | os.PathLike[str] | Spec | Mapping[str, Any]) -> Spec:
+    """A spec given as a file's path, a :class:`Spec` or a dict of the file's contents (checked
+    as the file would be; messages name it ``spec=<dict>`` and the key, without positions)."""
+    if isinstance(spec, Spec):
+        return spec
+    if isinstance(spec, (str, os.PathLike)):
+        return load_spec(spec)
+    if not isinstance(spec, Mapping):
+        raise SpecError(
+            f"spec: give a spec file's path, a Spec or a dict, not {type(spec).__name__}"
+        )
+    try:
+        text = yaml.safe_dump(dict(spec), sort_keys=False, allow_unicode=True)
+    except yaml.YAMLError as exc:  # a value YAML cannot hold: a tensor, an object
+        value = exc.args[1] if len(exc.args) > 1 else exc
+        raise SpecError(
+            f"{DICT_SPEC}: holds {shorten(value)} ({type(value).__name__}), which a spec cannot: "
+            "give numbers, text, lists and dicts"
+        ) from None
+    except RecursionError:
+        raise SpecError(f"{DICT_SPEC}: nested too deep for a spec") from None
+    reader = _SpecReader(DICT_SPEC, "spec", SpecError, positions=False)
+    return reader.read(compose(text, DICT_SPEC, "spec", SpecError))
+
+
 # Python's fnmatch translates a glob in time growing with the square of its brackets: a glob of
 # 20,000 '[' took 15 s. No module path or weight name comes near this length.
 MAX_GLOB = 1_000
@@ -180,7 +234,9 @@ class _SpecReader(YamlReader):
 
     def read(self, root: yaml.Node) -> Spec:
         top = self.mapping(
-            root, ["version", "is_decomposed", "defaults", "rules", "modules"], "the spec"
+            root,
+            ["version", "is_decomposed", "strip_prefix", "defaults", "rules", "modules"],
+            "the spec",
         )
         self.version(top, root, SPEC_VERSION)
         is_decomposed = False
@@ -205,7 +261,14 @@ class _SpecReader(YamlReader):
                     self.loc(key_node),
                     self.settings(value_node, MODULE_FIELDS, f"modules.{key}"),
                 )
-        return Spec(self.name, is_decomposed, defaults, rules, modules)
+        strip_prefix = None
+        if "strip_prefix" in top:
+            node = top["strip_prefix"][1]
+            value = self.value(node, "strip_prefix", Field("str", ""))
+            if not value.strip("."):
+                raise self.fail(node, f"strip_prefix {value!r}: give a prefix, such as model.")
+            strip_prefix = with_dot(value)
+        return Spec(self.name, is_decomposed, defaults, rules, modules, strip_prefix)
 
     def rule(self, node: yaml.Node) -> Rule:
         allowed = ["match", "skip", "weights", *QPARAM_FIELDS]
@@ -218,7 +281,10 @@ class _SpecReader(YamlReader):
         if "skip" in items:
             skip = self.value(items["skip"][1], "skip", Field("bool", ""))
         fields = {
-            k: Setting(self.value(v, k, QPARAM_FIELDS[k]), self.loc(v))
+            k: Setting(
+                self.value(v, self.label(f"rules[match={match!r}]", k), QPARAM_FIELDS[k]),
+                self.loc(v),
+            )
             for k, (_, v) in items.items()
             if k in QPARAM_FIELDS
         }
@@ -264,7 +330,7 @@ def resolve(
         if key not in shown:
             raise SpecError(
                 f"{loc}: modules.{key}: no recurrent module at this path; "
-                f"found: {', '.join(shown) or 'none'}"
+                f"found: {', '.join(shown) or 'none'}{_wrapper_hint(key, shown)}"
             )
         float_type = (types or {}).get(shown[key])
         for fact, setting in facts.items():
@@ -278,7 +344,7 @@ def resolve(
         if not matched:
             raise SpecError(
                 f"{rule.loc}: rule match {rule.match!r} matches no recurrent module; "
-                f"found: {', '.join(shown) or 'none'}"
+                f"found: {', '.join(shown) or 'none'}{_wrapper_hint(rule.match, shown)}"
             )
         for pattern, (loc, _) in rule.weights.items():
             if not any(fnmatch.fnmatchcase(w, pattern) for p in matched for w in modules[p]):
@@ -312,6 +378,20 @@ def resolve(
         facts = spec.modules[name][1] if name in spec.modules else {}
         plans[path] = ModulePlan(skip, facts, weights)
     return plans
+
+
+def _wrapper_hint(glob: str, shown: Sequence[str]) -> str:
+    """When ``glob`` names modules only once a wrapper's first path component is gone (a
+    Lightning ``model.``, a DDP ``module.``), the option that strips it."""
+    for name in shown:
+        wrapper, dot, rest = name.partition(".")
+        if dot and fnmatch.fnmatchcase(rest, glob):
+            prefix = wrapper + "."
+            return (
+                f"; the checkpoint's modules are under {prefix!r}: add strip_prefix: {prefix} "
+                f"to the spec or pass {argument('strip_prefix', prefix)}"
+            )
+    return ""
 
 
 def _qparam_spec(settings: Settings, where: str) -> QParamSpec:
@@ -377,6 +457,12 @@ def json_schema() -> dict[str, Any]:
             "is_decomposed": {
                 "type": "boolean",
                 "description": "Use the decomposed (torch.ops.quantized_decomposed) numerics.",
+            },
+            "strip_prefix": {
+                "type": "string",
+                "minLength": 1,
+                "description": "A prefix every checkpoint key loses before modules are found, "
+                "such as a Lightning wrapper's model. or DDP's module.",
             },
             "defaults": {"$ref": "#/$defs/qparams", "description": "Applies to every weight."},
             "rules": {

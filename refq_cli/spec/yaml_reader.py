@@ -45,8 +45,8 @@ class Loc:
     line: int
     column: int
 
-    def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.column}"
+    def __str__(self) -> str:  # line 0: a document without positions (a spec given as a dict)
+        return f"{self.file}:{self.line}:{self.column}" if self.line else self.file
 
     @classmethod
     def of(cls, file: str, node: yaml.Node) -> Loc:
@@ -217,15 +217,18 @@ class YamlReader:
         {"tag:yaml.org,2002:" + t for t in ("str", "int", "float", "bool", "null")}
     )
 
-    def __init__(self, name: str, what: str, error_type: type[RefqError]) -> None:
+    def __init__(
+        self, name: str, what: str, error_type: type[RefqError], *, positions: bool = True
+    ) -> None:
         self.name = name
+        self.positions = positions  # False: the document was made from data, not written
         self.what = what
         self.error_type = error_type
         self.nodes = 0
         self.constructor = SafeConstructor()
 
     def loc(self, node: yaml.Node) -> Loc:
-        return Loc.of(self.name, node)
+        return Loc.of(self.name, node) if self.positions else Loc(self.name, 0, 0)
 
     def fail(self, node: yaml.Node, message: str) -> RefqError:
         return self.error_type(f"{self.loc(node)}: {message}")
@@ -331,9 +334,14 @@ class YamlReader:
     def settings(self, node: yaml.Node, fields: Mapping[str, Field], what: str) -> Settings:
         items = self.mapping(node, list(fields), what)
         return {
-            key: Setting(self.value(v, key, fields[key]), self.loc(v))
+            key: Setting(self.value(v, self.label(what, key), fields[key]), self.loc(v))
             for key, (_, v) in items.items()
         }
+
+    def label(self, where: str, key: str) -> str:
+        """How a message names ``key`` under ``where``: a document with positions needs only the
+        key (its line and column say where); one made from data, its whole path."""
+        return key if self.positions else f"{where}.{key}"
 
     def version(
         self, top: Mapping[str, tuple[yaml.Node, yaml.Node]], root: yaml.Node, supported: int

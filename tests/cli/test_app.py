@@ -65,3 +65,59 @@ def test_the_script_asks_torch_for_huge_pages_unless_told_otherwise(monkeypatch,
     with pytest.raises(SystemExit) as exit_:
         app_module.main()
     assert seen == [expected] and exit_.value.code == 0
+
+
+HELP_ENV = {"COLUMNS": "100", "TERM": "dumb", "NO_COLOR": "1"}
+SWITCHES = ("--help", "--version", "--force", "--quiet", "--json", "--trust-code,--trust-pickle")
+SWITCHES += ("--list", "--skip-unchanged", "--fail-fast")
+
+
+def option_rows(text: str) -> dict[str, str]:
+    """The rows of a help's option tables, by the option's (long) name."""
+    rows = {}
+    for line in text.splitlines():
+        words = line.strip("│ ").split()
+        names = [w for w in words[:2] if w.startswith("--")]
+        if names:
+            rows[names[0]] = line
+    return rows
+
+
+@pytest.mark.parametrize(
+    "words", [[], ["convert"], ["batch"], ["inspect"], ["verify"], ["init-config"], ["schema"]]
+)
+def test_switches_show_no_type_in_the_help(words):
+    # Every switch said <bool> in the type column, --help and --version included.
+    result = CliRunner().invoke(app, [*words, "--help"], env=HELP_ENV)
+    assert result.exit_code == 0, result.output
+    rows = option_rows(result.stdout)
+    assert list(rows)[-1] == "--help"  # refq's own --help, last as click's was
+    for name in SWITCHES:
+        assert "<bool>" not in rows.get(name, ""), rows[name]
+
+
+def test_no_help_shows_a_bool_type():
+    for words in ([], ["convert"], ["batch"], ["inspect"], ["verify"], ["init-config"]):
+        result = CliRunner().invoke(app, [*words, "--help"], env=HELP_ENV)
+        assert "<bool>" not in result.stdout, words
+
+
+def test_help_acts_first_and_exits_0_in_the_runner_and_the_script():
+    for args in (["--help"], ["convert", "--help"], ["convert", "--force", "--help"], []):
+        result = CliRunner().invoke(app, args, env=HELP_ENV)
+        assert "Usage:" in result.stdout, (args, result.output)
+        assert result.exit_code == (2 if not args else 0)  # no arguments: the help, exit 2
+        real = run_refq(*args, env=HELP_ENV)
+        assert (real.returncode, real.stdout) == (result.exit_code, result.stdout), args
+    assert option_rows(real.stdout)["--help"].split() == [
+        "│",
+        "--help",
+        "Show",
+        "this",
+        "message",
+        "and",
+        "exit.",
+        "│",
+    ]
+    short = run_refq("convert", "-h", env=HELP_ENV)  # -h is no option of refq, as before
+    assert short.returncode == 2 and "No such option: -h" in short.stderr

@@ -35,8 +35,8 @@ def test_many_inputs_and_globs_in_one_convert(tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert summary["totals"]["converted"] == 3
-    assert [r["output"] for r in summary["jobs"]] == [
-        f"out/model{i}.refq.safetensors" for i in range(3)
+    assert [r["output"] for r in summary["jobs"]] == [  # the tree below the glob's 'ckpts'
+        f"out/run{i}/model{i}.refq.safetensors" for i in range(3)
     ]
     assert all((tmp_path / r["output"]).exists() for r in summary["jobs"])
 
@@ -63,7 +63,7 @@ def test_plain_lines_per_job(tmp_path, monkeypatch):
     sources(tmp_path, 2)
     result = invoke("convert", "ckpts/*/*.pt", "-q", "q.yaml", "--out-dir", "out")
     lines = result.stdout.strip().splitlines()
-    assert lines[0].startswith("CONVERTED ckpts/run0/model0.pt -> out/model0.refq.safetensors")
+    assert lines[0].startswith("CONVERTED ckpts/run0/model0.pt -> out/run0/model0.refq.safetensors")
     assert lines[-1] == "2 converted"
 
 
@@ -78,8 +78,17 @@ def test_outputs_that_would_collide_are_refused(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     paths = sources(tmp_path, 2)
     paths[1].rename(paths[1].with_name("model0.pt"))
-    result = invoke("convert", "ckpts/*/*.pt", "-q", "q.yaml", "--out-dir", "out")
+    both = ["ckpts/run0/model0.pt", "ckpts/run1/model0.pt"]  # paths: straight into --out-dir
+    result = invoke("convert", *both, "-q", "q.yaml", "--out-dir", "out")
     assert result.exit_code == 2 and "would both write out/model0.refq.safetensors" in result.output
+    # two globs whose trees meet: run0/model0.pt below ckpts and below ckpts/* alike
+    result = invoke("convert", "ckpts/**/*.pt", "ckpts/run1/*.pt", "-q", "q.yaml", "--out-dir", "o")
+    assert result.exit_code == 0, result.output  # one file matched twice is one job
+    result = invoke(
+        "convert", "ckpts/run0/*.pt", "ckpts/run1/*.pt", "-q", "q.yaml", "--out-dir", "o2"
+    )
+    assert result.exit_code == 2 and "would both write o2/model0.refq.safetensors" in result.output
+    assert not Path("o2").exists() and not Path("out").exists()
 
 
 def test_batch_manifest_shards_cover_every_job_once(tmp_path, monkeypatch):
@@ -195,10 +204,25 @@ def test_a_shard_never_writes_over_another_shards_input(tmp_path, monkeypatch):
 def test_one_failed_input_gives_the_same_json_shape_as_many(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "q.yaml").write_text(SPEC)
-    result = invoke("convert", "nope.pt", "-q", "q.yaml", "--json")
+    Path("bad.pt").write_bytes(b"\x80\x02 truncated")  # a checkpoint refq cannot read
+    result = invoke("convert", "bad.pt", "-q", "q.yaml", "--json")
     assert result.exit_code == 2
     (job,) = json.loads(result.stdout)["jobs"]
-    assert job["status"] == "failed" and "nope.pt" in job["error"]
+    assert job["status"] == "failed" and "bad.pt" in job["error"]
+
+
+def test_a_missing_input_stops_the_run_before_any_work_one_input_or_many(tmp_path, monkeypatch):
+    # A missing path was a failed job (exit 1 among many, with a --json record) while an
+    # unmatched glob stopped the run (exit 2): now both stop it, naming the path.
+    monkeypatch.chdir(tmp_path)
+    sources(tmp_path, 1)
+    for args in (["nope.pt"], ["ckpts/run0/model0.pt", "nope.pt"]):
+        result = invoke("convert", *args, "-q", "q.yaml", "--json", "--out-dir", "out")
+        assert result.exit_code == 2 and result.stdout == ""
+        assert result.stderr == (
+            "refq: error: nope.pt: no such checkpoint file; check the path\n"
+        ), result.stderr
+        assert not Path("out").exists()
 
 
 def test_a_path_the_terminal_cannot_show_does_not_stop_a_batch(tmp_path):

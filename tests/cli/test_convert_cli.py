@@ -156,7 +156,7 @@ def test_quality_gate_exits_1_after_writing_the_report(tmp_path):
     source, q = write(tmp_path, "pt"), spec(tmp_path)
     result = run_refq("convert", source, "-q", q, "--min-sqnr", "200")
     assert result.returncode == 1
-    assert "quality gate" in result.stderr and "below --min-sqnr 200 dB" in result.stderr
+    assert "quality gate" in result.stderr and "below 200 dB" in result.stderr
     assert source.with_name("model.refq.rejected.report.md").exists()  # set aside
     assert not source.with_name("model.refq.report.md").exists()
     assert invoke("convert", source, "-q", q, "--min-sqnr", "10", "--force").exit_code == 0
@@ -257,7 +257,7 @@ OUTPUT_CLASHES = {
         "--report .*a.safetensors: the same file as --output",
     ),
     "markdown-report": (["--report", "r.md"], "--report r.md: give the JSON path"),
-    "missing-folder": (["--report", "nowhere/r.json"], "the folder nowhere does not exist"),
+    "folder-is-a-file": (["--report", "q.yaml/r.json"], "the folder q.yaml is not a directory"),
     "report-is-input": (["--report", "model.pt"], "would overwrite the input"),
     "output-is-spec": (["-o", "q.yaml"], "--output q.yaml: would overwrite the spec"),
 }
@@ -272,6 +272,28 @@ def test_output_paths_are_checked_before_any_work(tmp_path, monkeypatch, args, m
     result = invoke("convert", "model.pt", "-q", "q.yaml", *args, "--force")
     assert result.exit_code == 2 and re.search(message, result.output), result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_missing_output_folders_are_made_for_every_flag(tmp_path, monkeypatch):
+    # -o into a missing folder was refused while --out-dir made one; now each makes it, and
+    # only once the work is done: a run refused before its work leaves no folder.
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, "pt")
+    spec(tmp_path)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\ndefaults: {dtype: int3}\n")
+    refused = invoke("convert", "model.pt", "-q", bad, "-o", "new/a.st", "--report", "r/a.json")
+    assert refused.exit_code == 2 and "bad.yaml:2:19" in refused.output
+    assert not Path("new").exists() and not Path("r").exists()
+    args = ["-o", "new/deeper/a.st", "--report", "reports/a.json"]
+    result = invoke("convert", "model.pt", "-q", "q.yaml", *args, "--quiet")
+    assert result.exit_code == 0, result.output
+    assert Path("new/deeper/a.st").is_file() and Path("reports/a.md").is_file()
+    result = invoke(
+        "convert", "model.pt", "-q", "q.yaml", "-o", "b.st", "--summary-md", "ci/s/summary.md"
+    )
+    assert result.exit_code == 0, result.output
+    assert Path("ci/s/summary.md").read_text().startswith("## refq batch conversion")
 
 
 def test_calibration_keys_must_name_modules(tmp_path):
@@ -323,3 +345,81 @@ def test_assumed_facts_get_one_warning_line_naming_the_spec_keys(tmp_path):
         tmp_path / "example.refq.safetensors",
     )
     assert bundled.returncode == 0 and bundled.stderr == ""  # its spec sets every fact
+
+
+def test_strip_prefix_converts_a_lightning_checkpoint_for_the_bare_models_spec(tmp_path):
+    import torch
+
+    from tests.checkpoints import speech_state
+
+    ckpt = tmp_path / "last.ckpt"
+    state = {"model." + k: v for k, v in speech_state().items()}
+    torch.save({"state_dict": state, "epoch": 7, "optimizer_states": []}, ckpt)
+    q = spec(tmp_path)
+    refused = invoke("convert", str(ckpt), "-q", str(q))
+    assert refused.exit_code == 2
+    assert "under 'model.': add strip_prefix: model. to the spec or pass --strip-prefix model." in (
+        refused.stderr
+    )
+    out = str(tmp_path / "out")
+    args = ("convert", str(ckpt), "-q", str(q), "--strip-prefix", "model.", "--out-dir", out)
+    done = invoke(*args, "--json")
+    assert done.exit_code == 0, done.stderr
+    assert json.loads(done.stdout)["jobs"][0]["status"] == "converted"
+    again = invoke(*args, "--skip-unchanged", "--json")  # the flag is part of what it compares
+    assert json.loads(again.stdout)["jobs"][0]["status"] == "skipped"
+    other = invoke(*args[:-4], "--strip-prefix", "model", "--out-dir", out, "--skip-unchanged")
+    assert other.exit_code == 0, other.stderr
+    assert "SKIPPED" in other.stdout  # model and model. are one prefix
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["-o", "."], "--output .: names a folder, not a file; give a file path (a folder for"),
+        (["-o", ""], "--output : names a folder, not a file; give a file path"),
+        (["-o", "new/"], "--output new/: names a folder"),
+        (["--report", "."], "--report .: names a folder"),
+        (["-o", "a.st", "--out-dir", "o"], "--output names the artifact itself"),
+        (["--device", "tpu"], "--device tpu: use cpu or cuda"),
+        (["--strip-prefix", ""], "--strip-prefix : give the prefix"),
+        (["--strip-prefix", "..", "--out-dir", "o"], "--strip-prefix ..: give the prefix"),
+    ],
+)
+def test_bad_typed_outputs_devices_and_prefixes_stop_before_any_work(
+    tmp_path, monkeypatch, extra, message
+):
+    monkeypatch.chdir(tmp_path)
+    source = write(tmp_path, "pt")
+    result = invoke("convert", source, "-q", spec(tmp_path), *extra)
+    assert result.exit_code == 2, result.stdout
+    assert result.stderr.startswith("refq: error: ") and message in result.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt", "q.yaml"]
+
+
+def test_a_spec_prefix_of_dots_is_refused_at_its_place(tmp_path):
+    source = write(tmp_path, "pt")
+    result = invoke("convert", source, "-q", spec(tmp_path, "strip_prefix: .\n"))
+    assert result.exit_code == 2
+    assert re.search(r"q\.yaml:2:15: strip_prefix '\.': give a prefix", result.stderr)
+
+
+def test_batch_takes_strip_prefix_and_checks_it_against_each_spec_first(tmp_path):
+    import torch
+
+    from tests.checkpoints import speech_state
+
+    state = {"model." + k: v for k, v in speech_state().items()}
+    torch.save({"state_dict": state}, tmp_path / "a.ckpt")
+    spec(tmp_path)
+    manifest = tmp_path / "m.yaml"
+    manifest.write_text("version: 1\njobs:\n  - {input: a.ckpt, spec: q.yaml, out_dir: out}\n")
+    ok = invoke("batch", manifest, "--strip-prefix", "model.")
+    assert ok.exit_code == 0, ok.stderr
+    (tmp_path / "p.yaml").write_text((tmp_path / "q.yaml").read_text() + "strip_prefix: module.\n")
+    manifest.write_text("version: 1\njobs:\n  - {input: a.ckpt, spec: p.yaml, out_dir: out2}\n")
+    clash = invoke("batch", manifest, "--strip-prefix", "model.")
+    assert (
+        clash.exit_code == 2 and "the spec" in clash.stderr and "give one of them" in clash.stderr
+    )
+    assert not (tmp_path / "out2").exists()

@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from refq_cli.cli.app import app
 from refq_cli.cli.inspect import render_table
 from refq_cli.io.safetensors_writer import write_safetensors
-from refq_cli.pipeline.convert import convert
+from refq_cli.pipeline.convert import convert_checkpoint as convert
 from refq_cli.pipeline.inspect import describe_artifact
 from tests.checkpoints import write
 from tests.scripts import run_and_check_torch
@@ -55,7 +55,12 @@ def test_json_values_are_the_artifacts_own_tensors(tmp_path):
     desc = json.loads(result.stdout)
     types = {w["module_type"] for w in desc["weights"]}
     assert types == {"LSTM", "GRU", "RNN", "LSTMCell", "GRUCell", "RNNCell"}
-    assert {w["qscheme"] for w in desc["weights"]} == {"per_tensor_affine", "per_channel_affine"}
+    assert {w["qscheme"] for w in desc["weights"]} == {
+        "per_tensor_affine",
+        "per_tensor_symmetric",
+        "per_channel_affine",
+        "per_channel_symmetric",
+    }  # as the spec named them
     assert len(desc["weights"]) == 22
     with safe_open(str(path), "pt") as f:
         for w in desc["weights"]:
@@ -226,3 +231,11 @@ def test_verify_against_another_checkpoint_fails(tmp_path):
     other.mkdir()
     result = invoke("verify", path, "--against", write(other, "pt", seed=1))
     assert result.exit_code == 1 and "sha256 differs" in result.output
+
+
+def test_a_missing_artifact_or_a_folder_is_named_as_such(tmp_path):
+    missing = invoke("inspect", tmp_path / "nope.refq.safetensors")
+    assert missing.exit_code == 2
+    assert missing.stderr.strip().endswith("nope.refq.safetensors: no such artifact file")
+    folder = invoke("inspect", tmp_path)
+    assert folder.stderr.strip().endswith(": is a directory, not an artifact file")

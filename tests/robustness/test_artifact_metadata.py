@@ -22,7 +22,7 @@ from refq_cli.cli.app import app
 from refq_cli.errors import RefqError
 from refq_cli.io.header import read_header
 from refq_cli.pipeline.artifact import load_artifact
-from refq_cli.pipeline.convert import convert
+from refq_cli.pipeline.convert import convert_checkpoint as convert
 from refq_cli.pipeline.inspect import describe_artifact
 from tests.checkpoints import write
 from tests.robustness.test_fuzz import FUZZ

@@ -14,7 +14,7 @@ from torch import nn
 
 from refq_cli.errors import ArtifactError
 from refq_cli.pipeline.artifact import load_artifact
-from refq_cli.pipeline.convert import convert
+from refq_cli.pipeline.convert import convert_checkpoint as convert
 from tests.scripts import run_refq
 
 

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 from refq_cli.errors import RefqError
 from refq_cli.pipeline.artifact import load_artifact
-from refq_cli.pipeline.convert import convert
+from refq_cli.pipeline.convert import convert_checkpoint as convert
 from refq_cli.pipeline.inspect import describe_artifact
 from refq_cli.spec.spec import parse_spec, resolve
 from tests.checkpoints import write

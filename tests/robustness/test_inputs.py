@@ -171,7 +171,7 @@ def test_an_all_zero_weight_converts(tmp_path):
     torch.save(state_with(weight_hh_l0=torch.zeros(16, 4)), path)
     result = convert(tmp_path, path)
     assert result.returncode == 0, result.stderr
-    ref = load_artifact(tmp_path / "out.refq.safetensors").modules[""]
+    ref = load_artifact(tmp_path / "out.refq.safetensors").modules["<root>"]
     assert torch.equal(ref.get_weight("weight_hh_l0"), torch.zeros(16, 4))
 
 
@@ -183,7 +183,7 @@ def test_other_float_dtypes_convert_and_record_their_dtype(tmp_path, dtype):
     artifact = load_artifact(tmp_path / "out.refq.safetensors")
     info = artifact.metadata["refq.modules"][""]
     assert info["float_dtype"] == str(dtype).removeprefix("torch.")
-    assert artifact.modules[""].weight_ih_l0.dtype == dtype
+    assert artifact.modules["<root>"].weight_ih_l0.dtype == dtype
 
 
 def test_non_contiguous_and_shared_tensors_convert(tmp_path):

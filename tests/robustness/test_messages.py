@@ -20,7 +20,7 @@ from refq_cli.cli.app import app, reporting_errors
 from refq_cli.errors import ArtifactError, RefqError, SpecError
 from refq_cli.io.header import read_header
 from refq_cli.pipeline.artifact import load_artifact
-from refq_cli.pipeline.convert import convert
+from refq_cli.pipeline.convert import convert_checkpoint as convert
 from refq_cli.pipeline.inspect import describe_artifact
 from refq_cli.spec.spec import MODULE_FIELDS, QPARAM_FIELDS, parse_spec
 from tests.checkpoints import write
