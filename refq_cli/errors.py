@@ -98,6 +98,11 @@ class ConversionError(RefqError):
     exit_code = 1
 
 
+class RefqWarning(UserWarning):
+    """Something the caller should check, which did not stop the work: the facts a conversion
+    had to assume (the CLI prints it as ``refq: warning: ...``)."""
+
+
 class ArtifactError(RefqError):
     """An artifact that cannot be written or read back."""
 

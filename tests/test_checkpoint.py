@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from refq_cli.errors import CheckpointError, SpecError, naming_flags
@@ -339,7 +340,7 @@ def test_assumed_facts_are_named_in_the_report_and_written_by_init_config(tmp_pa
     spec.write_text("version: 1\nmodules:\n  aux: {nonlinearity: relu}\n")
     report = convert(path, spec, tmp_path / "x.refq.safetensors").report
     assert report["assumed_facts"]["encoder"] == {"batch_first": False, "dropout": 0.0}
-    assert report["assumed_facts"]["aux"] == {"batch_first": False, "dropout": 0.0}
+    assert report["assumed_facts"]["aux"] == {"batch_first": False}  # one layer: no dropout
     assert report["assumed_facts"]["tanh_cell"] == {"nonlinearity": "tanh"}
     assert "decoder.cell" not in report["assumed_facts"]  # an LSTMCell: weights tell all
     line = assumed_facts_warning(report)
@@ -347,8 +348,8 @@ def test_assumed_facts_are_named_in_the_report_and_written_by_init_config(tmp_pa
     assert "modules.aux.nonlinearity" not in line  # the spec set it
 
     text = skeleton(load_checkpoint(path))
-    assert '  "encoder":\n    batch_first: false  # PyTorch\'s default' in text
-    assert '  "tanh_cell":\n    nonlinearity: "tanh"' in text
+    assert '  # "encoder":\n    # batch_first: false  # PyTorch\'s default' in text
+    assert '  # "tanh_cell":\n    # nonlinearity: "tanh"' in text
     recorded = skeleton(load_checkpoint(pickled_rnns(tmp_path), trust_code=True))
     assert '  "rnn":\n    nonlinearity: "relu"  # as the file records it' in recorded
 
@@ -498,3 +499,32 @@ def test_verify_takes_off_the_prefix_the_conversion_took_off(tmp_path):
     assert list(convert(path, spec, out).modules) == ["lstm"]
     result = verify(out, path)
     assert result["source_matches"] and [m["path"] for m in result["modules"]] == ["lstm"]
+
+
+def test_a_safetensors_file_whose_header_length_starts_like_a_pickle_is_read(tmp_path):
+    # The header's length is its first byte: 0x80, as a legacy pickle's first byte is, for one
+    # header size in 32; such files were refused as corrupt pickles.
+    state = {k: v.contiguous() for k, v in nn.LSTM(8, 16).state_dict().items()}
+    for extra in range(256):
+        path = tmp_path / "st.safetensors"
+        save_file(state, path, metadata={"format": "pt", "x": "a" * extra})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert load_checkpoint(path).format == "safetensors"
+
+
+@pytest.mark.parametrize("key", ["model_state_dict", "module"])
+def test_the_tutorial_and_deepspeed_layouts_are_read(tmp_path, key):
+    torch.manual_seed(0)
+    state = nn.LSTM(4, 6).state_dict()
+    torch.save({"epoch": 5, key: state, "optimizer_state_dict": {"lr": 0.1}}, tmp_path / "c.pt")
+    assert set(load_checkpoint(tmp_path / "c.pt").modules) == {""}
+
+
+def test_a_file_without_a_state_dict_lists_its_keys(tmp_path):
+    torch.save({"epoch": 5, "weights": [torch.zeros(1)]}, tmp_path / "c.pt")
+    with pytest.raises(
+        CheckpointError, match=r"holds no state_dict .*; its keys: 'epoch', 'weights'$"
+    ):
+        load_checkpoint(tmp_path / "c.pt")

@@ -12,6 +12,7 @@ import yaml
 from safetensors import safe_open
 from torch import nn
 
+from refq_cli.errors import CheckpointError
 from refq_cli.io.checkpoint import load_checkpoint
 from refq_cli.pipeline.convert import convert_checkpoint as convert
 from refq_cli.pipeline.init_config import skeleton
@@ -68,16 +69,36 @@ def test_every_module_and_weight_is_listed(source):
     assert "# refq spec for model.pt (sha256 " in text and "6 recurrent modules." in text
 
 
-def test_every_fact_is_written_with_pytorchs_default(source):
-    doc = yaml.safe_load(skeleton(load_checkpoint(source)))
+MULTI_LAYER = {"encoder"}  # of Speech's modules: dropout follows a layer only in these
+
+
+def uncommented(text: str) -> str:
+    """The skeleton as a user edits it to confirm every fact: each commented-out module key and
+    fact under ``modules:`` made a line of its own."""
+    head, _, facts = text.partition("\nmodules:\n")
+    lines = [re.sub(r'^(\s*)# ("[^"]*":|\w+: )', r"\1\2", line) for line in facts.splitlines()]
+    return head + "\nmodules:\n" + "\n".join(lines) + "\n"
+
+
+def test_every_fact_is_written_with_pytorchs_default_commented_out(source):
+    text = skeleton(load_checkpoint(source))
+    doc = yaml.safe_load(text)
+    assert doc["modules"] is None  # nothing the file records: every fact is left to confirm
     pytorch = {kind: kind(2, 2) for kind in FACTS}  # PyTorch's own defaults
     expected = {
-        module: {fact: getattr(pytorch[kind], fact) for fact in FACTS[kind]}
+        module: {
+            fact: getattr(pytorch[kind], fact)
+            for fact in FACTS[kind]
+            if fact != "dropout" or module in MULTI_LAYER
+        }
         for module, kind in RECURRENT.items()
         if FACTS[kind]
     }
-    assert doc["modules"] == expected
-    assert doc["modules"]["aux"] == {"nonlinearity": "tanh", "batch_first": False, "dropout": 0.0}
+    assert yaml.safe_load(uncommented(text))["modules"] == expected
+    assert yaml.safe_load(uncommented(text))["modules"]["aux"] == {
+        "nonlinearity": "tanh",
+        "batch_first": False,
+    }
     assert doc["defaults"] == {
         "dtype": "qint8",
         "qscheme": "per_channel_symmetric",
@@ -86,6 +107,26 @@ def test_every_fact_is_written_with_pytorchs_default(source):
         "percentile": 99.99,
     }
     assert doc["version"] == 1 and doc["is_decomposed"] is False
+
+
+def test_converting_with_the_unedited_skeleton_warns_of_each_fact_as_without_it(source, tmp_path):
+    # Once, the skeleton wrote every default out, so a batch_first model converted as
+    # batch_first=False without a word.
+    spec = tmp_path / "skeleton.yaml"
+    spec.write_text(skeleton(load_checkpoint(source)))
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("version: 1\n")
+    assumed = [
+        convert(source, s, tmp_path / f"{s.stem}.st").report["assumed_facts"] for s in (spec, plain)
+    ]
+    assert assumed[0] == assumed[1] and assumed[0]["context"] == {"batch_first": False}
+    assert "dropout" not in assumed[0]["aux"]  # one layer: nothing for dropout to follow
+
+
+def test_a_checkpoint_without_recurrent_modules_has_no_skeleton(tmp_path):
+    torch.save({"head.weight": torch.zeros(2, 2)}, tmp_path / "x.pt")
+    with pytest.raises(CheckpointError, match=r"x\.pt: no recurrent module found"):
+        skeleton(load_checkpoint(tmp_path / "x.pt"))
 
 
 def test_facts_a_file_records_are_written_as_recorded(tmp_path):
@@ -138,9 +179,10 @@ def test_each_rule_matches_exactly_its_module(tmp_path):
 
 def test_a_module_at_the_root_and_cells_without_facts(tmp_path):
     torch.save(nn.LSTM(3, 4).state_dict(), tmp_path / "root.pt")
-    doc = yaml.safe_load(skeleton(load_checkpoint(tmp_path / "root.pt")))
+    text = skeleton(load_checkpoint(tmp_path / "root.pt"))
+    doc = yaml.safe_load(text)
     assert [r["match"] for r in doc["rules"]] == ["<root>"]
-    assert doc["modules"] == {"<root>": {"batch_first": False, "dropout": 0.0}}
+    assert yaml.safe_load(uncommented(text))["modules"] == {"<root>": {"batch_first": False}}
     cells = {f"c.{k}": v for k, v in nn.GRUCell(3, 4).state_dict().items()}
     torch.save(cells, tmp_path / "cells.pt")
     text = skeleton(load_checkpoint(tmp_path / "cells.pt"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -207,7 +208,8 @@ def test_the_entry_points_print_no_torch_warnings(tmp_path):
 
     control = "torch.nn.LSTM(4, 6, proj_size=3)(torch.randn(2, 1, 4))"  # warns once a process
     assert "not supported with oneDNN" in stderr(control)
-    ours = "c = refq_cli.convert('p.pt', {'version': 1}, 'p.st'); refq_cli.verify(c.output, 'p.pt')"
+    spec = "{'version': 1, 'modules': {'<root>': {'batch_first': False}}}"  # no fact assumed
+    ours = f"c = refq_cli.convert('p.pt', {spec}, 'p.st'); refq_cli.verify(c.output, 'p.pt')"
     assert stderr(ours) == ""
 
 
@@ -357,3 +359,18 @@ def test_a_job_stopped_by_fail_fast_names_the_python_argument(tmp_path):
     results = refq_cli.batch(jobs, fail_fast=True)
     assert [r.status for r in results] == ["failed", "not_run"]
     assert results[1].error == "stopped by fail_fast=True"
+
+
+def test_facts_assumed_are_a_warning_from_python_and_in_every_job_record(tmp_path):
+    from refq_cli.errors import RefqWarning
+
+    with pytest.warns(RefqWarning, match=r"modules\.encoder\.batch_first: false"):
+        refq_cli.convert(EXAMPLE, {"version": 1}, tmp_path / "a.st")
+    spec = tmp_path / "q.yaml"
+    spec.write_text("version: 1\n")
+    (tmp_path / "m.yaml").write_text(f"version: 1\njobs:\n  - {{input: {EXAMPLE}, spec: q.yaml}}\n")
+    (result,) = refq_cli.batch(tmp_path / "m.yaml", force=True)
+    assert "modules.encoder.batch_first: false" in result.warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a spec that gives every fact: no warning
+        refq_cli.convert(EXAMPLE, EXAMPLE.with_suffix(".yaml"), tmp_path / "b.st")

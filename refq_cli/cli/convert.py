@@ -6,6 +6,7 @@ one line each, through the same runner as ``refq batch``.
 
 from __future__ import annotations
 
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,7 +28,14 @@ from refq_cli.cli.options import (
     Workers,
 )
 from refq_cli.cli.runner import run_batch
-from refq_cli.errors import ConversionError, RefqError, plural, printable, strict_json
+from refq_cli.errors import (
+    ConversionError,
+    RefqError,
+    RefqWarning,
+    plural,
+    printable,
+    strict_json,
+)
 from refq_cli.pipeline.gate import checked_min_sqnr
 
 
@@ -195,7 +203,6 @@ def _convert_one(job: Any, options: Any, *, json_output: bool, quiet: bool) -> N
 
     from refq_cli.pipeline.api import convert
     from refq_cli.pipeline.batch import JobResult, converted_result
-    from refq_cli.pipeline.report import assumed_facts_warning
     from refq_cli.pipeline.summary import run_summary
 
     stderr = Console(stderr=True)
@@ -209,7 +216,8 @@ def _convert_one(job: Any, options: Any, *, json_output: bool, quiet: bool) -> N
     )
     task = bar.add_task("reading", total=None)
     try:
-        with bar if show_progress else nullcontext():
+        with bar if show_progress else nullcontext(), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RefqWarning)  # said below, as a line of refq's own
             report = convert(
                 job.input,
                 job.spec,
@@ -231,9 +239,8 @@ def _convert_one(job: Any, options: Any, *, json_output: bool, quiet: bool) -> N
             typer.echo(strict_json(run_summary([failed])))
         raise
     result = converted_result(job, report)
-    warning = assumed_facts_warning(report)
-    if warning and not quiet:
-        typer.echo(f"refq: warning: {printable(warning)}", err=True)
+    if result.warning and not quiet:
+        typer.echo(f"refq: warning: {printable(result.warning)}", err=True)
     if json_output:
         typer.echo(strict_json(run_summary([result])))
     elif not quiet:

@@ -69,6 +69,14 @@ def inspect_command(
             )
         return
     desc = describe_artifact(artifacts[0], module=module, weight=weight, channels=channels)
+    filters = [f"--{name} {glob}" for name, glob in (("module", module), ("weight", weight))]
+    filters = [f for f in filters if not f.endswith(" *")]
+    if not desc["weights"] and filters:
+        names = sorted({tensor_key(w["module"], w["weight"]) for w in _all_weights(artifacts[0])})
+        raise RefqError(
+            f"{' '.join(filters)}: matches no quantized weight of {artifacts[0]}; it has "
+            + (", ".join(names[:8]) + (", ..." if len(names) > 8 else "") if names else "none")
+        )
     if sort == "sqnr":
         desc["weights"].sort(key=lambda w: (w["sqnr_db"] is None, w["sqnr_db"] or 0.0))
     if json_output:
@@ -79,6 +87,12 @@ def inspect_command(
     render_floats(desc, console, all_tensors)
     if channels:
         render_channels(desc, console)
+
+
+def _all_weights(path: Path) -> list[dict[str, Any]]:
+    from refq_cli.pipeline.inspect import describe_artifact
+
+    return describe_artifact(path)["weights"]
 
 
 def _line(console: Any, text: str) -> None:

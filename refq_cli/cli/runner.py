@@ -72,6 +72,8 @@ def run_batch(
         if result.error:
             line += f": {result.error}"
         console.print(printable(line), highlight=False, markup=False, soft_wrap=True)
+        if result.warning and not quiet:
+            typer.echo(f"refq: warning: {printable(result.warning)}", err=True)
 
     with bar if show_bar else nullcontext():
         results = run_jobs(jobs, options, workers=workers, fail_fast=fail_fast, on_result=report)

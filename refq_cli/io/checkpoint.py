@@ -75,6 +75,13 @@ class Checkpoint:
     _mapped: list[tuple[int, int]] | None = field(default=None, repr=False)
     _inputs: list[_OpenInput] = field(default_factory=list, repr=False)
 
+    def check_has_modules(self) -> None:
+        """CheckpointError when the file holds no recurrent module: nothing to convert."""
+        if not self.modules:
+            raise CheckpointError(
+                f"{self.path}: no recurrent module found (looked for weight_ih/weight_hh keys)"
+            )
+
     def check_unchanged(self) -> None:
         """CheckpointError if a file (the index or a shard) changed since refq began reading
         it: tensors mapped from it may then hold bytes its recorded sha256 does not cover."""
@@ -348,16 +355,24 @@ def _read_open(
     if not head:
         raise CheckpointError(f"{path}: the file is empty")
 
+    # A safetensors file starts with its header's length (8 bytes, little-endian), then "{";
+    # that length's low byte is 0x80 for one header size in 32, as a legacy pickle's first
+    # byte is, so it is told first (a pickle's byte 8 is within torch's magic number).
+    size = opened.before.st_size
+    safetensors = (
+        len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") <= size - 8
+    )
+    legacy = head[:1] == b"\x80" and not safetensors
     if head.startswith(b"PK\x03\x04"):
-        _check_zip(path, opened.before.st_size)
-    elif head[:1] == b"\x80":
+        _check_zip(path, size)
+    elif legacy:
         with path.open("rb") as f:  # a legacy torch.save file: five pickles, then the data
             _check_numbers(path, count_huge_numbers(f, pickles=5))
     if head.startswith(b"PK\x03\x04") and is_torchscript(path):
         fmt, (tensors, facts) = "torchscript", _load_torchscript(path, trust_code)
-    elif head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+    elif head.startswith(b"PK\x03\x04") or legacy:
         fmt, (tensors, facts) = _load_torch_save(path, trust_code, head.startswith(b"PK"))
-    elif len(head) >= 9 and head[8:9] == b"{":
+    elif safetensors:
         fmt, tensors, facts = "safetensors", _load_safetensors(path), {}
         if _is_refq_artifact(path):
             raise CheckpointError(
@@ -548,11 +563,16 @@ def _is_refq_artifact(path: Path) -> bool:
         return (f.metadata() or {}).get("format") == "refq"
 
 
+# Where training code keeps the weights: Lightning's and most scripts' state_dict, model; the
+# PyTorch tutorial's model_state_dict; DeepSpeed's module.
+STATE_DICT_KEYS = ("state_dict", "model", "model_state_dict", "module")
+
+
 def _state_dict_of(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], Facts]:
     """The flat name -> tensor mapping inside whatever the file held, and the facts its
     recurrent modules record when it held a module."""
     if isinstance(obj, Mapping) and not _all_tensors(obj):
-        for key in ("state_dict", "model"):
+        for key in STATE_DICT_KEYS:
             inner = obj.get(key)
             if isinstance(inner, nn.Module) or (isinstance(inner, Mapping) and _all_tensors(inner)):
                 obj = inner
@@ -562,9 +582,12 @@ def _state_dict_of(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], Facts
         facts = recorded_facts(obj)
         obj = obj.state_dict()
     if not isinstance(obj, Mapping) or not _all_tensors(obj) or not obj:
+        keys = ", ".join(shorten(k) for k in list(obj)[:10]) if isinstance(obj, Mapping) else ""
         raise CheckpointError(
             f"{path}: holds no state_dict (a mapping of names to tensors, possibly under "
-            "'state_dict' or 'model')"
+            + " or ".join(repr(k) for k in STATE_DICT_KEYS)
+            + ")"
+            + (f"; its keys: {keys}" if keys else "")
         )
     for key in obj:
         if not isinstance(key, str):

@@ -58,6 +58,13 @@ class RecurrentModule:
     def key(self, name: str) -> str:
         return tensor_key(self.path, name)
 
+    @property
+    def asked_facts(self) -> list[str]:
+        """The facts a spec may give for this module (``kinds.facts_of`` its kind), less
+        ``dropout`` for a module of one layer, after which there is no layer to drop out for."""
+        facts = facts_of(self.float_type)
+        return [f for f in facts if f != "dropout" or self.config.get("num_layers", 1) > 1]
+
     def describe(self) -> str:
         args = ", ".join(f"{k}={v}" for k, v in self.config.items())
         return f"{self.float_type}({args})"

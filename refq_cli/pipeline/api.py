@@ -17,7 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from refq_cli.errors import RefqError, argument, ignore_torch_noise
+from refq_cli.errors import RefqError, RefqWarning, argument, ignore_torch_noise
 from refq_cli.pipeline.artifact import Artifact, load_artifact
 from refq_cli.pipeline.batch import JobResult, convert_job, prepare_run, run_jobs
 from refq_cli.pipeline.convert import Conversion
@@ -32,6 +32,7 @@ from refq_cli.pipeline.jobs import (
     output_paths,
 )
 from refq_cli.pipeline.manifest import load_manifest
+from refq_cli.pipeline.report import assumed_facts_warning
 from refq_cli.pipeline.shards import parse_shard
 from refq_cli.pipeline.verify import verify as verify_artifact
 from refq_cli.spec.spec import Spec, as_spec
@@ -80,8 +81,10 @@ def convert(
     With ``min_sqnr``, a conversion with a weight's SQNR (dB) below it still returns, with
     ``passed`` False and its files set aside under ``.rejected`` names (``.output`` says where).
     ``strip_prefix`` removes a wrapper's prefix (``"model."``) from every key, as the spec's
-    ``strip_prefix:`` does. The returned conversion holds the report (``.report``), the
-    artifact's metadata (``.metadata``) and the runnable modules
+    ``strip_prefix:`` does. Facts the weights cannot tell that neither the checkpoint nor the
+    spec gave (``batch_first``, ...) are assumed with PyTorch's defaults, with a
+    :class:`~refq_cli.errors.RefqWarning` naming them. The returned conversion holds the
+    report (``.report``), the artifact's metadata (``.metadata``) and the runnable modules
     (``.modules[path].reference``).
     """
     _check_switches(force=force, trust_code=trust_code)
@@ -105,12 +108,16 @@ def convert(
     options = Options(force, device=check_device(device), trust_code=trust_code)
     made = _missing_folders(job.output.parent, job.report.parent)
     try:
-        return convert_job(job, options, progress, spec=spec)
+        conversion = convert_job(job, options, progress, spec=spec)
     except BaseException:
         for folder in made:  # deepest first; only those this call made, and only when empty
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
+    warning = assumed_facts_warning(conversion.report)
+    if warning:
+        warnings.warn(warning, RefqWarning, stacklevel=3)  # the caller's line, past _quiet
+    return conversion
 
 
 def inspect(

@@ -58,6 +58,7 @@ class JobResult:
     seconds: float = 0.0
     worst_sqnr_db: float | None = None
     gate: dict[str, Any] | None = None  # gate_record, when the job has a gate it was judged by
+    warning: str | None = None  # the facts the conversion assumed (report.assumed_facts_warning)
     exit_code: int = 0
 
     @classmethod
@@ -149,6 +150,8 @@ def missed_gate(report: dict[str, Any]) -> bool:
 
 def converted_result(job: Job, report: dict[str, Any]) -> JobResult:
     """The result of a job :func:`convert_job` converted into ``report``."""
+    from refq_cli.pipeline.report import assumed_facts_warning
+
     placed = rejected_job(job) if missed_gate(report) else job
     result = JobResult.of(
         placed,
@@ -156,6 +159,7 @@ def converted_result(job: Job, report: dict[str, Any]) -> JobResult:
         seconds=report["totals"]["seconds"],
         worst_sqnr_db=report["totals"]["worst_sqnr_db"],
         gate=report.get("gate"),
+        warning=assumed_facts_warning(report),
         exit_code=int(missed_gate(report)),
     )
     if missed_gate(report):

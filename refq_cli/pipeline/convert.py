@@ -156,10 +156,7 @@ def convert_checkpoint(
     calibration_inputs = read_calibration(calibration)
     step("loading the checkpoint", 0, None)
     checkpoint = load_checkpoint(input_path, trust_code=trust_code, strip_prefix=spec.strip_prefix)
-    if not checkpoint.modules:
-        raise CheckpointError(
-            f"{input_path}: no recurrent module found (looked for weight_ih/weight_hh keys)"
-        )
+    checkpoint.check_has_modules()
     plans = resolve(
         spec,
         {p: m.weight_names for p, m in checkpoint.modules.items()},
@@ -251,7 +248,7 @@ def assumed_facts(
         plan = plans[path]
         facts = {
             fact: FACTS[fact].default
-            for fact in facts_of(info.float_type)
+            for fact in info.asked_facts
             if fact not in info.recorded and fact not in plan.facts
         }
         if facts and not plan.skip:

@@ -6,14 +6,16 @@ import json
 
 from refq_cli.errors import plural
 from refq_cli.io.checkpoint import Checkpoint
-from refq_cli.kinds import FACTS, display_path, facts_of
+from refq_cli.kinds import FACTS, display_path
 from refq_cli.spec.spec import BUILTIN_DEFAULTS
 
 
 def skeleton(checkpoint: Checkpoint) -> str:
     """YAML text that loads as a valid spec: the defaults, one commented rule per module, and
-    every fact weights cannot tell for every module, as the file records it or with PyTorch's
-    default, so that editing the skeleton is the way to get them right."""
+    every fact weights cannot tell for every module, as the file records it, or else commented
+    out with PyTorch's default (so that converting with it unedited warns of each, as converting
+    without it does)."""
+    checkpoint.check_has_modules()  # a skeleton of nothing would not convert
     lines = [
         "# yaml-language-server: $schema=refq.schema.json",
         f"# refq spec for {checkpoint.path.name} (sha256 {checkpoint.sha256[:12]}): "
@@ -38,19 +40,24 @@ def skeleton(checkpoint: Checkpoint) -> str:
             "    # weights:",
             f"    #   {module.weight_names[-1]}: {{observer: mse}}",
         ]
-    if not checkpoint.modules:
-        lines[-1] = "rules: []"
-    with_facts = {p: m for p, m in checkpoint.modules.items() if facts_of(m.float_type)}
-    lines.append("modules:" if with_facts else "modules: {}")
-    for path, module in with_facts.items():
-        lines.append(f"  {json.dumps(display_path(path))}:")
-        for fact in facts_of(module.float_type):
+    facts = {p: m.asked_facts for p, m in checkpoint.modules.items()}
+    recorded = [p for p, m in checkpoint.modules.items() if set(facts[p]) & set(m.recorded)]
+    lines.append("modules:" if any(facts.values()) else "modules: {}")
+    if any(facts.values()):
+        lines.append(
+            "  # Facts weights cannot tell, commented out where the file does not record them: "
+            "until one is set, refq assumes PyTorch's default and warns."
+        )
+    for path, module in checkpoint.modules.items():
+        if not facts[path]:
+            continue
+        lines.append(f"  {'' if path in recorded else '# '}{json.dumps(display_path(path))}:")
+        for fact in facts[path]:
             if fact in module.recorded:
-                value, note = module.recorded[fact], "as the file records it"
+                value, note, mark = module.recorded[fact], "as the file records it", ""
             else:
-                value, note = FACTS[fact].default, "PyTorch's default: weights cannot tell"
-                note += _hint(fact)
-            lines.append(f"    {fact}: {json.dumps(value)}  # {note}")
+                value, note, mark = FACTS[fact].default, "PyTorch's default" + _hint(fact), "# "
+            lines.append(f"    {mark}{fact}: {json.dumps(value)}  # {note}")
     return "\n".join(lines) + "\n"
 
 

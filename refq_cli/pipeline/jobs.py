@@ -426,11 +426,19 @@ def _sibling_hint(path: Path) -> str:
 
 def _folder_hint(folder: Path) -> str:
     """What to give instead of a folder: its sharded checkpoint's index, or a glob."""
-    indexes = sorted(n for n in _names_in(folder) if is_index(n))
-    pattern = f"'{folder.as_posix().rstrip('/')}/**/*.pt'"
+    names = _names_in(folder)
+    indexes = sorted(n for n in names if is_index(n))
     if len(indexes) == 1:
-        return f"its sharded checkpoint's index {folder / indexes[0]}, or a glob: {pattern}"
+        return f"its sharded checkpoint's index {folder / indexes[0]}"
+    suffix = next(
+        (s for s in CHECKPOINT_SUFFIXES if any(n.endswith(s) for n in names)), ".pt"
+    )  # the kind of checkpoint the folder holds at its top, .pt when it tells nothing
+    pattern = f"'{folder.as_posix().rstrip('/')}/**/*{suffix}'"
     return f"the checkpoints in it, as a glob in quotes: {pattern}"
+
+
+# Checkpoint names a folder's hint looks for, most telling first.
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
 
 
 def check_jobs(jobs: Sequence[Job], strip_prefix: str | None = None) -> None:
@@ -466,7 +474,8 @@ def check_distinct(jobs: Sequence[Job]) -> None:
         if target in seen:
             raise RefqError(
                 f"{seen[target].input} and {job.input} would both write {job.output}; give them "
-                "different output folders or names"
+                "different output folders or names (an output folder keeps the inputs' folders "
+                "below a glob's fixed part, so give the glob in quotes, or below a root)"
             )
         seen[target] = job
 

@@ -253,7 +253,7 @@ class _SpecReader(YamlReader):
             else ()
         )
         modules: dict[str, tuple[Loc, Settings]] = {}
-        if "modules" in top:
+        if "modules" in top and not _is_empty(top["modules"][1]):  # "modules:" with all commented
             for key, (key_node, value_node) in self.mapping(
                 top["modules"][1], None, "modules"
             ).items():
@@ -299,6 +299,15 @@ class _SpecReader(YamlReader):
                     self.settings(value_node, QPARAM_FIELDS, f"weights.{key}"),
                 )
         return Rule(match, self.loc(items["match"][1]), skip, fields, weights)
+
+
+def _is_empty(node: yaml.Node) -> bool:
+    """A key with nothing after it (``modules:`` whose entries are all commented out)."""
+    return (
+        isinstance(node, yaml.ScalarNode)
+        and node.tag == "tag:yaml.org,2002:null"
+        and (node.value in ("", "~", "null"))
+    )
 
 
 # --- resolving --------------------------------------------------------------------------------

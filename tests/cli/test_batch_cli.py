@@ -245,3 +245,19 @@ def test_workers_print_no_torch_noise(tmp_path, monkeypatch):
         "convert", "ckpts/*/*.pt", "-q", "q.yaml", "--out-dir", "o", "--jobs", "2", "--quiet"
     )
     assert result.returncode == 0 and result.stderr == "", result.stderr
+
+
+def test_each_job_that_assumed_facts_says_so(tmp_path):
+    from typer.testing import CliRunner
+
+    from refq_cli.cli.app import app
+
+    example = Path(__file__).resolve().parents[2] / "examples" / "models" / "example.pt"
+    (tmp_path / "q.yaml").write_text("version: 1\n")
+    out = tmp_path / "out"
+    result = CliRunner().invoke(
+        app, ["convert", str(example), "-q", str(tmp_path / "q.yaml"), "--out-dir", str(out)]
+    )
+    assert result.exit_code == 0
+    assert "refq: warning: example.pt: weights cannot tell these facts" in result.stderr
+    assert "modules.encoder.batch_first: false" in result.stderr

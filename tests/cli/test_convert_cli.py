@@ -331,7 +331,7 @@ def test_assumed_facts_get_one_warning_line_naming_the_spec_keys(tmp_path):
     assert result.returncode == 0, result.stderr
     (line,) = result.stderr.strip().splitlines()
     assert line.startswith("refq: warning: model.pt: weights cannot tell these facts")
-    assert 'modules.tanh_cell.nonlinearity: "tanh"' in line and "modules.context.dropout" in line
+    assert 'modules.tanh_cell.nonlinearity: "tanh"' in line and "modules.encoder.dropout" in line
     quiet = run_refq(
         "convert", source, "-q", spec(tmp_path), "-o", tmp_path / "y.refq.safetensors", "--quiet"
     )

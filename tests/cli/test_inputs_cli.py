@@ -166,7 +166,8 @@ def test_trees_that_meet_are_refused_as_one_output(tmp_path, monkeypatch):
     line = refused("convert", "one/**/*.pt", "two/**/*.pt", "-q", "q.yaml", "--out-dir", "o")
     assert line == (
         "one/m/x.pt and two/m/x.pt would both write o/m/x.refq.safetensors; give them different "
-        "output folders or names"
+        "output folders or names (an output folder keeps the inputs' folders below a glob's "
+        "fixed part, so give the glob in quotes, or below a root)"
     )
 
 
@@ -216,7 +217,7 @@ def test_paths_print_normalised_unless_a_link_says_otherwise(tmp_path, monkeypat
     (job,) = json.loads(result.stdout)["jobs"]
     assert (job["input"], job["spec"], job["output"]) == (
         "examples/models/example.pt",
-        "configs/int8-per-channel-symmetric.yaml",
+        "examples/models/example.yaml",
         "out/ci/example.refq.safetensors",
     )
 
@@ -253,9 +254,10 @@ def test_folders_given_as_inputs_are_refused_with_the_glob_to_give(tmp_path, mon
     assert refused("convert", "fleet", "-q", "q.yaml") == expected
     assert refused("convert", "fleet/a.pt", "fleet", "-q", "q.yaml", "--out-dir", "o") == expected
     assert refused("convert", "hub", "-q", "q.yaml") == (
-        "hub: is a directory; give its sharded checkpoint's index "
-        "hub/model.safetensors.index.json, or a glob: 'hub/**/*.pt'"
+        "hub: is a directory; give its sharded checkpoint's index hub/model.safetensors.index.json"
     )
+    tree(tmp_path, "runs/last.ckpt")  # the glob it suggests is for what the folder holds
+    assert refused("convert", "runs", "-q", "q.yaml").endswith("in quotes: 'runs/**/*.ckpt'")
     assert not Path("o").exists()
 
 

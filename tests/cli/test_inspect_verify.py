@@ -239,3 +239,11 @@ def test_a_missing_artifact_or_a_folder_is_named_as_such(tmp_path):
     assert missing.stderr.strip().endswith("nope.refq.safetensors: no such artifact file")
     folder = invoke("inspect", tmp_path)
     assert folder.stderr.strip().endswith(": is a directory, not an artifact file")
+
+
+def test_a_filter_that_matches_no_weight_is_an_error_naming_what_is_there(tmp_path):
+    path, _ = make_artifact(tmp_path)
+    result = invoke("inspect", path, "--module", "zzz")
+    assert result.exit_code == 2
+    assert f"--module zzz: matches no quantized weight of {path}; it has " in result.stderr
+    assert "decoder.cell.weight_ih" in result.stderr
