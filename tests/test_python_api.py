@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 import refq_cli
-from refq_cli.errors import ArtifactError, RefqError, SpecError
+from refq_cli.errors import ArtifactError, CheckpointError, RefqError, SpecError
 from refq_cli.spec.spec import load_spec
 from tests.checkpoints import Speech, write
 
@@ -374,3 +374,15 @@ def test_facts_assumed_are_a_warning_from_python_and_in_every_job_record(tmp_pat
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a spec that gives every fact: no warning
         refq_cli.convert(EXAMPLE, EXAMPLE.with_suffix(".yaml"), tmp_path / "b.st")
+
+
+def test_verify_against_the_bare_checkpoint_says_the_prefix_came_from_the_artifact(tmp_path):
+    path = lightning_checkpoint(tmp_path)
+    spec = {"version": 1, "strip_prefix": "model.", **SPEECH_FACTS}
+    conversion = refq_cli.convert(path, spec, tmp_path / "a.st")
+    assert refq_cli.verify(conversion.output, path)["source_matches"]  # the prefix, as recorded
+    bare = write(tmp_path, "pt")
+    with pytest.raises(
+        CheckpointError, match=r"no key starts with it; .*\(the prefix .*a\.st was "
+    ):
+        refq_cli.verify(conversion.output, bare)

@@ -119,6 +119,10 @@ def render_header(desc: dict[str, Any], console: Any) -> None:
     for shard in source.get("shards", []):
         _line(console, f"  shard: {shard['name']}, sha256 {shard['sha256']}")
     _line(console, f"producer: refq {producer.get('refq')}, torch {producer.get('torch')}")
+    gate = desc["gate"]
+    if gate is not None:
+        verdict = "passed" if gate["passed"] else "MISSED: an artifact set aside, not accepted"
+        _line(console, f"gate: minimum SQNR {gate['min_sqnr']:g} dB, {verdict}")
     _line(
         console,
         f"totals: {plural(totals['modules'], 'module')}, "

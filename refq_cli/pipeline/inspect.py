@@ -27,6 +27,7 @@ from refq_cli.io.header import (
     read_values,
 )
 from refq_cli.kinds import display_path, tensor_key
+from refq_cli.pipeline.uptodate import recorded_gate
 
 _QUANTIZED_SUFFIXES = ("_scale", "_zero_point")
 _FLOAT32_MAX = 3.4028234663852886e38  # 1/scale must be a float32 too
@@ -99,6 +100,7 @@ def describe_artifact(
         "path": str(path),
         "source": metadata["refq.source"],
         "producer": metadata["refq.producer"],
+        "gate": recorded_gate(metadata),  # the gate it was converted with, and its verdict
         "format_version": int(metadata["refq.format_version"]),
         "totals": {
             "modules": len(modules),

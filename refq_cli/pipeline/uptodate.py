@@ -13,7 +13,7 @@ from refq_cli.kinds import tensor_key
 from refq_cli.pipeline.jobs import Job
 
 
-def _recorded_gate(metadata: dict[str, Any]) -> dict[str, Any] | None:
+def recorded_gate(metadata: dict[str, Any]) -> dict[str, Any] | None:
     """The artifact's ``refq.gate`` (checked), None without one; ArtifactError if malformed."""
     from refq_cli.errors import ArtifactError
 
@@ -81,7 +81,7 @@ def unchanged_metadata(job: Job, strip_prefix: str | None = None) -> dict[str, A
         return None
     try:
         _, metadata = read_artifact(job.output)
-        gate = _recorded_gate(metadata)
+        gate = recorded_gate(metadata)
     except RefqError:  # not an artifact this refq reads: converting again replaces it
         return None
     unchanged = (

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from refq_cli.errors import CheckpointError
 from refq_cli.io.checkpoint import load_checkpoint, read_tensors
 from refq_cli.kinds import display_path, facts_of, module_path
 from refq_cli.pipeline.artifact import ArtifactError, check_module_matches, load_artifact
@@ -28,10 +29,21 @@ def verify(
     :func:`~refq_cli.io.checkpoint.load_checkpoint` takes it, by default the one the artifact's
     spec records (the conversion's)."""
     artifact = load_artifact(artifact_path)
-    if strip_prefix is None:
-        recorded = artifact.metadata["refq.spec"].get("strip_prefix")
-        strip_prefix = recorded if isinstance(recorded, str) else None
-    checkpoint = load_checkpoint(checkpoint_path, trust_code=trust_code, strip_prefix=strip_prefix)
+    recorded = artifact.metadata["refq.spec"].get("strip_prefix")
+    from_artifact = strip_prefix is None and isinstance(recorded, str)
+    if from_artifact:
+        strip_prefix = recorded
+    try:
+        checkpoint = load_checkpoint(
+            checkpoint_path, trust_code=trust_code, strip_prefix=strip_prefix
+        )
+    except CheckpointError as exc:
+        if from_artifact and "strip_prefix" in str(exc):
+            raise CheckpointError(
+                f"{exc} (the prefix {artifact_path} was converted with: verify it against the "
+                "checkpoint it came from)"
+            ) from None
+        raise
     inputs = read_tensors(calibration, what="calibration")[2] if calibration else {}
     check_calibration_names(calibration, inputs, artifact.modules)
     rows = []

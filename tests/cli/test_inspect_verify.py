@@ -247,3 +247,32 @@ def test_a_filter_that_matches_no_weight_is_an_error_naming_what_is_there(tmp_pa
     assert result.exit_code == 2
     assert f"--module zzz: matches no quantized weight of {path}; it has " in result.stderr
     assert "decoder.cell.weight_ih" in result.stderr
+
+
+def test_inspect_shows_the_gate_an_artifact_was_converted_with(tmp_path):
+    source = write(tmp_path, "pt")
+    (tmp_path / "q.yaml").write_text(MIXED)
+    out = tmp_path / "m.refq.safetensors"
+    assert (
+        invoke(
+            "convert", source, "-q", tmp_path / "q.yaml", "-o", out, "--min-sqnr", "200"
+        ).exit_code
+        == 1
+    )
+    rejected = tmp_path / "m.refq.rejected.safetensors"
+    shown = invoke("inspect", rejected)
+    assert "gate: minimum SQNR 200 dB, MISSED: an artifact set aside, not accepted" in shown.stdout
+    assert json.loads(invoke("inspect", rejected, "--json").stdout)["gate"] == {
+        "min_sqnr": 200.0,
+        "passed": False,
+    }
+    assert (
+        invoke("convert", source, "-q", tmp_path / "q.yaml", "-o", out, "--min-sqnr", "1").exit_code
+        == 0
+    )
+    assert "gate: minimum SQNR 1 dB, passed" in invoke("inspect", out).stdout
+    assert (
+        invoke("convert", source, "-q", tmp_path / "q.yaml", "-o", tmp_path / "plain.st").exit_code
+        == 0
+    )
+    assert json.loads(invoke("inspect", tmp_path / "plain.st", "--json").stdout)["gate"] is None
