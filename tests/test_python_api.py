@@ -386,3 +386,9 @@ def test_verify_against_the_bare_checkpoint_says_the_prefix_came_from_the_artifa
         CheckpointError, match=r"no key starts with it; .*\(the prefix .*a\.st was "
     ):
         refq_cli.verify(conversion.output, bare)
+
+
+def test_verify_names_its_calibration_argument(tmp_path):
+    conversion = refq_cli.convert(EXAMPLE, EXAMPLE_FACTS, tmp_path / "a.st")
+    with pytest.raises(CheckpointError, match=r"^calibration='.*nope\.pt': no such calibration"):
+        refq_cli.verify(conversion.output, EXAMPLE, calibration=tmp_path / "nope.pt")

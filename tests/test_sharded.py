@@ -22,10 +22,11 @@ from refq_cli.io.sharded import (
     MAX_INDEX_BYTES,
     MAX_NAMES,
     MAX_SHARDS,
-    input_files,
     is_index,
+    read_checked,
     read_index,
 )
+from refq_cli.pipeline.jobs import checkpoint_files
 from refq_cli.pipeline.uptodate import source_unchanged
 from tests.checkpoints import SHARD_NAMES, tagger_state, write_sharded
 
@@ -112,11 +113,12 @@ def test_tensors_keep_the_shards_order_then_each_files(tmp_path):
     assert list(load_checkpoint(index).tensors) == keys  # the model's order, not the map's
 
 
-def test_input_files_lists_the_index_and_its_shards(tmp_path):
+def test_an_index_names_its_shards_and_checkpoint_files_lists_them(tmp_path):
     index = write_sharded(tmp_path / "d", "safetensors")
     shards = sorted(p for p in index.parent.iterdir() if p != index)
-    assert input_files(index) == [index, *shards]
-    assert input_files(shards[0]) == [shards[0]]
+    assert read_checked(index).shards == [p.name for p in shards]
+    assert checkpoint_files(index) == [index, *shards]
+    assert checkpoint_files(shards[0]) == [shards[0]]
     assert is_index(index) and not is_index(shards[0]) and not is_index(tmp_path / "index.json")
     assert read_index(index).shards == [p.name for p in shards]
 
@@ -124,11 +126,11 @@ def test_input_files_lists_the_index_and_its_shards(tmp_path):
 def test_the_index_is_read_without_torch(tmp_path):
     index = write_sharded(tmp_path, "safetensors")
     code = (
-        "import sys; from pathlib import Path; from refq_cli.io.sharded import input_files; "
-        f"print(len(input_files(Path({str(index)!r})))); print('torch' in sys.modules)"
+        "import sys; from pathlib import Path; from refq_cli.io.sharded import read_checked; "
+        f"print(len(read_checked(Path({str(index)!r})).shards)); print('torch' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert out.stdout.split() == ["3", "False"], out.stderr
+    assert out.stdout.split() == ["2", "False"], out.stderr  # two shards
 
 
 def test_a_linked_shard_elsewhere_is_read(tmp_path):
@@ -182,7 +184,7 @@ def test_shards_that_are_not_files_beside_the_index_are_refused(tmp_path, shard,
     error = refused(rewrite(index, content), pattern)
     assert str(error).startswith(f"{index}: ")
     with pytest.raises(CheckpointError, match=pattern):
-        input_files(index)
+        read_checked(index)
 
 
 @pytest.mark.parametrize(
@@ -218,7 +220,7 @@ def test_an_index_of_absurd_size_is_refused_without_reading_it_all(tmp_path):
     started = time.perf_counter()
     refused(index, r"an index of over 64 MiB is no checkpoint index")
     with pytest.raises(CheckpointError, match="over 64 MiB"):
-        input_files(index)
+        read_checked(index)
     assert time.perf_counter() - started < 10
 
 
@@ -345,7 +347,7 @@ def test_a_shard_linked_to_the_index_or_to_another_shard(tmp_path):
     content["weight_map"]["head.bias"] = "self.safetensors"
     refused(rewrite(index, content), r"shard 'self.safetensors' is the index itself \(a link")
     with pytest.raises(CheckpointError, match="is the index itself"):
-        input_files(index)
+        read_checked(index)
     (tmp_path / "again.safetensors").symlink_to("model-00001-of-00002.safetensors")
     content = index_of(write_sharded(tmp_path, "safetensors"))
     content["weight_map"]["head.bias"] = "again.safetensors"  # read first: sorted by name
@@ -371,7 +373,7 @@ def test_a_fifo_a_folder_or_a_device_as_a_shard_is_refused_without_waiting(tmp_p
         started = time.perf_counter()
         refused(rewrite(index, content), rf"weight_map\['head.bias'\]: shard '{name}': {why}")
         with pytest.raises(CheckpointError, match=why):
-            input_files(index)
+            read_checked(index)
         assert time.perf_counter() - started < 10
 
 

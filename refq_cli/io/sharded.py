@@ -95,9 +95,7 @@ def _is_file_name(name: str) -> bool:
     return (
         name not in ("", ".", "..")
         and name.isprintable()  # no control character or line break to reach a message
-        and not any(c in name for c in ("/", "\\", "\0"))
-        and (os.sep not in name)
-        and (os.altsep is None or os.altsep not in name)
+        and not any(c in name for c in ("/", "\\", "\0"))  # os.sep and os.altsep among them
     )
 
 
@@ -260,13 +258,3 @@ def read_checked(path: str | Path) -> Index:
     for name in index.shards:
         check_distinct(index, name, shard_status(index, name), seen)
     return index
-
-
-def input_files(path: Path) -> list[Path]:
-    """The files a checkpoint input is read from: ``[path]`` for a single file, ``[index,
-    *shards]`` (the shards sorted by name) for an index, which is read and
-    checked as :func:`read_checked` does; CheckpointError for a bad one."""
-    path = Path(path)
-    if not is_index(path):
-        return [path]
-    return [path, *(path.parent / name for name in read_checked(path).shards)]

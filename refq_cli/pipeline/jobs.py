@@ -14,7 +14,7 @@ from pathlib import Path
 
 from refq_cli.errors import RefqError, argument, did_you_mean, names_flags
 from refq_cli.io.outputs import Replaceable, check_outputs, starts_with
-from refq_cli.io.sharded import INDEX_SUFFIX, input_files, is_index, read_index
+from refq_cli.io.sharded import INDEX_SUFFIX, is_index, read_index
 
 ARTIFACT_SUFFIX = ".refq.safetensors"
 # The names refq gives its outputs: a glob never matches them (an artifact is no input, and an
@@ -80,10 +80,8 @@ def checkpoint_files(path: Path) -> list[Path]:
     """The files an input is read from: ``[path]``, or an index and its shards. For an index
     refq will refuse (its job fails, naming why), the shards it names all the same when it
     can be read (so that no output replaces one), else ``[path]``."""
-    try:
-        return input_files(path)
-    except RefqError:
-        pass
+    if not is_index(path):
+        return [path]
     try:
         index = read_index(path)
     except RefqError:
@@ -327,11 +325,6 @@ def _refuse_loops(pattern: str, search: str) -> None:
                 chains[child] = (*chain, real)
                 kept.append(name)
             subfolders[:] = kept
-
-
-def expand_inputs(patterns: Iterable[str]) -> list[Path]:
-    """The paths of :func:`find_inputs`."""
-    return [item.path for item in find_inputs(patterns)]
 
 
 def _key(path: Path) -> str:

@@ -6,10 +6,10 @@ from pathlib import Path
 from typing import Any
 
 from refq_cli.errors import CheckpointError
-from refq_cli.io.checkpoint import load_checkpoint, read_tensors
+from refq_cli.io.checkpoint import load_checkpoint
 from refq_cli.kinds import display_path, facts_of, module_path
 from refq_cli.pipeline.artifact import ArtifactError, check_module_matches, load_artifact
-from refq_cli.pipeline.convert import check_calibration_names
+from refq_cli.pipeline.convert import check_calibration_names, read_calibration
 from refq_cli.pipeline.gate import OUTPUT_SQNR, gate_record, named_below
 from refq_cli.pipeline.probe import probe_for, probe_module
 
@@ -44,7 +44,7 @@ def verify(
                 "checkpoint it came from)"
             ) from None
         raise
-    inputs = read_tensors(calibration, what="calibration")[2] if calibration else {}
+    inputs = read_calibration(calibration)
     check_calibration_names(calibration, inputs, artifact.modules)
     rows = []
     for name, ref in artifact.modules.items():
