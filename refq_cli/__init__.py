@@ -7,6 +7,7 @@ The library's entry points, one per verb (:mod:`refq_cli.pipeline.api`)::
     conversion = refq_cli.convert("model.pt", "q.yaml")  # artifact + reports
     art = refq_cli.load_artifact("model.refq.safetensors")
     refq_cli.inspect(...), refq_cli.diff(...), refq_cli.verify(...), refq_cli.batch(...)
+    refq_cli.export("model.refq.safetensors", "onnx/")  # one ONNX model per module
 
 Importing this package does not import torch; the entry points (and the submodules that need
 it: ``refq_cli.quant.numerics``, ``refq_cli.reference``, ...) do, when first used.
@@ -17,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-_ENTRY_POINTS = ("convert", "load_artifact", "inspect", "diff", "verify", "batch")
+_ENTRY_POINTS = ("convert", "load_artifact", "inspect", "diff", "verify", "batch", "export")
 __all__ = ["__version__", *_ENTRY_POINTS]
 
 

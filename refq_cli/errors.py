@@ -107,6 +107,11 @@ class ArtifactError(RefqError):
     """An artifact that cannot be written or read back."""
 
 
+class ExportError(RefqError):
+    """A module that cannot be exported as asked: a format, opset or target that cannot
+    express it, a missing optional dependency, integer codes out of date while tracing."""
+
+
 _NAMED_ESCAPES = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}
 
 

@@ -23,9 +23,10 @@ def run_refq(*args, env=None, cwd=None) -> subprocess.CompletedProcess:
     )
 
 
-def run_and_check_torch(*argvs: list[str]) -> tuple[str, bool]:
+def run_and_check_torch(*argvs: list[str], module: str = "torch") -> tuple[str, bool]:
     """Run ``refq`` with each argv in turn in one fresh Python, as the script would; return the
-    output and whether torch got imported. A command that fails fails the calling test."""
+    output and whether ``module`` (torch) got imported. A command that fails fails the calling
+    test."""
     code = (
         "import sys\n"
         "from refq_cli.cli.app import main\n"
@@ -35,7 +36,7 @@ def run_and_check_torch(*argvs: list[str]) -> tuple[str, bool]:
         "        main()\n"
         "    except SystemExit as exit:\n"
         "        assert exit.code in (0, None), exit.code\n"
-        "print('torch' in sys.modules)\n"
+        f"print({module!r} in sys.modules)\n"
     )
     env = {**os.environ, "COLUMNS": "100"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)

@@ -53,7 +53,9 @@ def models(tmp_path, monkeypatch):
 def test_the_schema_is_a_valid_json_schema_with_one_definition_per_command():
     schema = output_schema()
     Draft202012Validator.check_schema(schema)
-    assert {"convert", "batch", "inspect", "inspect-diff", "verify"} <= set(schema["$defs"])
+    assert {"convert", "batch", "inspect", "inspect-diff", "verify", "export"} <= set(
+        schema["$defs"]
+    )
 
 
 def test_convert_has_one_shape_for_one_input_and_many(models):
@@ -106,3 +108,13 @@ def test_inspect_diff_and_verify(models):
     missed = check("verify", run("verify", a, "--against", "in/m0.pt", "--min-sqnr", "200", code=1))
     assert missed["gate"]["measure"] == "output_sqnr" and not missed["gate"]["passed"]
     assert len(missed["gate"]["below"]) == len(missed["modules"])
+
+
+def test_export(models):
+    pytest.importorskip("onnx")
+    run("convert", "in/m0.pt", "-q", "q.yaml", "-o", "m0.refq.safetensors")
+    exported = check("export", run("export", "m0.refq.safetensors", "-o", "onnx"))
+    assert [m["path"] for m in exported["models"]] == [
+        f"onnx/{m['module']}.onnx" for m in exported["models"]
+    ]
+    assert all(Path(m["path"]).stat().st_size == m["bytes"] for m in exported["models"])

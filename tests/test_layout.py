@@ -35,9 +35,10 @@ LAYERS: tuple[tuple[int, str, tuple[str, ...]], ...] = (
     (2, "spec", ("refq_cli.spec",)),
     (3, "quant", ("refq_cli.quant",)),
     (4, "reference", ("refq_cli.reference",)),
-    (5, "pipeline", ("refq_cli.pipeline",)),
-    (6, "cli", ("refq_cli.cli",)),
-    (7, "root", ("=refq_cli", "=refq_cli.__main__")),
+    (5, "deploy", ("refq_cli.deploy",)),
+    (6, "pipeline", ("refq_cli.pipeline",)),
+    (7, "cli", ("refq_cli.cli",)),
+    (8, "root", ("=refq_cli", "=refq_cli.__main__")),
 )
 
 # Importing one of these must not import torch: ``refq --help`` and light library use rely on it.
@@ -48,6 +49,7 @@ LIGHT_PACKAGES = (
     "refq_cli.quant",
     "refq_cli.spec",
     "refq_cli.pipeline",
+    "refq_cli.deploy",
     "refq_cli.cli",
 )
 
@@ -438,9 +440,9 @@ def test_the_checker_sees_upward_imports_and_unplaced_modules(tmp_path):
     assert layer_violations(files, imports, root) == [
         "refq_cli/misc.py: refq_cli.misc is in no layer (add it to LAYERS)",
         "refq_cli/cli/app.py:2: refq_cli.cli.app imports refq_cli: upward,"
-        " from layer 6 (cli) to layer 7 (root)",
+        " from layer 7 (cli) to layer 8 (root)",
         "refq_cli/io/header.py:4: refq_cli.io.header imports refq_cli.cli.app (in f()): upward,"
-        " from layer 1 (io) to layer 6 (cli)",
+        " from layer 1 (io) to layer 7 (cli)",
     ]
 
 

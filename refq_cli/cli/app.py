@@ -20,6 +20,7 @@ from refq_cli import __version__
 from refq_cli.cli.batch import batch_command
 from refq_cli.cli.convert import convert_command
 from refq_cli.cli.converters import converters_command
+from refq_cli.cli.export import export_command
 from refq_cli.cli.init_config import init_config_command
 from refq_cli.cli.inspect import inspect_command
 from refq_cli.cli.options import Help, eager_flag
@@ -112,6 +113,7 @@ COMMANDS = {
     "batch": batch_command,
     "inspect": inspect_command,
     "verify": verify_command,
+    "export": export_command,
     "init-config": init_config_command,
     "schema": schema_command,
     "converters": converters_command,

@@ -322,13 +322,16 @@ def write_file(
         outputs.commit()
 
 
-def starts_with(prefix: bytes) -> Replaceable:
-    """A ``replaceable`` test: the file's first bytes are ``prefix``."""
+def starts_with(prefix: bytes | re.Pattern[bytes], size: int = 64) -> Replaceable:
+    """A ``replaceable`` test: the file's first bytes are ``prefix``, or match it (a pattern
+    matched against the first ``size`` bytes)."""
 
     def test(path: Path) -> bool:
         try:
             with open(path, "rb", opener=_without_blocking) as f:
-                return f.read(len(prefix)) == prefix
+                if isinstance(prefix, bytes):
+                    return f.read(len(prefix)) == prefix
+                return prefix.match(f.read(size)) is not None
         except OSError:
             return False
 

@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from refq_cli.deploy import DEFAULT_OPSET
 from refq_cli.errors import RefqError, RefqWarning, argument, ignore_torch_noise
 from refq_cli.pipeline.artifact import Artifact, load_artifact
 from refq_cli.pipeline.batch import JobResult, convert_job, prepare_run, run_jobs
@@ -41,7 +42,7 @@ PathLike = str | os.PathLike[str]
 Progress = Callable[[str, int, int | None], None]
 
 __all__ = ["Artifact", "Conversion", "batch", "convert", "diff", "inspect", "load_artifact"]
-__all__ += ["verify"]
+__all__ += ["export", "verify"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -158,6 +159,52 @@ def verify(
         trust_code=trust_code,
         min_sqnr=checked_min_sqnr(_number("min_sqnr", min_sqnr)),
     )
+
+
+def export(
+    artifact: PathLike,
+    out_dir: PathLike,
+    *,
+    format: str = "onnx",
+    module: str = "*",
+    opset: int = DEFAULT_OPSET,
+    initial_states: bool = True,
+    target: str | None = None,
+    force: bool = False,
+) -> dict[str, Any]:
+    """What ``refq export --json`` prints, having written one ONNX model per module of
+    ``artifact`` (those matching the glob ``module``) into ``out_dir``: see
+    :meth:`Artifact.export_onnx`. ``format`` is ``"onnx"``, the one format there is."""
+    _check_switches(initial_states=initial_states, force=force)
+    if format != "onnx":
+        raise RefqError(f"{argument('format', format)}: use onnx")
+    if not isinstance(module, str):
+        raise RefqError(f"{argument('module', module)}: give a glob, such as '*' or 'encoder.*'")
+    loaded = load_artifact(_path("artifact", artifact))
+    models = loaded.export_onnx(
+        _path("out_dir", out_dir),
+        module=module,
+        opset=opset,
+        initial_states=initial_states,
+        target=target,
+        force=force,
+    )
+    return {
+        "artifact": str(artifact),
+        "format": format,
+        "opset": opset,
+        "target": target,
+        "models": [
+            {
+                "module": m.module,
+                "path": str(m.path),
+                "bytes": m.bytes,
+                "inputs": list(m.inputs),
+                "outputs": list(m.outputs),
+            }
+            for m in models
+        ],
+    }
 
 
 @_quiet

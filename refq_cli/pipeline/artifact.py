@@ -12,6 +12,7 @@ input and spec give byte-identical files.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,10 +22,13 @@ import torch
 from torch import nn
 
 from refq_cli import __version__
+from refq_cli.deploy import DEFAULT_OPSET
+from refq_cli.deploy.onnx_files import ExportedModel, export_modules
 from refq_cli.errors import ArtifactError, RefqError, shorten, strict_json
 from refq_cli.io.header import FORMAT, FORMAT_VERSION, read_artifact
 from refq_cli.kinds import FACTS, ROOT, display_path, module_path, tensor_key
 from refq_cli.quant.numerics import WeightQParams, dequantize
+from refq_cli.reference._weights import deferred_cache
 from refq_cli.reference.registry import RegistryError, reader_for
 from refq_cli.spec.spec import QParamSpec
 
@@ -109,6 +113,33 @@ class Artifact:
     modules: dict[str, nn.Module]
     tensors: dict[str, torch.Tensor]
     metadata: dict[str, Any]
+
+    def export_onnx(
+        self,
+        out_dir: str | os.PathLike[str],
+        *,
+        module: str = "*",
+        opset: int = DEFAULT_OPSET,
+        initial_states: bool = True,
+        target: str | None = None,
+        force: bool = False,
+    ) -> list[ExportedModel]:
+        """Write one ONNX model per module (those matching the glob ``module``) into
+        ``out_dir``, ``encoder.lstm.onnx`` (``root.onnx`` for the root): integer weight
+        initializers through DequantizeLinear into ONNX's LSTM, GRU and RNN operators (a Scan
+        for an LSTM with ``proj_size``); inputs ``input`` (and, with ``initial_states``,
+        ``h_0``, ``c_0``), outputs as the module returns them, dynamic batch and sequence.
+        ``target="tensorrt"`` refuses weights TensorRT cannot take. Needs ``refq[onnx]``."""
+        return export_modules(
+            self.modules,
+            Path(out_dir),
+            source=self.path,
+            module=module,
+            opset=opset,
+            initial_states=initial_states,
+            target=target,
+            force=force,
+        )
 
     def apply_to(self, model: nn.Module, *, strip_prefix: str | None = None) -> nn.Module:
         """Swap the reference modules into ``model`` and load every other tensor into it.
@@ -244,7 +275,9 @@ def reference_from_artifact(
             "quant_max": w["quant_max"],
         }
     dtype = getattr(torch, info["float_dtype"])
-    ref = cls(**info["config"], dtype=dtype, weight_qparams_dict=qdict)
+    with deferred_cache():  # its cache is filled below, with the codes the artifact holds
+        ref = cls(**info["config"], dtype=dtype, weight_qparams_dict=qdict)
+    known: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
     for name in ref._computation_names():
         expected = getattr(ref, name, None)
         if expected is None:
@@ -264,8 +297,10 @@ def reference_from_artifact(
                     f"{source}: tensor {key(name)!r} holds codes outside its range "
                     f"{qp.quant_min}..{qp.quant_max}"
                 )
+            known[name] = (value.clone(), value)  # a copy: not the file's mapped pages
             value = dequantize(value, qp, decomposed=ref.is_decomposed).to(dtype)
         setattr(ref, name, nn.Parameter(value))
+    ref.use_quantized({n: (q, getattr(ref, n).detach()) for n, (q, _) in known.items()})
     return ref
 
 

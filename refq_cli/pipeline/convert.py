@@ -36,6 +36,7 @@ from refq_cli.pipeline.report import ModuleRow, Report, WeightRow, build_report
 from refq_cli.quant.numerics import WeightQParams
 from refq_cli.quant.observers import observe
 from refq_cli.quant.statistics import quantize_and_measure
+from refq_cli.reference._weights import deferred_cache
 from refq_cli.reference.registry import check_converter, check_readable, converted
 from refq_cli.spec.spec import ModulePlan, Spec, as_spec, resolve
 
@@ -322,15 +323,19 @@ class _ModuleConversion:
                 _layer_name(n): self._quantize(n) if self._quantized(n) else self._write_float(n)
                 for n in names
             }
-            ref_layer = converted(float_layer, self._qdict(names, _layer_name))
-            ref_layer.use_fake_quantized(fake_quantized)  # type: ignore[attr-defined]
+            with deferred_cache():
+                ref_layer = converted(float_layer, self._qdict(names, _layer_name))
+            ref_layer.use_quantized(  # type: ignore[attr-defined]
+                {n: (None, v) for n, v in fake_quantized.items()}
+            )
             expected = module_output(float_layer, expected, cell)
             got = module_output(ref_layer, got, cell)
             del fake_quantized, ref_layer
             self._release(names)
         if not cell:  # on CUDA, the one-layer modules took its tensors into buffers of their own
             module.flatten_parameters()
-        ref = converted(module, self._qdict(info.tensor_names)).train(False)
+        with deferred_cache():  # its cache fills on first use, not while the others exist
+            ref = converted(module, self._qdict(info.tensor_names)).train(False)
         check_readable(ref, info.float_type)
         self.result.reference = ref
         row["reference_type"] = ref._get_name()

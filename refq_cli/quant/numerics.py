@@ -36,6 +36,8 @@ deprecates: codes live in ordinary integer tensors.
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import math
 import operator
 from collections.abc import Iterator, Mapping
@@ -44,7 +46,7 @@ from typing import Any
 
 import torch
 
-from refq_cli.errors import QParamsError, did_you_mean
+from refq_cli.errors import ExportError, QParamsError, did_you_mean
 from refq_cli.kinds import INTEGER_TYPES, SCHEMES
 
 __all__ = [
@@ -56,7 +58,9 @@ __all__ = [
     "fake_quantize",
     "quantize",
     "quantize_blocks",
+    "quantize_with_values",
     "row_sums_of_squares",
+    "traceable_dequantize",
 ]
 
 
@@ -577,7 +581,52 @@ _EXACT_TAIL = 512  # values left when row_sums_of_squares stops folding and adds
 
 def fake_quantize(w: torch.Tensor, qp: WeightQParams, *, decomposed: bool = False) -> torch.Tensor:
     """``dequantize(quantize(w))`` in ``w``'s dtype: the values a reference module computes with."""
-    out = torch.empty_like(w, memory_format=torch.contiguous_format)
-    for rows, _, v in quantize_blocks(w, qp, decomposed=decomposed):
-        out[rows] = v
-    return out
+    return quantize_with_values(w, qp, decomposed=decomposed)[1]
+
+
+def quantize_with_values(
+    w: torch.Tensor, qp: WeightQParams, *, decomposed: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(quantize(w), fake_quantize(w))`` in one pass over ``w``."""
+    codes = torch.empty(w.shape, dtype=qp.storage, device=w.device)
+    values = torch.empty_like(w, memory_format=torch.contiguous_format)
+    for rows, q, v in quantize_blocks(w, qp, decomposed=decomposed):
+        codes[rows] = q
+        values[rows] = v
+    return codes, values
+
+
+# Beyond this, q - z of 32-bit codes is not exact in float32, and PyTorch's dequantize ops do not
+# all round it the same way (see the module docstring).
+EXACT_FLOAT_CODES = 2**24
+
+
+def traceable_dequantize(weight: QuantizedWeight) -> torch.Tensor:
+    """Float32 values of ``weight``'s codes through PyTorch's ``quantized_decomposed``
+    dequantize ops: what ``torch.export`` and ``torch.jit.trace`` record, and PyTorch's ONNX
+    exporter lowers to ``DequantizeLinear``. A per-tensor weight's scale and zero point become
+    numbers in the graph. The values equal :func:`dequantize`'s whenever ``|q|`` and ``|z|``
+    are at most :data:`EXACT_FLOAT_CODES` (always, for 8-bit and 4-bit codes)."""
+    ops, qp = _decomposed_ops(), weight.qparams
+    bounds = (qp.quant_min, qp.quant_max, qp.storage)
+    if qp.per_channel:
+        return ops.dequantize_per_channel(weight.codes, qp.scale, qp.zero_point, qp.axis, *bounds)
+    scale, zero_point = float(qp.scale), int(qp.zero_point)
+    return ops.dequantize_per_tensor(weight.codes, scale, zero_point, *bounds)
+
+
+def _decomposed_ops() -> Any:
+    """``torch.ops.quantized_decomposed``; ExportError when this PyTorch has none."""
+    ops = torch.ops.quantized_decomposed
+    if not hasattr(ops, "dequantize_per_channel"):
+        raise ExportError(
+            f"PyTorch {torch.__version__} has no quantized_decomposed dequantize ops, which "
+            "tracing refq's modules records; use PyTorch 2.4 or later"
+        )
+    return ops
+
+
+# PyTorch registers the ops (and its ONNX exporter, when it first runs, their translations)
+# when this module is imported: before any refq module is traced or exported.
+with contextlib.suppress(ImportError):
+    importlib.import_module("torch.ao.quantization.fx._decomposed")

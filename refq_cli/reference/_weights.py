@@ -5,29 +5,39 @@ parameter, and its quantization parameters live in buffers named ``W_scale``, ``
 and ``W_axis`` (so they travel with ``state_dict`` and ``.to()``, and in-place edits take effect),
 with ``W_qscheme``, ``W_dtype``, ``W_quant_min`` and ``W_quant_max`` as plain attributes.
 
-The fake-quantized weights are computed once and reused until a weight or a quantization
-parameter changes: replaced, moved, or modified in place (PyTorch bumps a tensor's version
-counter on every in-place write, except writes through ``.data``; call ``invalidate_cache()``
-after those).
+The fake-quantized weights are computed once, with their integer codes, and reused until a
+weight or a quantization parameter changes: replaced, moved, or modified in place (PyTorch bumps
+a tensor's version counter on every in-place write, except writes through ``.data``; call
+``invalidate_cache()`` after those).
+
+Under ``torch.export`` (and so ``torch.onnx.export``) and ``torch.jit.trace`` a module computes
+with its cached integer codes, recorded as integer constants, through PyTorch's
+``quantized_decomposed`` dequantize ops: the graph holds the integers, whatever ran before. The
+codes are there from the start for a module built from an artifact, by ``from_float`` or by its
+constructor; tracing a module whose weights changed since (and that has not run since) raises
+ExportError naming ``refresh_cache()``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from refq_cli.errors import QParamsError, did_you_mean
+from refq_cli.errors import ExportError, QParamsError, did_you_mean
 from refq_cli.kinds import KINDS
 from refq_cli.quant.numerics import (
+    EXACT_FLOAT_CODES,
     QuantizedWeight,
     WeightQParams,
     canonical_name,
     fake_quantize,
-    quantize,
+    quantize_with_values,
+    traceable_dequantize,
 )
 
 # PyTorch's reference modules quantize every weight this way when given no weight_qparams_dict.
@@ -39,6 +49,21 @@ _TORCH_DEFAULT_QPARAMS = {
 }
 _QPARAM_BUFFERS = ("_scale", "_zero_point", "_axis")
 _SKIP_INIT: contextvars.ContextVar[bool] = contextvars.ContextVar("refq_skip_init", default=False)
+# Set while refq builds modules whose cache it fills itself (use_quantized) or never needs.
+_DEFER_CACHE: contextvars.ContextVar[bool] = contextvars.ContextVar("refq_defer", default=False)
+
+
+@contextlib.contextmanager
+def deferred_cache() -> Iterator[None]:
+    """Modules built inside leave their cache empty (until a forward or :meth:`use_quantized`)
+    instead of filling it in their constructor or ``from_float``."""
+    token = _DEFER_CACHE.set(True)
+    try:
+        yield
+    finally:
+        _DEFER_CACHE.reset(token)
+
+
 _QPARAM_ATTRIBUTES = ("_qscheme", "_dtype", "_quant_min", "_quant_max")
 
 
@@ -97,6 +122,8 @@ class QuantizedWeightsMixin:
             _SKIP_INIT.reset(token)
         for name in ref._computation_names():
             setattr(ref, name, getattr(mod, name))
+        if not _DEFER_CACHE.get():
+            ref.refresh_cache()
         return ref
 
     def _init_weight_qparams(
@@ -141,6 +168,8 @@ class QuantizedWeightsMixin:
             quantized.append(name)
         self._quantized_names = tuple(quantized)
         self.invalidate_cache()
+        if not (_SKIP_INIT.get() or _DEFER_CACHE.get()):
+            self.refresh_cache()
 
     def _set_qparams(self, name: str, qp: WeightQParams) -> None:
         self.register_buffer(name + "_scale", qp.scale)
@@ -190,20 +219,39 @@ class QuantizedWeightsMixin:
         qp = self.weight_qparams(name)
         if weight is None or qp is None:
             return weight
-        return QuantizedWeight(
-            quantize(weight, qp, decomposed=self.is_decomposed), qp, self.is_decomposed
-        )
+        self._computation_weights()
+        cached = self._codes.get(name)
+        if cached is None:  # cached values given without their codes
+            codes = quantize_with_values(weight, qp, decomposed=self.is_decomposed)[0]
+        else:
+            codes = cached.codes.clone()
+        return QuantizedWeight(codes, qp, self.is_decomposed)
 
     def invalidate_cache(self) -> None:
         """Forget the cached fake-quantized weights; the next forward recomputes them."""
         self._cache_key: tuple = ()
         self._cache: list[torch.Tensor | None] = []
-        self._cache_pins: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._codes: dict[str, QuantizedWeight] = {}
+        self._cache_sources: list[torch.Tensor | None] = []
+        self._cache_pins: list[torch.Tensor] = []
+
+    def refresh_cache(self) -> None:
+        """Bring the cached fake-quantized weights and integer codes up to date with the weights
+        now (a forward does it too): call it before exporting a module whose weights changed
+        since it last ran."""
+        self._computation_weights()
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        super().__setattr__(name, value)  # type: ignore[misc]
+        # A tensor put in place of a weight or a parameter: tracing cannot see the change.
+        if isinstance(value, torch.Tensor) and self.__dict__.get("_cache_key"):
+            self.invalidate_cache()
 
     def __getstate__(self) -> dict[str, Any]:
         # Pickling a module (torch.save of a whole model) stores its parameters, not the cache.
         state = dict(super().__getstate__())  # type: ignore[misc]
-        state["_cache_key"], state["_cache"], state["_cache_pins"] = (), [], []
+        state["_cache_key"], state["_cache"], state["_codes"] = (), [], {}
+        state["_cache_sources"], state["_cache_pins"] = [], []
         return state
 
     def _computation_names(self) -> Sequence[str]:
@@ -211,64 +259,135 @@ class QuantizedWeightsMixin:
         raise NotImplementedError
 
     def _computation_weights(
-        self, known: Mapping[str, torch.Tensor] | None = None
+        self, known: Mapping[str, tuple[torch.Tensor | None, torch.Tensor]] | None = None
     ) -> list[torch.Tensor | None]:
         """The tensors named by ``_computation_names``, quantized weights fake-quantized.
 
         Checking the cache costs one pass over the module's tensors: the key records each
         tensor's id, version counter and data pointer, plus the plain quantization attributes.
         While a key is cached, the tensors it names and their storages are pinned, so neither an
-        id nor an address in it can be reused by another tensor. ``known`` fake-quantized
-        weights are taken as they are when the cache is filled.
+        id nor an address in it can be reused by another tensor. ``known`` weights (codes, or
+        None, and fake-quantized values) are taken as they are when the cache is filled.
         """
         names = self._computation_names()
+        if torch.compiler.is_exporting() or torch.jit.is_tracing():
+            return self._traced_weights(names)
         if torch.compiler.is_compiling():
-            # Traced code cannot key a cache on tensor identity; quantize inline, as PyTorch does.
-            return [self._fake_quantized(n, validate=False) for n in names]
+            # Compiled code cannot key a cache on tensor identity; quantize inline, as PyTorch does.
+            return [self._fake_quantized(n) for n in names]
         params, buffers = self._parameters, self._buffers
         # Parametrized or plain-tensor weights live outside _parameters; getattr returns a new
         # tensor for a parametrized one on every call, so the cache then always refreshes.
         tensors = [params[n] if n in params else getattr(self, n, None) for n in names]
         tensors += [buffers[n + s] for n in self._quantized_names for s in _QPARAM_BUFFERS]
+        key = self._key(tensors)
+        if key != self._cache_key or known:
+            known = known or {}
+            codes: dict[str, QuantizedWeight] = {}
+            values: list[torch.Tensor | None] = []
+            with torch.no_grad():
+                for n in names:
+                    weight, v = self._quantized(n, known.get(n))
+                    if weight is not None and _traceable(weight):
+                        codes[n] = weight
+                    values.append(v)
+                self._cache = self._arrange_for_kernels(values)
+            self._codes = codes
+            self._cache_sources = tensors
+            self._cache_pins = [t.detach() for t in tensors if t is not None]
+            self._cache_key = key
+        return self._cache
+
+    def _key(self, tensors: Sequence[torch.Tensor | None]) -> tuple:
+        """What the cache is valid for: the tensors' identities and versions, the attributes."""
         key: list[Any] = [self.is_decomposed, torch.is_inference_mode_enabled()]
         for t in tensors:
             key += (None,) if t is None else (id(t), t._version, t.data_ptr())
         for name in self._quantized_names:
             key += (getattr(self, name + a) for a in _QPARAM_ATTRIBUTES)
-        key_tuple = tuple(key)
-        if key_tuple != self._cache_key or known:
-            known = known or {}
-            with torch.no_grad():
-                self._cache = self._arrange_for_kernels(
-                    [known[n] if n in known else self._fake_quantized(n) for n in names]
+        return tuple(key)
+
+    def _traced_weights(self, names: Sequence[str]) -> list[torch.Tensor | None]:
+        """The computation tensors as a trace records them: each quantized weight its cached
+        codes (a constant) through a dequantize op, with the scale and zero point buffers."""
+        key = self._key(self._cache_sources)
+        if not self._cache_key or key[1:] != self._cache_key[1:]:  # inference mode aside
+            raise ExportError(
+                f"{self._get_name()}: its weights changed since its integer codes were "
+                "computed; call refresh_cache() on it (or run it once) before exporting"
+            )
+        out = []
+        for n in names:
+            tensor = getattr(self, n, None)
+            if tensor is None or n not in self._quantized_names:
+                out.append(tensor)
+                continue
+            cached = self._codes.get(n)
+            if cached is None:
+                why = (
+                    f"its codes or zero points exceed {EXACT_FLOAT_CODES} in size, beyond "
+                    "which PyTorch's dequantize ops round differently from the module"
+                    if getattr(self, n + "_dtype") == "qint32"
+                    else "its integer codes are not cached: call refresh_cache() on the module"
                 )
-            self._cache_pins = [(t, t.detach()) for t in tensors if t is not None]
-            self._cache_key = key_tuple
-        return self._cache
+                raise ExportError(f"{self._get_name()}.{n}: cannot be traced: {why}")
+            out.append(traceable_dequantize(cached).to(tensor.dtype))
+        return out
 
     def _arrange_for_kernels(self, tensors: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
         """The cached tensors laid out as the kernels read them best; as they are by default."""
         return tensors
 
-    def use_fake_quantized(self, weights: Mapping[str, torch.Tensor]) -> None:
-        """Cache fake-quantized weights computed elsewhere, saving their recomputation.
+    def use_quantized(
+        self, weights: Mapping[str, tuple[torch.Tensor | None, torch.Tensor]]
+    ) -> None:
+        """Cache weights quantized elsewhere, saving their recomputation: per name, the integer
+        codes (None if not at hand) and fake-quantized values.
 
         They must be what this module computes itself, ``fake_quantize(w, weight_qparams(n))``
         with its ``is_decomposed``: the converter passes the dequantized codes it writes.
         """
         self._computation_weights(known=weights)
 
-    def _fake_quantized(self, name: str, validate: bool = True) -> torch.Tensor | None:
+    def _quantized(
+        self, name: str, known: tuple[torch.Tensor | None, torch.Tensor] | None
+    ) -> tuple[QuantizedWeight | None, torch.Tensor | None]:
+        """The codes (None if it stays float, or ``known`` has none) and fake-quantized values
+        of ``name``: ``known`` ones as they are, else computed."""
+        tensor = getattr(self, name, None)
+        if tensor is None or name not in self._quantized_names:
+            return None, tensor
+        qparams = self.weight_qparams(name)
+        if known is not None:
+            codes, values = known
+        else:
+            codes, values = quantize_with_values(tensor, qparams, decomposed=self.is_decomposed)
+        if codes is None:
+            return None, values
+        return QuantizedWeight(codes, qparams, self.is_decomposed), values
+
+    def _fake_quantized(self, name: str) -> torch.Tensor | None:
         tensor = getattr(self, name, None)
         if tensor is None or name not in self._quantized_names:
             return tensor
-        qparams = self.weight_qparams(name, validate=validate)
+        qparams = self.weight_qparams(name, validate=False)
         return fake_quantize(tensor, qparams, decomposed=self.is_decomposed)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         # .to(), .cuda(), .double() and friends: drop the cache so the old copies are freed now.
         self.invalidate_cache()
         return super()._apply(fn, recurse)  # type: ignore[misc]
+
+
+def _traceable(weight: QuantizedWeight) -> bool:
+    """Whether tracing's dequantize ops give exactly the module's values for ``weight``: its
+    codes and zero points at most :data:`EXACT_FLOAT_CODES` in size (8 and 4 bits always)."""
+    if weight.qparams.storage != torch.int32:
+        return True
+    return all(
+        t.numel() == 0 or int(t.abs().max()) <= EXACT_FLOAT_CODES
+        for t in (weight.codes, weight.zero_point)
+    )
 
 
 def _check_keys(owner: str, entries: Mapping[str, Any], weight_names: Sequence[str]) -> None:

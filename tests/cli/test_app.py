@@ -51,6 +51,12 @@ def test_help_and_version_do_not_import_torch():
     assert "Usage" in output and __version__ in output and not imported_torch
 
 
+@pytest.mark.parametrize("module", ["torch", "onnx"])
+def test_export_help_imports_neither_torch_nor_onnx(module):
+    output, imported = run_and_check_torch(["--help"], ["export", "--help"], module=module)
+    assert "--opset" in output and not imported
+
+
 @pytest.mark.parametrize(("given", "expected"), [(None, "1"), ("0", "0")])
 def test_the_script_asks_torch_for_huge_pages_unless_told_otherwise(monkeypatch, given, expected):
     from refq_cli.cli import app as app_module

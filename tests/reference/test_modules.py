@@ -15,7 +15,12 @@ from torch.nn.utils.rnn import pack_padded_sequence
 
 from refq_cli import reference
 from refq_cli.errors import QParamsError
-from refq_cli.quant.numerics import QuantizedWeight, WeightQParams, fake_quantize
+from refq_cli.quant.numerics import (
+    QuantizedWeight,
+    WeightQParams,
+    fake_quantize,
+    quantize_with_values,
+)
 from refq_cli.reference import _weights
 from tests.reference.helpers import REFERENCE_TYPE, tie_heavy_qparams, weight_names
 
@@ -294,9 +299,9 @@ def count_fake_quantize(monkeypatch):
 
     def counting(*args, **kwargs):
         calls.append(1)
-        return fake_quantize(*args, **kwargs)
+        return quantize_with_values(*args, **kwargs)
 
-    monkeypatch.setattr(_weights, "fake_quantize", counting)
+    monkeypatch.setattr(_weights, "quantize_with_values", counting)
     return calls
 
 
@@ -309,6 +314,7 @@ def fresh_output(ref, x):
 
 def test_weights_are_quantized_once_across_calls(count_fake_quantize):
     ref, _ = convert(nn.LSTM(6, 8, num_layers=2))
+    assert len(count_fake_quantize) == 4  # by from_float, which leaves the codes ready
     x = torch.randn(3, 2, 6)
     first = run(ref, x)
     assert len(count_fake_quantize) == 4
@@ -523,8 +529,9 @@ def test_known_fake_quantized_weights_are_taken_without_recomputing(count_fake_q
     x = torch.randn(4, 2, 6)
     want = run(expected, x)
     calls = len(count_fake_quantize)
-    ref = REFERENCE_TYPE[nn.GRU].from_float(float_mod, qparams)
-    ref.use_fake_quantized({n: expected.get_weight(n) for n in weight_names(float_mod)})
+    with _weights.deferred_cache():
+        ref = REFERENCE_TYPE[nn.GRU].from_float(float_mod, qparams)
+    ref.use_quantized({n: (None, expected.get_weight(n)) for n in weight_names(float_mod)})
     assert_equal(run(ref, x), want)
     assert len(count_fake_quantize) == calls  # nothing quantized again
     with torch.no_grad():
