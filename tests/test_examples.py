@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
@@ -56,3 +57,26 @@ def test_the_batch_example_runs_every_shard_of_the_ci_manifest():
     out = run_example("batch_manifest.py")
     assert re.search(r"^(converted|skipped) +\S*example\.pt -> \S*out/ci/example", out, re.M)
     assert out.rstrip().endswith("jobs: 1, failed: 0")
+
+
+def test_the_deploy_example_exports_whole_models_that_onnxruntime_runs():
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    out = run_example("deploy_onnx.py")
+    found = {
+        m["name"]: m
+        for m in re.finditer(
+            r"^(?P<name>[\w-]+): .* (?P<dq>\d+) DequantizeLinear, (?P<ints>\d+) integer "
+            r"initializers; onnxruntime vs PyTorch max abs diff (?P<diff>\S+) "
+            r"\((?P<fused>\S+) with onnxruntime's integer fusions\)$",
+            out,
+            re.M,
+        )
+    }
+    assert set(found) == {"silero-vad", "tagger"}, out
+    # the LSTMCell's two weights; the tagger's 2 layers x 2 directions x 3 weights
+    assert int(found["silero-vad"]["dq"]) == 2 and int(found["tagger"]["dq"]) == 12
+    for m in found.values():
+        assert int(m["ints"]) >= int(m["dq"])
+        assert float(m["diff"]) <= 1e-5
+        assert float(m["fused"]) <= 1e-3  # int8 activations: still close

@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 from torch import _VF, Tensor, nn
+from torch.nn import functional as F
 from torch.nn.utils.rnn import PackedSequence
 
 from refq_cli.reference._weights import QuantizedWeightsMixin
@@ -143,6 +144,8 @@ class RNNBase(QuantizedWeightsMixin, nn.RNNBase):
         kernel = _KERNELS[self.mode]
         if packed:
             result = kernel(input, batch_sizes, hx, weights, *config)
+        elif self._exported_in_a_loop(input):
+            result = _projected_lstm(input, hx, weights, self)
         else:
             result = kernel(input, hx, weights, *config, self.batch_first)
         output, hidden = result[0], (tuple(result[1:]) if is_lstm else result[1])
@@ -153,6 +156,17 @@ class RNNBase(QuantizedWeightsMixin, nn.RNNBase):
             output = output.squeeze(batch_dim)
             hidden = tuple(h.squeeze(1) for h in hidden) if is_lstm else hidden.squeeze(1)
         return output, self.permute_hidden(hidden, unsorted_indices)
+
+    def _exported_in_a_loop(self, input: Tensor) -> bool:
+        """Whether export records this forward as :func:`_projected_lstm`: an LSTM with
+        projections on the CPU, without dropout, where this PyTorch has ``torch.while_loop``."""
+        return (
+            self.proj_size > 0
+            and torch.compiler.is_exporting()
+            and input.device.type == "cpu"
+            and not (self.training and self.dropout > 0)
+            and hasattr(torch, "while_loop")
+        )
 
     def _zero_state(self, batch: int, input: Tensor) -> Any:
         layers = self.num_layers * (2 if self.bidirectional else 1)
@@ -239,3 +253,64 @@ class GRU(RNNBase):
         if "proj_size" in kwargs:
             raise ValueError("proj_size argument is only supported for LSTM, not RNN or GRU")
         super().__init__("GRU", *args, **kwargs)
+
+
+def _projected_lstm(
+    input: Tensor, hx: tuple[Tensor, Tensor], weights: list[Tensor], module: RNNBase
+) -> tuple[Tensor, Tensor, Tensor]:
+    """What ``_VF.lstm`` computes for an LSTM with projections on the CPU, layer by layer and
+    step by step in ``torch.while_loop``, op for op as PyTorch's own loop does (the same
+    outputs, bit for bit): what tracing records in place of ``aten.lstm``, which PyTorch's ONNX
+    exporter cannot lower with projections. The sequence length stays dynamic."""
+    x = input.transpose(0, 1) if module.batch_first else input
+    directions = 2 if module.bidirectional else 1
+    per_layer = 5 if module.bias else 3  # w_ih, w_hh, (b_ih, b_hh,) w_hr
+    states_h, states_c = [], []
+    for layer in range(module.num_layers):
+        outputs = []
+        for direction in range(directions):
+            k = layer * directions + direction
+            w = weights[k * per_layer : (k + 1) * per_layer]
+            biases = (w[2], w[3]) if module.bias else (None, None)
+            out, h, c = _projected_layer(
+                x, hx[0][k], hx[1][k], w[0], w[1], *biases, w[-1], reverse=direction == 1
+            )
+            outputs.append(out)
+            states_h.append(h)
+            states_c.append(c)
+        x = torch.cat(outputs, 2) if directions == 2 else outputs[0]
+    output = x.transpose(0, 1) if module.batch_first else x
+    return output, torch.stack(states_h), torch.stack(states_c)
+
+
+def _projected_layer(
+    x: Tensor,
+    h: Tensor,
+    c: Tensor,
+    w_ih: Tensor,
+    w_hh: Tensor,
+    b_ih: Tensor | None,
+    b_hh: Tensor | None,
+    w_hr: Tensor,
+    reverse: bool,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One direction of one layer: the input's share of the gates for the whole sequence at
+    once, then each step (backwards for ``reverse``) as PyTorch's LSTM cell computes it."""
+    steps = x.size(0)
+    input_gates = F.linear(x, w_ih, b_ih)
+
+    def more(t: Tensor, h: Tensor, c: Tensor, out: Tensor) -> Tensor:
+        return t < steps
+
+    def step(t: Tensor, h: Tensor, c: Tensor, out: Tensor) -> tuple[Tensor, ...]:
+        at = (steps - 1 - t if reverse else t).reshape(1)
+        gates = F.linear(h, w_hh, b_hh).add(input_gates.index_select(0, at).squeeze(0))
+        i, f, g, o = gates.chunk(4, 1)
+        c = (f.sigmoid() * c).add(i.sigmoid() * g.tanh())
+        h = torch.matmul(o.sigmoid() * c.tanh(), w_hr.t())
+        return t + 1, h, c, out.index_copy(0, at, h.unsqueeze(0))
+
+    start = torch.zeros((), dtype=torch.int64, device=x.device)
+    out = x.new_zeros(steps, h.size(0), h.size(1))
+    _, h, c, out = torch.while_loop(more, step, (start, h, c, out))
+    return out, h, c

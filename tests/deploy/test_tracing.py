@@ -224,3 +224,34 @@ def test_torch_onnx_export_of_a_model_with_swapped_in_modules_keeps_integer_weig
         (got,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
         with torch.no_grad():
             assert float((torch.from_numpy(got) - model(x)).abs().max()) <= 1e-5
+
+
+@pytest.mark.parametrize(
+    "config",
+    [
+        {"num_layers": 2, "bidirectional": True, "batch_first": True},
+        {"num_layers": 2, "bias": False},
+        {"bidirectional": True, "bias": False, "batch_first": True},
+    ],
+    ids=["2-layers-bidirectional-batch-first", "2-layers-no-bias", "bidirectional-no-bias"],
+)
+def test_an_lstm_with_projections_exports_as_a_loop_with_eagers_outputs(config):
+    """aten.lstm with projections is what PyTorch's ONNX exporter cannot lower: export records
+    PyTorch's own steps in torch.while_loop instead, the same numbers bit for bit."""
+    torch.manual_seed(0)
+    float_mod = nn.LSTM(5, 6, proj_size=3, **config).eval()
+    mod = reference.LSTM.from_float(float_mod, tie_heavy_qparams(float_mod, True, "qint8"))
+    mod.eval()
+    x = torch.randn(3, 7, 5) if config.get("batch_first") else torch.randn(7, 3, 5)
+    states = mod.num_layers * (1 + mod.bidirectional)
+    hx = (torch.randn(states, 3, 3), torch.randn(states, 3, 6))
+    steps = torch.export.Dim("steps", min=2)
+    time_dim = 1 if config.get("batch_first") else 0
+    program = torch.export.export(mod, (x, hx), dynamic_shapes=({time_dim: steps}, (None, None)))
+    targets = {str(n.target) for n in program.graph.nodes if n.op == "call_function"}
+    assert "while_loop" in targets and not any("lstm" in t for t in targets)
+    for length in (7, 12):
+        x = torch.randn(3, length, 5) if config.get("batch_first") else torch.randn(length, 3, 5)
+        with torch.no_grad():
+            got, want = leaves(program.module()(x, hx)), leaves(mod(x, hx))
+        assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
