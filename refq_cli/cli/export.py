@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import Annotated
 
@@ -9,13 +10,13 @@ import typer
 
 from refq_cli.cli.options import Force, JsonOutput, flag
 from refq_cli.deploy import DEFAULT_OPSET, FOUR_BIT_OPSET, SUPPORTED_OPSETS
-from refq_cli.errors import plural, strict_json
+from refq_cli.errors import RefqWarning, plural, printable, strict_json
 
 
 def export_command(
     artifact: Annotated[Path, typer.Argument(help="The artifact.", show_default=False)],
     out_dir: Annotated[
-        Path,
+        str,  # as text: an empty one must reach the library's check, not become "."
         typer.Option(
             "--out-dir",
             "-o",
@@ -23,6 +24,7 @@ def export_command(
             "module at the root). Models refq wrote there are replaced; other files only "
             "with --force.",
             show_default=False,
+            metavar="<path>",
         ),
     ],
     format: Annotated[str, typer.Option("--format", help="The format: onnx.")] = "onnx",
@@ -59,16 +61,21 @@ def export_command(
     DequantizeLinear into ONNX's LSTM, GRU and RNN operators, checked by onnx's checker."""
     from refq_cli.pipeline.api import export
 
-    result = export(
-        artifact,
-        out_dir,
-        format=format,
-        module=module,
-        opset=opset,
-        initial_states=not no_initial_states,
-        target=target,
-        force=force,
-    )
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always", RefqWarning)
+        result = export(
+            artifact,
+            out_dir,
+            format=format,
+            module=module,
+            opset=opset,
+            initial_states=not no_initial_states,
+            target=target,
+            force=force,
+        )
+    for warning in said:
+        if isinstance(warning.message, RefqWarning):
+            typer.echo(f"refq: warning: {printable(str(warning.message))}", err=True)
     if json_output:
         typer.echo(strict_json(result))
         return

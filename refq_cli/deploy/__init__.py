@@ -10,3 +10,17 @@ The opsets refq writes live here, torch-free, for the CLI's help.
 SUPPORTED_OPSETS = range(13, 24)
 DEFAULT_OPSET = 21
 FOUR_BIT_OPSET = 21
+
+
+def check_opset(opset: object) -> int:
+    """``opset`` if refq writes it, else ExportError naming the range (torch-free: checked
+    before an artifact is read)."""
+    from refq_cli.errors import ExportError, argument
+
+    if isinstance(opset, bool) or not isinstance(opset, int) or opset not in SUPPORTED_OPSETS:
+        raise ExportError(
+            f"{argument('opset', opset)}: refq writes ONNX opsets {SUPPORTED_OPSETS[0]} to "
+            f"{SUPPORTED_OPSETS[-1]} (per-axis DequantizeLinear needs {SUPPORTED_OPSETS[0]}, "
+            f"4-bit weights {FOUR_BIT_OPSET})"
+        )
+    return opset

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from refq_cli import __version__
-from refq_cli.deploy import DEFAULT_OPSET, FOUR_BIT_OPSET, SUPPORTED_OPSETS
+from refq_cli.deploy import DEFAULT_OPSET, FOUR_BIT_OPSET, check_opset
 from refq_cli.errors import ExportError, argument
 from refq_cli.quant.numerics import QuantizedWeight
 
@@ -76,15 +76,16 @@ def module_model(
 ) -> onnx.ModelProto:
     """An ONNX model computing ``module``'s forward, with its weights as integer codes.
 
-    ``module`` is one of refq's reference modules (``refq_cli.reference``), float32, in
-    inference (dropout is not exported). With ``initial_states`` the model takes ``h_0`` (and
+    ``module`` is one of refq's reference modules (``refq_cli.reference``), in inference
+    (dropout is not exported); the model computes in float32 whatever the module's float dtype,
+    with the same integer weights. With ``initial_states`` the model takes ``h_0`` (and
     ``c_0`` for LSTMs) as PyTorch's ``forward`` takes ``hx``; without, the states start at
     zero. ``name`` names the graph. The model passes onnx's full checker and strict shape
     inference before it is returned.
 
-    Raises ExportError for an opset outside :data:`SUPPORTED_OPSETS` (or newer than the
-    installed onnx), 4-bit weights below opset 21, qint32 weights with a nonzero zero point, a
-    module that is not float32, and a module type this exporter does not know.
+    Raises ExportError for an opset outside :data:`refq_cli.deploy.SUPPORTED_OPSETS` (or newer
+    than the installed onnx), 4-bit weights below opset 21, qint32 weights with a nonzero zero
+    point, a module on the meta device, and a module type this exporter does not know.
     """
     onnx = _onnx()
     _check_module(module)
@@ -130,28 +131,17 @@ def _check_module(module: torch.nn.Module) -> None:
             "refq's reference modules (RNNCell, LSTMCell, GRUCell, RNN, LSTM, GRU); convert "
             "the model with refq first"
         )
-    dtypes = {p.dtype for p in module.parameters()}
-    if dtypes != {torch.float32}:
-        other = sorted(str(d).removeprefix("torch.") for d in dtypes - {torch.float32})
-        raise ExportError(
-            f"{_kind(module)}: export supports float32 modules; this one is {', '.join(other)}: "
-            "call .float() on it first"
-        )
+    if any(p.is_meta for p in module.parameters()):
+        raise ExportError(f"{_kind(module)}: its tensors are on the meta device, holding no data")
 
 
 def _check_opset(module: torch.nn.Module, opset: int, onnx: Any) -> None:
-    if isinstance(opset, bool) or not isinstance(opset, int):
-        raise ExportError(f"{_kind(module)}: the ONNX opset must be an integer, got {opset!r}")
-    if opset < SUPPORTED_OPSETS.start:
-        raise ExportError(
-            f"{_kind(module)}: opset {opset} has no per-axis DequantizeLinear; use "
-            f"{argument('opset', SUPPORTED_OPSETS.start)} or later"
-        )
-    newest = min(SUPPORTED_OPSETS[-1], onnx.defs.onnx_opset_version())
+    check_opset(opset)
+    newest = onnx.defs.onnx_opset_version()
     if opset > newest:
         raise ExportError(
-            f"{_kind(module)}: opset {opset} is newer than refq can export with onnx "
-            f"{onnx.__version__} (newest {newest}); use {argument('opset', newest)} or earlier"
+            f"{_kind(module)}: opset {opset} is newer than onnx {onnx.__version__} knows "
+            f"(newest {newest}); use {argument('opset', newest)} or upgrade onnx"
         )
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from refq_cli.deploy import DEFAULT_OPSET
+from refq_cli.deploy.onnx_files import check_arguments
 from refq_cli.errors import RefqError, RefqWarning, argument, ignore_torch_noise
 from refq_cli.pipeline.artifact import Artifact, load_artifact
 from refq_cli.pipeline.batch import JobResult, convert_job, prepare_run, run_jobs
@@ -175,20 +176,17 @@ def export(
     """What ``refq export --json`` prints, having written one ONNX model per module of
     ``artifact`` (those matching the glob ``module``) into ``out_dir``: see
     :meth:`Artifact.export_onnx`. ``format`` is ``"onnx"``, the one format there is."""
-    _check_switches(initial_states=initial_states, force=force)
     if format != "onnx":
         raise RefqError(f"{argument('format', format)}: use onnx")
-    if not isinstance(module, str):
-        raise RefqError(f"{argument('module', module)}: give a glob, such as '*' or 'encoder.*'")
-    loaded = load_artifact(_path("artifact", artifact))
-    models = loaded.export_onnx(
-        _path("out_dir", out_dir),
-        module=module,
-        opset=opset,
-        initial_states=initial_states,
-        target=target,
-        force=force,
-    )
+    settings: dict[str, Any] = {
+        "module": module,
+        "opset": opset,
+        "initial_states": initial_states,
+        "target": target,
+        "force": force,
+    }
+    folder = check_arguments(out_dir, **settings)  # before the artifact is read
+    models = load_artifact(_path("artifact", artifact)).export_onnx(folder, **settings)
     return {
         "artifact": str(artifact),
         "format": format,

@@ -132,7 +132,7 @@ class Artifact:
         ``target="tensorrt"`` refuses weights TensorRT cannot take. Needs ``refq[onnx]``."""
         return export_modules(
             self.modules,
-            Path(out_dir),
+            out_dir,
             source=self.path,
             module=module,
             opset=opset,

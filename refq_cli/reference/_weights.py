@@ -254,6 +254,11 @@ class QuantizedWeightsMixin:
         state["_cache_sources"], state["_cache_pins"] = [], []
         return state
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        # Unpickled or deep-copied: the codes are back at once, ready to be traced.
+        super().__setstate__(state)  # type: ignore[misc]
+        self._refill()
+
     def _computation_names(self) -> Sequence[str]:
         """Names of the tensors the forward computation takes, in its order."""
         raise NotImplementedError
@@ -374,9 +379,19 @@ class QuantizedWeightsMixin:
         return fake_quantize(tensor, qparams, decomposed=self.is_decomposed)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
-        # .to(), .cuda(), .double() and friends: drop the cache so the old copies are freed now.
+        # .to(), .cuda(), .double() and friends: drop the cache so the old copies are freed now,
+        # and fill it again if it was (its codes are what tracing records).
+        filled = bool(self.__dict__.get("_cache_key"))
         self.invalidate_cache()
-        return super()._apply(fn, recurse)  # type: ignore[misc]
+        applied = super()._apply(fn, recurse)  # type: ignore[misc]
+        if filled:
+            self._refill()
+        return applied
+
+    def _refill(self) -> None:
+        """Fill the cache now, unless the tensors hold no data (on the meta device)."""
+        if not any(p.is_meta for p in self.parameters(recurse=False)):
+            self.refresh_cache()
 
 
 def _traceable(weight: QuantizedWeight) -> bool:

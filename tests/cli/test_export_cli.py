@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import refq_cli
-from refq_cli.deploy.onnx_files import file_stem
+from refq_cli.deploy.onnx_files import file_names, file_stem
 from refq_cli.errors import ExportError
 from tests.scripts import run_refq
 
@@ -118,8 +119,8 @@ def test_tensorrt_refuses_zero_points_other_than_0_and_writes_nothing(tmp_path):
     ("args", "message"),
     [
         (["--format", "tflite"], "--format tflite: use onnx"),
-        (["--opset", "12"], "--opset 13 or later"),
-        (["--opset", "99"], "--opset"),
+        (["--opset", "12"], "--opset 12: refq writes ONNX opsets 13 to 23"),
+        (["--opset", "24"], "--opset 24: refq writes ONNX opsets 13 to 23"),
         (["--target", "coreml"], "--target coreml: use one of onnxruntime, tensorrt"),
         (["--module", "nope"], "--module nope: matches no module"),
     ],
@@ -136,18 +137,45 @@ def test_4_bit_weights_need_opset_21(tmp_path):
     four_bit = tmp_path / "int4.refq.safetensors"
     refq_cli.convert(EXAMPLE / "example.pt", spec, four_bit)
     result = run_refq("export", four_bit, "-o", tmp_path / "old", "--opset", "20")
-    assert result.returncode == 2 and "4-bit weights need --opset 21 or later" in result.stderr
+    assert result.returncode == 2
+    assert "module decoder: GRUCell.weight_ih: 4-bit weights need --opset 21" in result.stderr
     exported = refq_cli.export(four_bit, tmp_path / "new")
     model = onnx.load(exported["models"][0]["path"])
     assert onnx.TensorProto.INT4 in {i.data_type for i in model.graph.initializer}
 
 
-def test_a_module_name_that_points_elsewhere_cannot_name_a_file():
-    for name in ("../evil", "a/b", ".hidden", "x..y", "", "a\\b"):
-        with pytest.raises(ExportError, match="cannot name a file"):
-            file_stem(name, Path("a.refq.safetensors"))
-    assert file_stem("<root>", Path("a")) == "root"
-    assert file_stem("encoder.layers.0", Path("a")) == "encoder.layers.0"
+def test_every_module_name_gets_a_file_of_its_own_inside_the_folder():
+    names = ["../evil", "a/b", ".hidden", "x..y", "a\\b", "heads.déc", "speaker 1", "50%", "%25"]
+    stems = [file_stem(n) for n in names]
+    assert len(set(stems)) == len(names)  # never two modules in one file
+    assert not any("/" in s or "\\" in s or s.startswith(".") for s in stems)
+    assert file_stem("heads.déc") == "heads.d%C3%A9c" and file_stem("a/b") == "a%2Fb"
+    assert file_stem("<root>") == "root"
+    assert file_stem("encoder.layers.0-fw_1") == "encoder.layers.0-fw_1"
+
+
+@pytest.mark.parametrize("names", [("heads.A", "heads.a"), ("<root>", "root")])
+def test_two_modules_a_file_system_could_take_for_one_are_refused_naming_both(names):
+    with pytest.raises(ExportError, match=rf"modules {names[0]} and {names[1]} would both"):
+        file_names(names, Path("a.refq.safetensors"))
+
+
+def test_modules_whose_names_are_not_plain_export_under_escaped_names(tmp_path):
+    model = torch.nn.ModuleDict({"speaker 1": torch.nn.GRU(3, 4), "déc": torch.nn.LSTMCell(3, 4)})
+    torch.save(model.state_dict(), tmp_path / "m.pt")
+    spec = {"version": 1, "modules": {"speaker 1": {"batch_first": False, "dropout": 0.0}}}
+    artifact = refq_cli.convert(tmp_path / "m.pt", spec, tmp_path / "m.refq.safetensors").output
+    result = run_refq("export", artifact, "-o", tmp_path / "onnx")
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == [
+        "d%C3%A9c.onnx",
+        "speaker%201.onnx",
+    ]
+    (h,) = run_model(
+        tmp_path / "onnx" / "speaker%201.onnx",
+        {"input": torch.randn(5, 2, 3), "h_0": torch.zeros(1, 2, 4)},
+    )[1:]
+    assert h.shape == (1, 2, 4)
 
 
 def test_without_the_onnx_extra_the_error_names_it(artifact, tmp_path):
@@ -159,3 +187,44 @@ def test_without_the_onnx_extra_the_error_names_it(artifact, tmp_path):
     assert result.returncode == 2
     assert "pip install 'refq[onnx]'" in result.stderr
     assert not (tmp_path / "onnx").exists()
+
+
+def test_options_are_checked_before_the_artifact_is_read(tmp_path):
+    result = run_refq("export", tmp_path / "missing.st", "-o", tmp_path / "o", "--opset", "12")
+    assert result.returncode == 2 and "--opset 12: refq writes" in result.stderr
+    empty = run_refq("export", tmp_path / "missing.st", "-o", "")
+    assert empty.returncode == 2 and "give a folder's path" in empty.stderr
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"initial_states": "no"}, "initial_states='no': give True or False"),
+        ({"force": 1}, "force=1: give True or False"),
+        ({"module": None}, "module=None: give a glob"),
+        ({"target": "TensorRT"}, "target='TensorRT': use one of onnxruntime, tensorrt"),
+        ({"opset": "21"}, "opset='21': refq writes ONNX opsets 13 to 23"),
+    ],
+)
+def test_python_arguments_are_checked_as_the_cli_checks_flags(
+    artifact, tmp_path, settings, message
+):
+    art = refq_cli.load_artifact(artifact)
+    for export in (art.export_onnx, lambda out, **kw: refq_cli.export(artifact, out, **kw)):
+        with pytest.raises(ExportError, match=re.escape(message)):
+            export(tmp_path / "o", **settings)
+    with pytest.raises(ExportError, match="out_dir='': give a folder's path"):
+        art.export_onnx("")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_float16_artifact_exports_with_a_warning_that_the_model_computes_in_float32(tmp_path):
+    model = torch.nn.Sequential(torch.nn.GRUCell(3, 4)).half()
+    torch.save(model.state_dict(), tmp_path / "h.pt")
+    artifact = refq_cli.convert(tmp_path / "h.pt", {"version": 1}, tmp_path / "h.st").output
+    result = run_refq("export", artifact, "-o", tmp_path / "onnx")
+    assert result.returncode == 0, result.stderr
+    assert "refq: warning: module 0 computes in float16; its ONNX model computes in float32" in (
+        result.stderr
+    )
+    onnx.checker.check_model(onnx.load(tmp_path / "onnx" / "0.onnx"))

@@ -3,6 +3,8 @@ as constants through dequantize ops, the same graph whatever ran before, eager's
 
 from __future__ import annotations
 
+import copy
+import pickle
 import warnings
 
 import pytest
@@ -162,25 +164,22 @@ def test_a_module_converted_by_refq_fills_its_codes_on_first_use(tmp_path):
     )
 
 
-def test_32_bit_codes_beyond_exact_floats_are_refused():
+def qint32_cell(scale: float) -> nn.Module:
     float_mod = nn.RNNCell(5, 6)
     qparams = {
-        n: {"qscheme": "per_tensor_symmetric", "dtype": "qint32", "scale": 1e-9}
+        n: {"qscheme": "per_tensor_symmetric", "dtype": "qint32", "scale": scale}
         for n in weight_names(float_mod)
     }
-    mod = reference.RNNCell.from_float(float_mod, qparams)
+    return reference.RNNCell.from_float(float_mod, qparams)
+
+
+def test_32_bit_codes_beyond_exact_floats_are_refused():
     with pytest.raises(ExportError, match=r"exceed 16777216 in size"):
-        torch.export.export(mod, (torch.randn(2, 5),))
+        torch.export.export(qint32_cell(1e-9), (torch.randn(2, 5),))
 
 
 def test_small_32_bit_codes_trace_exactly():
-    float_mod = nn.RNNCell(5, 6)
-    qparams = {
-        n: {"qscheme": "per_tensor_symmetric", "dtype": "qint32", "scale": 1e-5}
-        for n in weight_names(float_mod)
-    }
-    mod = reference.RNNCell.from_float(float_mod, qparams)
-    x = torch.randn(2, 5)
+    mod, x = qint32_cell(1e-5), torch.randn(2, 5)
     with torch.no_grad():
         assert torch.equal(torch.export.export(mod, (x,)).module()(x), mod(x))
 
@@ -255,3 +254,33 @@ def test_an_lstm_with_projections_exports_as_a_loop_with_eagers_outputs(config):
         with torch.no_grad():
             got, want = leaves(program.module()(x, hx)), leaves(mod(x, hx))
         assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        lambda m: m.to("cpu"),
+        lambda m: m.float(),
+        lambda m: m.share_memory(),
+        lambda m: copy.deepcopy(m),
+        lambda m: pickle.loads(pickle.dumps(m)),
+    ],
+    ids=["to-cpu", "float", "share-memory", "deepcopy", "pickle"],
+)
+def test_moving_copying_or_pickling_a_module_keeps_it_ready_to_trace(step):
+    mod = make("LSTM-batch-first")
+    x = example(mod)
+    moved = step(mod)
+    program = torch.export.export(moved, (x,))
+    with torch.no_grad():
+        assert all(
+            torch.equal(a, b)
+            for a, b in zip(leaves(program.module()(x)), leaves(mod(x)), strict=True)
+        )
+
+
+def test_a_module_moved_to_another_dtype_traces_its_new_weights():
+    mod = make("GRUCell").double()
+    x = example(mod).double()
+    with torch.no_grad():
+        assert torch.equal(torch.export.export(mod, (x,)).module()(x), mod(x))
