@@ -305,7 +305,7 @@ class QuantizedWeightsMixin:
 
     def _key(self, tensors: Sequence[torch.Tensor | None]) -> tuple:
         """What the cache is valid for: the tensors' identities and versions, the attributes."""
-        key: list[Any] = [self.is_decomposed, torch.is_inference_mode_enabled()]
+        key: list[Any] = [torch.is_inference_mode_enabled(), self.is_decomposed]
         for t in tensors:
             key += (None,) if t is None else (id(t), t._version, t.data_ptr())
         for name in self._quantized_names:
@@ -316,7 +316,7 @@ class QuantizedWeightsMixin:
         """The computation tensors as a trace records them: each quantized weight its cached
         codes (a constant) through a dequantize op, with the scale and zero point buffers."""
         key = self._key(self._cache_sources)
-        if not self._cache_key or key[1:] != self._cache_key[1:]:  # inference mode aside
+        if not self._cache_key or key[1:] != self._cache_key[1:]:  # inference mode (0) aside
             raise ExportError(
                 f"{self._get_name()}: its weights changed since its integer codes were "
                 "computed; call refresh_cache() on it (or run it once) before exporting"

@@ -8,11 +8,14 @@ import os
 import re
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 import refq_cli
+from refq_cli.cli.app import app
 from refq_cli.deploy.onnx_files import file_names, file_stem
 from refq_cli.errors import ExportError
 from tests.scripts import run_refq
@@ -21,6 +24,12 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "models"
+
+
+def cli(*args: object) -> SimpleNamespace:
+    """``refq ARGS`` in this process (a fresh Python costs seconds): exit code and streams."""
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    return SimpleNamespace(returncode=result.exit_code, stdout=result.stdout, stderr=result.stderr)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +54,7 @@ def run_model(path: Path, feeds: dict[str, torch.Tensor]) -> list[torch.Tensor]:
 
 
 def test_every_module_runs_in_onnxruntime_as_the_artifact_does(artifact, tmp_path):
-    result = run_refq("export", artifact, "-o", tmp_path / "onnx", "--json")
+    result = cli("export", artifact, "-o", tmp_path / "onnx", "--json")
     assert result.returncode == 0, result.stderr
     models = {m["module"]: m for m in json.loads(result.stdout)["models"]}
     modules = refq_cli.load_artifact(artifact).modules
@@ -82,23 +91,23 @@ def test_every_module_runs_in_onnxruntime_as_the_artifact_does(artifact, tmp_pat
 
 def test_models_refq_wrote_are_replaced_and_other_files_only_with_force(artifact, tmp_path):
     out = tmp_path / "onnx"
-    assert run_refq("export", artifact, "-o", out).returncode == 0
-    again = run_refq("export", artifact, "-o", out)
+    assert cli("export", artifact, "-o", out).returncode == 0
+    again = cli("export", artifact, "-o", out)
     assert again.returncode == 0, again.stderr
     (out / "encoder.onnx").write_bytes(b"someone else's model")
-    refused = run_refq("export", artifact, "-o", out)
+    refused = cli("export", artifact, "-o", out)
     assert refused.returncode == 2
     assert "--out-dir" in refused.stderr and "encoder.onnx" in refused.stderr
     assert "--force" in refused.stderr
     assert (out / "encoder.onnx").read_bytes() == b"someone else's model"
-    assert run_refq("export", artifact, "-o", out, "--force").returncode == 0
+    assert cli("export", artifact, "-o", out, "--force").returncode == 0
     onnx.checker.check_model(onnx.load(out / "encoder.onnx"))
 
 
 def test_the_artifact_is_never_written_over(artifact, tmp_path):
     named_like_a_model = tmp_path / "encoder.onnx"
     named_like_a_model.write_bytes(artifact.read_bytes())
-    result = run_refq("export", named_like_a_model, "-o", tmp_path, "--force")
+    result = cli("export", named_like_a_model, "-o", tmp_path, "--force")
     assert result.returncode == 2
     assert "artifact" in result.stderr
     assert named_like_a_model.read_bytes() == artifact.read_bytes()
@@ -107,12 +116,12 @@ def test_the_artifact_is_never_written_over(artifact, tmp_path):
 
 def test_tensorrt_refuses_zero_points_other_than_0_and_writes_nothing(tmp_path):
     affine = affine_artifact(tmp_path)
-    result = run_refq("export", affine, "-o", tmp_path / "trt", "--target", "tensorrt")
+    result = cli("export", affine, "-o", tmp_path / "trt", "--target", "tensorrt")
     assert result.returncode == 2
     assert "TensorRT takes int8 or int4 weights with zero points of 0" in result.stderr
     assert "per_channel_symmetric" in result.stderr
     assert not (tmp_path / "trt").exists()
-    assert run_refq("export", affine, "-o", tmp_path / "ort").returncode == 0
+    assert cli("export", affine, "-o", tmp_path / "ort").returncode == 0
 
 
 @pytest.mark.parametrize(
@@ -126,7 +135,7 @@ def test_tensorrt_refuses_zero_points_other_than_0_and_writes_nothing(tmp_path):
     ],
 )
 def test_bad_options_are_one_line_naming_the_flag(artifact, tmp_path, args, message):
-    result = run_refq("export", artifact, "-o", tmp_path / "onnx", *args)
+    result = cli("export", artifact, "-o", tmp_path / "onnx", *args)
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "onnx").exists()
@@ -136,7 +145,7 @@ def test_4_bit_weights_need_opset_21(tmp_path):
     spec = {"version": 1, "defaults": {"dtype": "int4", "qscheme": "per_channel_symmetric"}}
     four_bit = tmp_path / "int4.refq.safetensors"
     refq_cli.convert(EXAMPLE / "example.pt", spec, four_bit)
-    result = run_refq("export", four_bit, "-o", tmp_path / "old", "--opset", "20")
+    result = cli("export", four_bit, "-o", tmp_path / "old", "--opset", "20")
     assert result.returncode == 2
     assert "module decoder: GRUCell.weight_ih: 4-bit weights need --opset 21" in result.stderr
     exported = refq_cli.export(four_bit, tmp_path / "new")
@@ -165,7 +174,7 @@ def test_modules_whose_names_are_not_plain_export_under_escaped_names(tmp_path):
     torch.save(model.state_dict(), tmp_path / "m.pt")
     spec = {"version": 1, "modules": {"speaker 1": {"batch_first": False, "dropout": 0.0}}}
     artifact = refq_cli.convert(tmp_path / "m.pt", spec, tmp_path / "m.refq.safetensors").output
-    result = run_refq("export", artifact, "-o", tmp_path / "onnx")
+    result = cli("export", artifact, "-o", tmp_path / "onnx")
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in (tmp_path / "onnx").iterdir()) == [
         "d%C3%A9c.onnx",
@@ -190,9 +199,9 @@ def test_without_the_onnx_extra_the_error_names_it(artifact, tmp_path):
 
 
 def test_options_are_checked_before_the_artifact_is_read(tmp_path):
-    result = run_refq("export", tmp_path / "missing.st", "-o", tmp_path / "o", "--opset", "12")
+    result = cli("export", tmp_path / "missing.st", "-o", tmp_path / "o", "--opset", "12")
     assert result.returncode == 2 and "--opset 12: refq writes" in result.stderr
-    empty = run_refq("export", tmp_path / "missing.st", "-o", "")
+    empty = cli("export", tmp_path / "missing.st", "-o", "")
     assert empty.returncode == 2 and "give a folder's path" in empty.stderr
 
 
@@ -222,7 +231,7 @@ def test_a_float16_artifact_exports_with_a_warning_that_the_model_computes_in_fl
     model = torch.nn.Sequential(torch.nn.GRUCell(3, 4)).half()
     torch.save(model.state_dict(), tmp_path / "h.pt")
     artifact = refq_cli.convert(tmp_path / "h.pt", {"version": 1}, tmp_path / "h.st").output
-    result = run_refq("export", artifact, "-o", tmp_path / "onnx")
+    result = cli("export", artifact, "-o", tmp_path / "onnx")
     assert result.returncode == 0, result.stderr
     assert "refq: warning: module 0 computes in float16; its ONNX model computes in float32" in (
         result.stderr

@@ -284,3 +284,16 @@ def test_a_module_moved_to_another_dtype_traces_its_new_weights():
     x = example(mod).double()
     with torch.no_grad():
         assert torch.equal(torch.export.export(mod, (x,)).module()(x), mod(x))
+
+
+def test_codes_cached_under_inference_mode_trace_and_a_changed_path_does_not():
+    mod = make("GRUCell")
+    x = example(mod)
+    with torch.inference_mode():
+        mod(x)  # refills the cache under inference mode
+    program = torch.export.export(mod, (x,))
+    with torch.no_grad():
+        assert torch.equal(program.module()(x), mod(x))
+    mod.is_decomposed = True  # other numerics: the codes cached are not this path's
+    with pytest.raises(ExportError, match=r"call refresh_cache\(\)"):
+        torch.export.export(mod, (x,))
