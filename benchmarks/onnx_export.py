@@ -1,14 +1,13 @@
 """ONNX file size and onnxruntime latency: refq's integer-weight models against float ones,
 measured in the same run.
 
-Two whole models exported with ``torch.onnx.export`` (examples/deploy_onnx.py): silero-vad (its
-trained weights, one 576-sample chunk per call, batch 1) and the tagger with a bidirectional
-LSTM with projections (batch 4, 200 frames). The float baseline of silero-vad is PyTorch's own
-export of the float model; the tagger's float baseline is refq's export with every weight kept
-float (``qscheme: none``), since PyTorch's export of a float LSTM with projections does not run.
-And refq export's own models of the tagger's LSTM (one ONNX LSTM per layer and direction is
-not possible with projections: a Scan), and of a plain 2-layer LSTM (hidden 512, T 100, B 4),
-against the same module's float export by PyTorch.
+Two whole models exported with ``torch.onnx.export`` (examples/deploy_onnx.py): the
+silero-vad-shaped model with silero-vad's trained weights (one 576-sample chunk per call,
+batch 1), against PyTorch's export of the float model; and the tagger with a bidirectional LSTM
+with projections (batch 4, 200 frames), against refq's export with every weight kept float
+(``qscheme: none``), since PyTorch's export of a float LSTM with projections does not run. And
+``refq export``'s model of a plain 2-layer LSTM (hidden 512, T 100, B 4), against the same
+module's float export by PyTorch.
 
 Sessions run on one thread, interleaved in rounds; the medians are compared.
 

@@ -1,7 +1,7 @@
 """Whole models with refq's modules swapped in, exported with PyTorch's own ONNX exporter and
-run in onnxruntime: silero-vad (a conv front end and an LSTMCell, its trained weights) and a
-speech tagger with a bidirectional LSTM with projections (which PyTorch cannot export to ONNX,
-even in float).
+run in onnxruntime: a silero-vad-shaped model carrying silero-vad's trained weights (a conv
+front end and an LSTMCell) and a speech tagger with a bidirectional LSTM with projections (which
+PyTorch cannot export to ONNX, even in float).
 
     python examples/deploy_onnx.py [OUT_DIR]
 
@@ -28,8 +28,10 @@ SPEC = {"version": 1, "defaults": {"dtype": "qint8", "qscheme": "per_channel_sym
 
 
 class SileroVAD(nn.Module):
-    """silero-vad v5's 16 kHz model: a learned STFT, four conv blocks, an LSTMCell and a
-    sigmoid head; one chunk of 512 samples (plus 64 of context) per call, its state carried."""
+    """After silero-vad v5's 16 kHz model, whose trained weights it takes: a learned STFT, four
+    conv blocks, an LSTMCell and a sigmoid head; one chunk of 512 samples (plus 64 of context)
+    per call, its state carried. The forward is a reading of silero's architecture, not its
+    code: its outputs are not silero-vad's own."""
 
     def __init__(self) -> None:
         super().__init__()

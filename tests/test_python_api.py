@@ -368,8 +368,9 @@ def test_facts_assumed_are_a_warning_from_python_and_in_every_job_record(tmp_pat
         refq_cli.convert(EXAMPLE, {"version": 1}, tmp_path / "a.st")
     spec = tmp_path / "q.yaml"
     spec.write_text("version: 1\n")
-    (tmp_path / "m.yaml").write_text(f"version: 1\njobs:\n  - {{input: {EXAMPLE}, spec: q.yaml}}\n")
-    (result,) = refq_cli.batch(tmp_path / "m.yaml", force=True)
+    job = f"{{input: {EXAMPLE}, spec: q.yaml, out_dir: out}}"  # not beside the bundled file
+    (tmp_path / "m.yaml").write_text(f"version: 1\njobs:\n  - {job}\n")
+    (result,) = refq_cli.batch(tmp_path / "m.yaml")
     assert "modules.encoder.batch_first: false" in result.warning
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a spec that gives every fact: no warning
