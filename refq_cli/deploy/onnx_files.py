@@ -25,6 +25,7 @@ from refq_cli.deploy.onnx_graph import module_model
 from refq_cli.errors import ExportError, RefqWarning, argument, plural
 from refq_cli.io.outputs import Outputs, check_outputs, starts_with
 from refq_cli.kinds import ROOT
+from refq_cli.spec.spec import MAX_GLOB
 
 TARGETS = ("onnxruntime", "tensorrt")
 # What TensorRT's explicit quantization takes: signed weights, zero points of 0.
@@ -62,6 +63,11 @@ def check_arguments(
             raise ExportError(f"{name}={value!r}: give True or False")
     if not isinstance(module, str):
         raise ExportError(f"{argument('module', module)}: give a glob, such as '*' or 'enc*'")
+    if len(module) > MAX_GLOB:  # as refq inspect and the spec bound theirs
+        raise ExportError(
+            f"{argument('module', module[:20] + '...')}: a glob of {len(module)} characters; "
+            f"at most {MAX_GLOB}"
+        )
     if target is not None and target not in TARGETS:
         raise ExportError(f"{argument('target', target)}: use one of {', '.join(TARGETS)}")
     check_opset(opset)

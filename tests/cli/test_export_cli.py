@@ -211,6 +211,7 @@ def test_options_are_checked_before_the_artifact_is_read(tmp_path):
         ({"initial_states": "no"}, "initial_states='no': give True or False"),
         ({"force": 1}, "force=1: give True or False"),
         ({"module": None}, "module=None: give a glob"),
+        ({"module": "*" * 1001}, "a glob of 1001 characters; at most 1000"),
         ({"target": "TensorRT"}, "target='TensorRT': use one of onnxruntime, tensorrt"),
         ({"opset": "21"}, "opset='21': refq writes ONNX opsets 13 to 23"),
     ],
