@@ -200,4 +200,6 @@ SCHEMES: dict[str, tuple[str, bool]] = {
 }
 QSCHEME_NAMES = (*SCHEMES, "none")  # none keeps a weight float
 FLOAT_TYPES = ("float16", "bfloat16", "float32", "float64")  # torch dtypes recurrent modules run in
-OBSERVER_NAMES = ("minmax", "mse", "percentile", "fixed")
+OBSERVER_NAMES = ("minmax", "mse", "percentile", "output", "fixed")
+ROUNDING_NAMES = ("nearest", "gptq")
+CALIBRATED_OBSERVERS = ("output",)  # observers, and roundings other than nearest, need calibration

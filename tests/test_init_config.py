@@ -104,6 +104,7 @@ def test_every_fact_is_written_with_pytorchs_default_commented_out(source):
         "qscheme": "per_channel_symmetric",
         "axis": 0,
         "observer": "minmax",
+        "rounding": "nearest",
         "percentile": 99.99,
     }
     assert doc["version"] == 1 and doc["is_decomposed"] is False

@@ -74,4 +74,5 @@ def test_display_path_names_the_root():
 def test_every_observer_name_has_an_observer():
     from refq_cli.quant.observers import OBSERVERS
 
-    assert {*OBSERVERS, "fixed"} == set(kinds.OBSERVER_NAMES)  # fixed takes the spec's numbers
+    # fixed takes the spec's numbers; the calibrated ones take a Hessian too
+    assert {*OBSERVERS, "fixed", *kinds.CALIBRATED_OBSERVERS} == set(kinds.OBSERVER_NAMES)

@@ -59,6 +59,7 @@ __all__ = [
     "quantize",
     "quantize_blocks",
     "quantize_with_values",
+    "row_sums",
     "row_sums_of_squares",
     "traceable_dequantize",
 ]
@@ -565,7 +566,18 @@ def row_sums_of_squares(rows: torch.Tensor, *, in_place: bool = False) -> torch.
     half = (n + 1) // 2
     acc[:, :half].mul_(acc[:, :half])  # the first fold squares as it goes
     acc[:, : n - half].addcmul_(acc[:, half:n], acc[:, half:n])
-    n = half
+    return _folded_sums(acc, half)
+
+
+def row_sums(rows: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
+    """The sum of each row of a 2-D tensor (as float64), whatever the thread count: added in
+    the order :func:`row_sums_of_squares` adds its squares."""
+    acc = rows if in_place else rows.detach().to(torch.float64, copy=True)
+    return _folded_sums(acc, acc.shape[1])
+
+
+def _folded_sums(acc: torch.Tensor, n: int) -> torch.Tensor:
+    """The sums of the first ``n`` columns of each row of ``acc``, folded in place."""
     while n > 1 and acc.shape[0] * n > _EXACT_TAIL:
         half = (n + 1) // 2
         acc[:, : n - half].add_(acc[:, half:n])  # disjoint halves, no slice assignment

@@ -4,6 +4,9 @@
 * ``percentile``: the range between the (100 - p)th and pth percentiles, clipping outliers;
 * ``mse``: the clipping of the min/max range that minimises the squared quantization error,
   searched per tensor or per channel;
+* ``output``: the clipping of the min/max range that minimises the layer's output error
+  ``e H eᵀ`` on calibration inputs (:mod:`refq_cli.quant.calibrated`), per output channel
+  for per-channel schemes along axis 0, one ratio for the whole weight otherwise;
 * ``fixed``: the numbers written in the spec.
 
 Symmetric schemes use ``max(|lo|, |hi|)`` around the middle code, affine schemes ``[lo, hi]``.
@@ -11,6 +14,7 @@ Symmetric schemes use ``max(|lo|, |hi|)`` around the middle code, affine schemes
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import replace
 
@@ -18,6 +22,7 @@ import torch
 
 from refq_cli.errors import QParamsError
 from refq_cli.kinds import SCHEMES
+from refq_cli.quant.calibrated import check_hessian, gptq_candidates, output_errors, total
 from refq_cli.quant.numerics import (
     DTYPES,
     WeightQParams,
@@ -30,8 +35,12 @@ _EPS = torch.finfo(torch.float32).eps
 MSE_CANDIDATES = 100  # clipping ratios searched by the mse observer, from 1.0 down to 0.01
 
 
-def observe(weight: torch.Tensor, spec: QParamSpec, where: str) -> WeightQParams:
-    """Quantization parameters for ``weight``; SpecError at the spec setting that is wrong."""
+def observe(
+    weight: torch.Tensor, spec: QParamSpec, where: str, hessian: torch.Tensor | None = None
+) -> WeightQParams:
+    """Quantization parameters for ``weight``; SpecError at the spec setting that is wrong.
+    ``hessian``: ``XᵀX`` of the calibration inputs the weight multiplies, which the ``output``
+    observer needs."""
     try:
         if spec.observer == "fixed":
             qp = WeightQParams.create(
@@ -45,6 +54,8 @@ def observe(weight: torch.Tensor, spec: QParamSpec, where: str) -> WeightQParams
                 device=weight.device,
                 where=where,
             )
+        elif spec.observer == "output":
+            qp = output(weight.detach().float(), spec, where, hessian)
         else:
             qp = OBSERVERS[spec.observer](weight.detach().float(), spec, where)
         qp.check_weight(weight, where)
@@ -146,6 +157,51 @@ def mse(w: torch.Tensor, spec: QParamSpec, where: str) -> WeightQParams:
         best_lo = torch.where(better, lo * r, best_lo)
         best_hi = torch.where(better, hi * r, best_hi)
     return _from_range(best_lo, best_hi, spec, where)
+
+
+# Clipping ratios of the min/max range the output observer tries first, then each best ratio's
+# neighbours OUTPUT_FINE apart, four either side. With GPTQ's rounding, which makes up for
+# rounding errors but not for clipping, the search is GPTQ run per ratio, over the wider half.
+OUTPUT_COARSE = {"nearest": (1.0, 0.05, 20), "gptq": (1.0, 0.5, 11)}
+OUTPUT_FINE = {"nearest": 0.01, "gptq": 0.01}
+OUTPUT_NEIGHBOURS = {"nearest": 4, "gptq": 2}
+
+
+def output(
+    w: torch.Tensor, spec: QParamSpec, where: str, hessian: torch.Tensor | None
+) -> WeightQParams:
+    """Search clipping ratios r of the min/max range on the output error ``e H eᵀ`` of the
+    weight as the spec's rounding quantizes it (nearest, or GPTQ's): a coarse grid, then
+    around the best ratio in finer steps; the first of equal errors is kept."""
+    check_hessian(w, hessian, where, "observer output")
+    assert hessian is not None
+    per_channel = _per_channel(spec)
+    lo, hi = _row_range(_channels(w, spec, per_channel, where))
+    by_row = per_channel and spec.axis % w.dim() == 0  # each channel's error is its row's
+
+    def errors(ratios: list[torch.Tensor]) -> list[torch.Tensor]:
+        qps = [_from_range(lo * r, hi * r, spec, where) for r in ratios]
+        if spec.rounding == "gptq":
+            rows = [errors for _, errors in gptq_candidates(w, qps, hessian, where=where)]
+        else:
+            rows = [output_errors(w, fake_quantize(w, qp), hessian) for qp in qps]
+        return rows if by_row else [torch.tensor([total(r)], dtype=torch.float64) for r in rows]
+
+    best_err = torch.full((lo.numel() if by_row else 1,), math.inf, dtype=torch.float64)
+    best = torch.ones_like(lo)
+
+    def consider(ratios: list[torch.Tensor]) -> None:
+        nonlocal best_err, best
+        for ratio, err in zip(ratios, errors(ratios), strict=True):  # in order: ties keep the first
+            better = err < best_err
+            best_err = torch.where(better, err, best_err)
+            best = torch.where(better, ratio, best)
+
+    first, last, count = OUTPUT_COARSE[spec.rounding]
+    consider([torch.full_like(lo, r) for r in torch.linspace(first, last, count).tolist()])
+    center, step, n = best.clone(), OUTPUT_FINE[spec.rounding], OUTPUT_NEIGHBOURS[spec.rounding]
+    consider([(center + k * step).clamp(step, 1.0) for k in [*range(-n, 0), *range(1, n + 1)]])
+    return _from_range(lo * best, hi * best, spec, where)
 
 
 OBSERVERS: dict[str, Callable[[torch.Tensor, QParamSpec, str], WeightQParams]] = {

@@ -60,14 +60,19 @@ def quantize_and_measure(
     qp: WeightQParams,
     decomposed: bool,
     on_codes: Callable[[torch.Tensor], None] | None = None,
+    *,
+    grid: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, WeightStats]:
     """The fake-quantized weight (in the weight's dtype) and :func:`weight_stats`, in one pass.
 
     ``on_codes`` hears each block's integer codes, in row-major order: the converter streams
-    them into the artifact, so the whole weight's codes never sit in memory.
+    them into the artifact, so the whole weight's codes never sit in memory. ``grid``: values
+    already on ``qp``'s grid (GPTQ's) to quantize in place of the weight, whose codes they
+    are; the statistics still measure against ``weight``.
     """
     w = weight.detach()
     qp.check_weight(w)
+    source = w if grid is None else grid.detach().reshape(w.shape)
     values = torch.empty_like(w, memory_format=torch.contiguous_format)
     # dims along which the parameters do not vary: reducing a block over them bounds its values
     varying = qp.axis % w.dim() if qp.per_channel else None
@@ -75,7 +80,7 @@ def quantize_and_measure(
     signal = noise = max_error = 0.0
     clipped = 0
     pairs = None  # each block and its error, one buffer for all: fresh memory costs page faults
-    for rows, codes, block_values in quantize_blocks(w, qp, decomposed=decomposed):
+    for rows, codes, block_values in quantize_blocks(source, qp, decomposed=decomposed):
         if on_codes is not None:
             on_codes(codes)
         values[rows] = block_values

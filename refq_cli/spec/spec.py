@@ -17,10 +17,12 @@ import yaml
 
 from refq_cli.errors import QParamsError, SpecError, argument, shorten
 from refq_cli.kinds import (
+    CALIBRATED_OBSERVERS,
     DTYPE_NAMES,
     FACTS,
     OBSERVER_NAMES,
     QSCHEME_NAMES,
+    ROUNDING_NAMES,
     Argument,
     display_path,
     facts_of,
@@ -46,7 +48,18 @@ QPARAM_FIELDS: dict[str, Field] = {
     "qscheme": Field("enum", "Quantization scheme; none keeps the weight float.", QSCHEME_NAMES),
     "axis": Field("int", "Channel axis of per-channel schemes.", minimum=0),
     "observer": Field(
-        "enum", "How scale and zero point are computed from the weight.", OBSERVER_NAMES
+        "enum",
+        "How scale and zero point are computed: from the weight (minmax, mse, percentile), "
+        "on the layer's output error on calibration inputs (output; needs --calibration), "
+        "or as written (fixed).",
+        OBSERVER_NAMES,
+    ),
+    "rounding": Field(
+        "enum",
+        "How codes are chosen: nearest rounds each weight; gptq rounds column by column, "
+        "spreading each rounding error over the rest on the calibration inputs (needs "
+        "--calibration).",
+        ROUNDING_NAMES,
     ),
     "quant_min": Field("int", "Smallest code (defaults to the dtype's minimum)."),
     "quant_max": Field("int", "Largest code (defaults to the dtype's maximum)."),
@@ -84,6 +97,7 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
     "qscheme": "per_channel_symmetric",
     "axis": 0,
     "observer": "minmax",
+    "rounding": "nearest",
     "percentile": 99.99,
 }
 
@@ -162,6 +176,7 @@ class QParamSpec:
     axis: int
     observer: str
     percentile: float
+    rounding: str = "nearest"
     quant_min: int | None = None
     quant_max: int | None = None
     scale: float | list[float] | None = None
@@ -171,6 +186,13 @@ class QParamSpec:
     @property
     def keeps_float(self) -> bool:
         return self.qscheme == "none"
+
+    @property
+    def needs_calibration(self) -> bool:
+        """Whether the scale or the rounding is chosen on calibration inputs."""
+        return not self.keeps_float and (
+            self.observer in CALIBRATED_OBSERVERS or self.rounding != "nearest"
+        )
 
     def error(self, exc: QParamsError, where: str) -> SpecError:
         """Turn a parameter error into a spec error at the setting that caused it."""
