@@ -105,7 +105,7 @@ os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 from refq_cli.io import digest
 digest.start(sys.argv[2])
 import refq_cli.pipeline.convert
-refq_cli.pipeline.convert.module_output = lambda module, x, cell: x
+refq_cli.pipeline.convert.call_output = lambda module, call, cell: (call.input, ())
 from refq_cli.cli.app import main
 sys.argv[0] = "refq"
 main()

@@ -28,7 +28,7 @@ def probe_seconds(repeat: int) -> tuple[float, float]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from big_checkpoint import build
 
-    from refq_cli.pipeline.probe import probe_input, probe_module
+    from refq_cli.pipeline.probe import probe_calls
     from refq_cli.reference.registry import converter_for
 
     model = build(4).eval()
@@ -45,12 +45,12 @@ def probe_seconds(repeat: int) -> tuple[float, float]:
                     "zero_point": torch.zeros_like(scale),
                     "axis": 0,
                 }
-        pairs.append((module, converter_for(module)(module, qparams), probe_input(module)))
+        pairs.append((module, converter_for(module)(module, qparams)))
     times = []
     for _ in range(repeat + 1):
         start = time.perf_counter()
-        for float_mod, ref, x in pairs:
-            probe_module(float_mod, ref, x)
+        for float_mod, ref in pairs:
+            probe_calls(float_mod, ref, None)
         times.append(time.perf_counter() - start)
     return times[0], min(times[1:])
 

@@ -8,6 +8,8 @@ The library's entry points, one per verb (:mod:`refq_cli.pipeline.api`)::
     art = refq_cli.load_artifact("model.refq.safetensors")
     refq_cli.inspect(...), refq_cli.diff(...), refq_cli.verify(...), refq_cli.batch(...)
     refq_cli.export("model.refq.safetensors", "onnx/")  # one ONNX model per module
+    with refq_cli.record_calibration(model, "calib.safetensors"):  # for --calibration
+        run_my_pipeline(model)
 
 Importing this package does not import torch; the entry points (and the submodules that need
 it: ``refq_cli.quant.numerics``, ``refq_cli.reference``, ...) do, when first used.
@@ -18,7 +20,16 @@ from __future__ import annotations
 from typing import Any
 
 __version__ = "0.1.0"
-_ENTRY_POINTS = ("convert", "load_artifact", "inspect", "diff", "verify", "batch", "export")
+_ENTRY_POINTS = (
+    "convert",
+    "load_artifact",
+    "inspect",
+    "diff",
+    "verify",
+    "batch",
+    "export",
+    "record_calibration",
+)
 __all__ = ["__version__", *_ENTRY_POINTS]
 
 

@@ -42,6 +42,19 @@ class Nested(nn.Module):
         return self._model.decoder.rnn(x)[0]
 
 
+def speech_calibration(tmp_path: Path, seed: int = 0, steps: int = 12, batch: int = 16) -> Path:
+    """A calibration file for Speech: one random input per recurrent module, in its layout
+    (batch_first for ``context``, as the tests' specs say)."""
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name in ("encoder", "context", "aux", "decoder.cell", "gate", "tanh_cell"):
+        x = torch.randn(steps, batch, 6, generator=gen)
+        tensors[name] = x.transpose(0, 1).contiguous() if name == "context" else x
+    path = tmp_path / "calib.safetensors"
+    save_file(tensors, path)
+    return path
+
+
 def speech_state(seed: int = 0) -> dict[str, torch.Tensor]:
     torch.manual_seed(seed)
     return Speech().state_dict()

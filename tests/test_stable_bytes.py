@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from refq_cli.cli.app import app
@@ -42,6 +43,17 @@ SPECS = {
         "  - {match: seq_gru, weights: {weight_hh_l0: {qscheme: none}}}"
     ),
 }
+CALIBRATED = {  # converted with calibration inputs (calibration_inputs)
+    "per-channel-symmetric-int4-output-gptq": (
+        "defaults: {qscheme: per_channel_symmetric, dtype: int4, observer: output, rounding: gptq}"
+    ),
+    "per-tensor-affine-quint8-output": (
+        "defaults: {qscheme: per_tensor_affine, dtype: quint8, observer: output}"
+    ),
+    "per-channel-affine-uint4-gptq": (
+        "defaults: {qscheme: per_channel_affine, dtype: uint4, rounding: gptq}"
+    ),
+}
 FACTS = "modules:\n  cell_rnn: {nonlinearity: relu}\n  seq_lstm: {batch_first: true}\n"
 
 
@@ -58,6 +70,16 @@ def every_module_type() -> dict[str, torch.Tensor]:
     return torch.nn.ModuleDict(modules).state_dict()
 
 
+def calibration_inputs(path: Path) -> Path:
+    """Seeded inputs for every module of :func:`every_module_type`, in its layout."""
+    gen = torch.Generator().manual_seed(1)
+    names = ("cell_rnn", "cell_lstm", "cell_gru", "seq_rnn", "seq_lstm", "seq_gru")
+    tensors = {n: torch.randn(10, 16, 6, generator=gen) for n in names}
+    tensors["seq_lstm"] = tensors["seq_lstm"].transpose(0, 1).contiguous()  # batch_first
+    save_file(tensors, path)
+    return path
+
+
 def artifacts(folder: Path) -> dict[str, Path]:
     """Convert every case into ``folder``; the artifact of each."""
     cases: dict[str, tuple[Path, Path, list[str]]] = {}
@@ -67,6 +89,11 @@ def artifacts(folder: Path) -> dict[str, Path]:
         spec = folder / f"{name}.yaml"
         spec.write_text(f"version: 1\n{body}\n{FACTS}")
         cases[f"types-{name}"] = (model, spec, [])
+    calibration = ["--calibration", str(calibration_inputs(folder / "calib.safetensors"))]
+    for name, body in CALIBRATED.items():
+        spec = folder / f"{name}.yaml"
+        spec.write_text(f"version: 1\n{body}\n{FACTS}")
+        cases[f"types-{name}"] = (model, spec, calibration)
     cases["example"] = (EXAMPLE / "example.pt", EXAMPLE / "example.yaml", [])
     cases["example-gate"] = (EXAMPLE / "example.pt", EXAMPLE / "example.yaml", ["--min-sqnr", "10"])
     plain = folder / "plain.yaml"

@@ -99,9 +99,10 @@ def convert_command(
         Path | None,
         typer.Option(
             "--calibration",
-            help="Probe inputs: a state_dict or .safetensors file of "
-            "(time, batch, features) tensors ((batch, time, features) for batch_first "
-            "modules) named by module path (<root> for a module at the root).",
+            help="Calibration inputs, recorded with refq_cli.record_calibration (or "
+            "(time, batch, features) tensors, (batch, time, features) for batch_first "
+            "modules, named by module path, <root> at the root): the report's probe, and "
+            "what observer output and rounding gptq fit on.",
             show_default=False,
         ),
     ] = None,

@@ -23,7 +23,9 @@ def verify_command(
     calibration: Annotated[
         Path | None,
         typer.Option(
-            "--calibration", help="Probe inputs, as for refq convert.", show_default=False
+            "--calibration",
+            help="Calibration inputs to probe on, as for refq convert.",
+            show_default=False,
         ),
     ] = None,
     min_sqnr: Annotated[

@@ -30,6 +30,7 @@ from refq_cli.kinds import (
     KINDS,
     OBSERVER_NAMES,
     QSCHEME_NAMES,
+    ROUNDING_NAMES,
     tensor_key,
     tensor_shapes,
 )
@@ -532,6 +533,7 @@ class _Checker:
                 self.field(w, "quant_min", at, "int")
                 self.field(w, "quant_max", at, "int")
                 self.field(w, "sqnr_db", at, "sqnr", default=None)
+                self.field(w, "rounding", at, ROUNDING_NAMES, default=None)
             self.field(w, "observer", at, OBSERVER_NAMES, default=None)
         return weights
 

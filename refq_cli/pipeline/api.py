@@ -34,6 +34,7 @@ from refq_cli.pipeline.jobs import (
     output_paths,
 )
 from refq_cli.pipeline.manifest import load_manifest
+from refq_cli.pipeline.record import record_calibration
 from refq_cli.pipeline.report import assumed_facts_warning
 from refq_cli.pipeline.shards import parse_shard
 from refq_cli.pipeline.verify import verify as verify_artifact
@@ -43,7 +44,7 @@ PathLike = str | os.PathLike[str]
 Progress = Callable[[str, int, int | None], None]
 
 __all__ = ["Artifact", "Conversion", "batch", "convert", "diff", "inspect", "load_artifact"]
-__all__ += ["export", "verify"]
+__all__ += ["export", "record_calibration", "verify"]
 F = TypeVar("F", bound=Callable[..., Any])
 
 

@@ -27,7 +27,7 @@ from refq_cli.deploy.onnx_files import ExportedModel, export_modules
 from refq_cli.errors import ArtifactError, RefqError, shorten, strict_json
 from refq_cli.io.header import FORMAT, FORMAT_VERSION, read_artifact
 from refq_cli.kinds import FACTS, ROOT, display_path, module_path, tensor_key
-from refq_cli.quant.numerics import WeightQParams, dequantize
+from refq_cli.quant.numerics import WeightQParams
 from refq_cli.reference._weights import deferred_cache
 from refq_cli.reference.registry import RegistryError, reader_for
 from refq_cli.spec.spec import QParamSpec
@@ -50,6 +50,8 @@ def weight_metadata(
             quant_max=qp.quant_max,
             sqnr_db=sqnr_db,
         )
+        if spec.rounding != "nearest":  # recorded only when not nearest: older bytes stay
+            entry["rounding"] = spec.rounding
     return entry
 
 
@@ -74,10 +76,14 @@ def module_metadata(
 
 
 def artifact_metadata(
-    modules: dict[str, dict[str, Any]], spec: dict[str, Any], report: Mapping[str, Any]
+    modules: dict[str, dict[str, Any]],
+    spec: dict[str, Any],
+    report: Mapping[str, Any],
+    calibration: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """The artifact's metadata: its modules' entries, the resolved spec, the source and producer
-    from the report, and the gate and its verdict when the report has one."""
+    from the report, the gate and its verdict when the report has one, and the calibration
+    file (name, sha256) when the codes depend on it (observer output, rounding gptq)."""
     metadata = {
         "refq.modules": modules,
         "refq.spec": spec,
@@ -87,6 +93,8 @@ def artifact_metadata(
     if "gate" in report:  # the --min-sqnr asked for and its verdict
         gate = report["gate"]
         metadata["refq.gate"] = {"min_sqnr": gate["min_sqnr_db"], "passed": gate["passed"]}
+    if calibration is not None:
+        metadata["refq.calibration"] = dict(calibration)
     return metadata
 
 
@@ -277,7 +285,7 @@ def reference_from_artifact(
     dtype = getattr(torch, info["float_dtype"])
     with deferred_cache():  # its cache is filled below, with the codes the artifact holds
         ref = cls(**info["config"], dtype=dtype, weight_qparams_dict=qdict)
-    known: dict[str, tuple[torch.Tensor | None, torch.Tensor]] = {}
+    codes: dict[str, torch.Tensor] = {}
     for name in ref._computation_names():
         expected = getattr(ref, name, None)
         if expected is None:
@@ -297,10 +305,10 @@ def reference_from_artifact(
                     f"{source}: tensor {key(name)!r} holds codes outside its range "
                     f"{qp.quant_min}..{qp.quant_max}"
                 )
-            known[name] = (value.clone(), value)  # a copy: not the file's mapped pages
-            value = dequantize(value, qp, decomposed=ref.is_decomposed).to(dtype)
-        setattr(ref, name, nn.Parameter(value))
-    ref.use_quantized({n: (q, getattr(ref, n).detach()) for n, (q, _) in known.items()})
+            codes[name] = value.clone()  # a copy: not the file's mapped pages
+        else:
+            setattr(ref, name, nn.Parameter(value))
+    ref.set_quantized_weights(codes)
     return ref
 
 

@@ -18,8 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from refq_cli.errors import CheckpointError, RefqError, SpecError, argument
-from refq_cli.io.checkpoint import Checkpoint, load_checkpoint, read_tensors
+from refq_cli.errors import CheckpointError, QParamsError, RefqError, SpecError, argument
+from refq_cli.io.checkpoint import Checkpoint, load_checkpoint
+from refq_cli.io.digest import sha256_of
 from refq_cli.io.outputs import Outputs
 from refq_cli.io.recurrent import RecurrentModule
 from refq_cli.io.safetensors_writer import SafetensorsWriter, check_header_fits
@@ -30,10 +31,25 @@ from refq_cli.pipeline.artifact import (
     module_metadata,
     weight_metadata,
 )
+from refq_cli.pipeline.calibration import (
+    Call,
+    calls_for,
+    held_out_masks,
+    read_calibration_file,
+    select,
+    without_prefix,
+)
 from refq_cli.pipeline.gate import Gate
-from refq_cli.pipeline.probe import module_output, probe_for, probe_result
+from refq_cli.pipeline.layer_inputs import layer_hessians
+from refq_cli.pipeline.probe import (
+    calibration_result,
+    call_output,
+    calls_result,
+    random_call,
+)
 from refq_cli.pipeline.report import ModuleRow, Report, WeightRow, build_report
-from refq_cli.quant.numerics import WeightQParams
+from refq_cli.quant.calibrated import gptq_values
+from refq_cli.quant.numerics import WeightQParams, fake_quantize
 from refq_cli.quant.observers import observe
 from refq_cli.quant.statistics import quantize_and_measure
 from refq_cli.reference._weights import deferred_cache
@@ -113,19 +129,6 @@ def resolve_device(device: str) -> torch.device:
     return dev
 
 
-def read_calibration(calibration: str | Path | None) -> dict[str, torch.Tensor]:
-    """The probe inputs of a calibration file, by module name; messages name the argument."""
-    if calibration is None:
-        return {}
-    try:
-        return read_tensors(calibration, what="calibration")[2]
-    except CheckpointError as exc:
-        text, named = str(exc), str(calibration)
-        if text.startswith(named + ":"):
-            text = argument("calibration", calibration) + text[len(named) :]
-        raise CheckpointError(text) from None
-
-
 def convert_checkpoint(
     input_path: str | Path,
     spec: str | Path | Spec | Mapping[str, Any],
@@ -154,7 +157,7 @@ def convert_checkpoint(
     step = progress or (lambda what, done, total: None)
     spec = as_spec(spec)
     dev = resolve_device(device)
-    calibration_inputs = read_calibration(calibration)
+    calibration_inputs = without_prefix(read_calibration_file(calibration), spec.strip_prefix)
     step("loading the checkpoint", 0, None)
     checkpoint = load_checkpoint(input_path, trust_code=trust_code, strip_prefix=spec.strip_prefix)
     checkpoint.check_has_modules()
@@ -164,6 +167,12 @@ def convert_checkpoint(
         {p: m.float_type for p, m in checkpoint.modules.items()},
     )
     check_calibration_names(calibration, calibration_inputs, checkpoint.modules)
+    _check_calibrated(plans, calibration_inputs, calibration)
+    calibration_source = None  # recorded when the codes depend on it: --skip-unchanged sees it
+    if calibration is not None and any(
+        w.needs_calibration for p in plans.values() if not p.skip for w in p.weights.values()
+    ):
+        calibration_source = {"name": Path(calibration).name, "sha256": sha256_of(calibration)}
     for kind in dict.fromkeys(m.float_type for m in checkpoint.modules.values()):
         check_converter(getattr(nn, kind))
     _check_no_collisions(checkpoint, plans)
@@ -177,7 +186,10 @@ def convert_checkpoint(
         for done, (path, info) in enumerate(checkpoint.modules.items()):
             step(f"converting {display_path(path)}", done, len(checkpoint.modules))
             converting = _ModuleConversion(checkpoint, info, plans[path], spec, dev, writer)
-            module_rows.append(converting.run(calibration_inputs.get(display_path(path))))
+            given = calibration_inputs.get(display_path(path))
+            if given is not None:
+                given = calls_for(converting.result.float_module, given, display_path(path))
+            module_rows.append(converting.run(given))
             weight_rows += converting.weight_rows
             modules[display_path(path)] = converting.result
         for key in checkpoint.other_tensor_names:
@@ -202,7 +214,7 @@ def convert_checkpoint(
             for name, m in modules.items()
             if m.reference is not None
         }
-        metadata = artifact_metadata(entries, spec.to_dict(), report)
+        metadata = artifact_metadata(entries, spec.to_dict(), report, calibration_source)
         checkpoint.check_unchanged()  # its sha256 is in the metadata: it must cover these bytes
         writer.finish(artifact_header(metadata))
     return Conversion(checkpoint, spec, modules, report, metadata)
@@ -237,6 +249,32 @@ def check_calibration_names(
             f"{argument('calibration', calibration)}: {', '.join(sorted(unknown))} is no "
             f"recurrent module; modules: {', '.join(shown)}"
         )
+
+
+def _check_calibrated(
+    plans: Mapping[str, ModulePlan], inputs: Mapping[str, Any], calibration: str | Path | None
+) -> None:
+    """Refuse a spec whose observer or rounding needs calibration inputs a module lacks."""
+    for path, plan in plans.items():
+        if plan.skip or display_path(path) in inputs:
+            continue
+        for name, spec in plan.weights.items():
+            if spec.needs_calibration:
+                setting = (
+                    "observer output" if spec.observer == "output" else f"rounding {spec.rounding}"
+                )
+                loc = spec.origin.get("observer" if spec.observer == "output" else "rounding")
+                given = (
+                    f"{argument('calibration', calibration)} has no inputs for it"
+                    if calibration is not None
+                    else "no calibration file was given"
+                )
+                raise SpecError(
+                    f"{f'{loc}: ' if loc else ''}{display_path(path)}.{name}: {setting} needs "
+                    f"calibration inputs, and {given}; record them with "
+                    "refq_cli.record_calibration and pass the file with "
+                    f"{argument('calibration', 'FILE')}"
+                )
 
 
 def assumed_facts(
@@ -300,11 +338,13 @@ class _ModuleConversion:
         float_module = info.build(checkpoint.tensors, facts).to(dev)
         self.result = ConvertedModule(info, plan, float_module, None)
         self.weight_rows: list[WeightRow] = []
+        self.codes: dict[str, torch.Tensor] = {}  # GPTQ's codes, by weight name
         if dev.type != "cpu":  # the module works on its copies on the device
             self._release(info.tensor_names)
 
-    def run(self, calibration: torch.Tensor | None) -> ModuleRow:
-        """Convert the module; returns its row of the report."""
+    def run(self, given: list[Call] | None) -> ModuleRow:
+        """Convert the module on its calibration calls (checked, time-major), or on the seeded
+        random probe when there are none; returns its row of the report."""
         info, module = self.info, self.result.float_module
         row: ModuleRow = {"path": display_path(info.path), "float_type": info.float_type}  # type: ignore[typeddict-item]
         row["skipped"] = self.plan.skip
@@ -313,34 +353,79 @@ class _ModuleConversion:
                 self._write_float(name)
             self._release(info.tensor_names)
             return row
-        x = probe_for(module, calibration, info.path)
         cell = isinstance(module, nn.RNNCellBase)
-        expected = got = x
+        batch_first = getattr(module, "batch_first", False)
+        calls = given or [random_call(module)]
+        fit = [~held for held in held_out_masks(calls)]
+        runs: dict[str, list[torch.Tensor]] = {"float": [c.input for c in calls]}
+        runs["quantized"] = list(runs["float"])
+        if any(
+            self._quantized(n) and self.plan.weights[n].rounding != "nearest"
+            for n in info.weight_names
+        ):
+            runs["nearest"] = list(runs["float"])  # the same scales, each weight rounded to nearest
+        finals: dict[str, list[list[tuple]]] = {k: [[] for _ in calls] for k in runs}
+        directions = 1 if cell else 1 + module.bidirectional
         for layer, names in _layers(info):
             whole = layer is None or module.num_layers == 1
             float_layer = module if whole else _single_layer(module, layer)
-            fake_quantized = {
-                _layer_name(n): self._quantize(n) if self._quantized(n) else self._write_float(n)
+            inputs = {
+                k: [_layer_call(c, x, layer, directions) for c, x in zip(calls, xs, strict=True)]
+                for k, xs in runs.items()
+            }
+            # the float layer's outputs first: its Hessians come from them
+            outputs = {"float": [call_output(float_layer, c, cell) for c in inputs["float"]]}
+            needed = [
+                _layer_name(n)
+                for n in names
+                if self._quantized(n) and self.plan.weights[n].needs_calibration
+            ]
+            hessians = layer_hessians(
+                float_layer,
+                [select(c, keep) for c, keep in zip(inputs["float"], fit, strict=True)],
+                [
+                    select(Call(output, None, None), keep).input
+                    for (output, _), keep in zip(outputs["float"], fit, strict=True)
+                ],
+                needed,
+            )
+            values = {
+                _layer_name(n): self._quantize(n, hessians.get(_layer_name(n)))
+                if self._quantized(n)
+                else (self._write_float(n),) * 2
                 for n in names
             }
-            with deferred_cache():
-                ref_layer = converted(float_layer, self._qdict(names, _layer_name))
-            ref_layer.use_quantized(  # type: ignore[attr-defined]
-                {n: (None, v) for n, v in fake_quantized.items()}
-            )
-            expected = module_output(float_layer, expected, cell)
-            got = module_output(ref_layer, got, cell)
-            del fake_quantized, ref_layer
+            layers = {}
+            for k, pick in (("quantized", 0), ("nearest", 1)):
+                if k in runs:
+                    with deferred_cache():
+                        layers[k] = converted(float_layer, self._qdict(names, _layer_name))
+                    layers[k].use_quantized({n: (None, v[pick]) for n, v in values.items()})  # type: ignore[operator]
+                    outputs[k] = [call_output(layers[k], c, cell) for c in inputs[k]]
+            for k in runs:
+                runs[k] = [output for output, _ in outputs[k]]
+                for states, (_, final) in zip(finals[k], outputs[k], strict=True):
+                    states.append(final)
+            del values, layers, hessians, outputs
             self._release(names)
         if not cell:  # on CUDA, the one-layer modules took its tensors into buffers of their own
             module.flatten_parameters()
         with deferred_cache():  # its cache fills on first use, not while the others exist
             ref = converted(module, self._qdict(info.tensor_names)).train(False)
+        if self.codes:  # GPTQ's codes, which rounding the float weights would not give
+            ref.set_quantized_weights(self.codes)  # type: ignore[operator]
         check_readable(ref, info.float_type)
         self.result.reference = ref
         row["reference_type"] = ref._get_name()
-        row["probe"] = "random" if calibration is None else "calibration"
-        row.update(probe_result(expected, got, x, getattr(module, "batch_first", False)))
+        row["probe"] = "random" if given is None else "calibration"
+        sequences = sum(c.sequences for c in calls)
+        steps = max(c.input.shape[0] for c in calls)
+        shape = [sequences, steps] if batch_first else [steps, sequences]
+        row.update(
+            calls_result(runs["float"], runs["quantized"], [*shape, calls[0].input.shape[-1]])
+        )
+        if given is not None:
+            row["calibration"] = calibration_result(fit, runs, finals)
         return row
 
     def _qdict(self, names: Iterable[str], rename: Callable[[str], str] = str) -> dict[str, Any]:
@@ -362,31 +447,63 @@ class _ModuleConversion:
         self.writer.add(self.info.key(name), tensor)
         return tensor
 
-    def _quantize(self, name: str) -> torch.Tensor:
+    def _quantize(
+        self, name: str, hessian: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Observe, quantize and measure one weight; write its codes and parameters; return
-        its fake-quantized values."""
+        its fake-quantized values, and those of rounding to nearest with the same scales.
+        ``hessian``: ``XᵀX`` of its calibration inputs, for the weights whose spec asks for them."""
         weight = getattr(self.result.float_module, name).detach()
+        spec = self.plan.weights[name]
         where = f"{display_path(self.info.path)}.{name}"
         if weight.numel() and not all(math.isfinite(v) for v in torch.aminmax(weight)):
             raise CheckpointError(f"{self.checkpoint.path}: {where} holds NaN or infinite values")
-        qp = self.result.qparams[name] = observe(weight, self.plan.weights[name], where)
+        qp = self.result.qparams[name] = observe(weight, spec, where, hessian)
+        grid = None
+        if spec.rounding == "gptq":
+            try:
+                grid = gptq_values(weight, qp, hessian, where=where)  # type: ignore[arg-type]
+            except QParamsError as exc:
+                raise spec.error(exc, where) from None
         key = self.info.key(name)
         self.writer.begin(key, qp.storage, tuple(weight.shape))
-        values, stats = quantize_and_measure(weight, qp, self.decomposed, self.writer.write)
+        blocks: list[torch.Tensor] = []
+
+        def write(codes: torch.Tensor) -> None:
+            self.writer.write(codes)
+            if grid is not None:
+                blocks.append(codes.clone())
+
+        values, stats = quantize_and_measure(weight, qp, self.decomposed, write, grid=grid)
         self.writer.end()
         self.writer.add(key + "_scale", qp.scale)
         self.writer.add(key + "_zero_point", qp.zero_point)
-        observer = self.plan.weights[name].observer
+        nearest = values
+        if grid is not None:
+            self.codes[name] = torch.cat(blocks).reshape(weight.shape)
+            nearest = fake_quantize(weight, qp, decomposed=self.decomposed)
         self.weight_rows.append(
             {
                 "module": display_path(self.info.path),
                 "weight": name,
-                "observer": observer,
+                "observer": spec.observer,
                 **stats,
-                "qscheme": self.plan.weights[name].qscheme,  # as the spec says it, not as stored
+                "qscheme": spec.qscheme,  # as the spec says it, not as stored
+                **({"rounding": spec.rounding} if spec.rounding != "nearest" else {}),
             }
         )
-        return values
+        return values, nearest
+
+
+def _layer_call(call: Call, x: torch.Tensor, layer: int | None, directions: int) -> Call:
+    """``call`` as layer ``layer`` of its module sees it: input ``x``, the layer's states."""
+
+    def part(state: torch.Tensor | None) -> torch.Tensor | None:
+        if state is None or layer is None:
+            return state
+        return state[layer * directions : (layer + 1) * directions]
+
+    return Call(x, part(call.h_0), part(call.c_0))
 
 
 def _layers(info: RecurrentModule) -> list[tuple[int | None, list[str]]]:

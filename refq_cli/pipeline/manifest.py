@@ -57,7 +57,11 @@ JOB_FIELDS: dict[str, Field] = {
         "str",
         "Folder whose tree the artifacts mirror under out_dir (default: a glob's fixed part).",
     ),
-    "calibration": Field("str", "Probe inputs for the report."),
+    "calibration": Field(
+        "str",
+        "Calibration inputs: the report's probe, and what observer output and "
+        "rounding gptq fit on.",
+    ),
     "min_sqnr": Field("number", "Quality gate: the job fails when a weight's SQNR (dB) is below."),
 }
 

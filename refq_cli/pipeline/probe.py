@@ -3,13 +3,13 @@ calibration data, and the drift of that error over time steps."""
 
 from __future__ import annotations
 
-from typing import TypedDict
+from collections.abc import Mapping, Sequence
+from typing import Any, TypedDict
 
 import torch
 from torch import nn
 
-from refq_cli.errors import RefqError
-from refq_cli.kinds import display_path
+from refq_cli.pipeline.calibration import Call
 from refq_cli.quant.statistics import finite, sqnr_db
 
 
@@ -22,78 +22,162 @@ class ProbeResult(TypedDict):
     hidden_error_per_step: list[float]
 
 
+class CalibrationPart(TypedDict, total=False):
+    """The output error on one part of the calibration calls (fit: those the Hessians came
+    from; held out: the others), and with a rounding other than nearest, nearest's."""
+
+    sequences: int
+    rows: int
+    output_sqnr_db: float | None  # the output sequences of every call
+    hidden_sqnr_db: float | None  # the final states (h_n, c_n of every layer)
+    nearest_output_sqnr_db: float | None
+    nearest_hidden_sqnr_db: float | None
+
+
+class CalibrationResult(TypedDict):
+    fit: CalibrationPart
+    held_out: CalibrationPart | None  # None: too few sequences to hold any out
+
+
 PROBE_STEPS = 16
 PROBE_BATCH = 4
 
 
-def probe_input(module: nn.Module, seed: int = 0) -> torch.Tensor:
-    """A seeded normal input for ``module``: (steps, batch, features) in its layout."""
+def random_call(module: nn.Module, seed: int = 0) -> Call:
+    """The seeded random probe for ``module`` when no calibration inputs are given: a normal
+    (steps, batch, features) input from zero states."""
     gen = torch.Generator().manual_seed(seed)
     weight = next(module.parameters())
     x = torch.randn(PROBE_STEPS, PROBE_BATCH, module.input_size, generator=gen)
-    if getattr(module, "batch_first", False):
-        x = x.transpose(0, 1)
-    return x.to(device=weight.device, dtype=weight.dtype)
+    return Call(x.to(device=weight.device, dtype=weight.dtype), None, None)
 
 
-def probe_for(module: nn.Module, given: torch.Tensor | None, path: str) -> torch.Tensor:
-    """The calibration input given for ``module``, checked, or else the seeded random probe."""
-    if given is None:
-        return probe_input(module)
-    layout = (
-        "(batch, time, features)"
-        if getattr(module, "batch_first", False)
-        else ("(time, batch, features)")
-    )
-    if given.dim() != 3 or given.shape[-1] != module.input_size or 0 in given.shape:
-        raise RefqError(
-            f"the calibration input for {display_path(path)} must be a non-empty {layout} tensor "
-            f"with {module.input_size} features, got shape {tuple(given.shape)}"
-        )
-    if not given.is_floating_point() or not bool(torch.isfinite(given).all()):
-        raise RefqError(
-            f"the calibration input for {display_path(path)} must hold finite floating-point values"
-        )
-    weight = next(module.parameters())
-    return given.to(device=weight.device, dtype=weight.dtype)
+def probe_shape(module: nn.Module, calls: Sequence[Call]) -> list[int]:
+    """How the report gives the probe's shape: (steps, sequences, features) of the longest
+    call and all sequences, or (sequences, steps, features) for a batch_first module."""
+    sequences = sum(c.sequences for c in calls)
+    steps = max(c.input.shape[0] for c in calls)
+    shape = [sequences, steps] if getattr(module, "batch_first", False) else [steps, sequences]
+    return [*shape, calls[0].input.shape[-1]]
 
 
-def probe_module(float_mod: nn.Module, ref_mod: nn.Module, x: torch.Tensor) -> ProbeResult:
-    """Output error of the reference module against the float one, and its drift over time.
-
-    ``x`` is (steps, batch, features), or (batch, steps, features) for batch_first modules;
-    cells are run step by step over its first axis, feeding back their own hidden state.
-    """
-    cell = isinstance(float_mod, nn.RNNCellBase)
-    expected, got = module_output(float_mod, x, cell), module_output(ref_mod, x, cell)
-    return probe_result(expected, got, x, getattr(float_mod, "batch_first", False))
-
-
-def module_output(module: nn.Module, x: torch.Tensor, cell: bool) -> torch.Tensor:
-    """The output sequence of ``module`` on ``x``, in the module's layout; a cell unrolled."""
-    with torch.no_grad():
-        return _unroll(module, x) if cell else module(x)[0]
-
-
-def probe_result(
-    expected: torch.Tensor, got: torch.Tensor, x: torch.Tensor, batch_first: bool
+def probe_calls(
+    float_mod: nn.Module, ref_mod: nn.Module, calls: Sequence[Call] | None
 ) -> ProbeResult:
-    """The report's probe entries from the float and reference outputs on probe ``x``."""
-    if batch_first:
-        expected, got = expected.transpose(0, 1), got.transpose(0, 1)
-    per_step = (expected - got).abs().flatten(1).amax(dim=1)
+    """Output error of the reference module against the float one on calibration calls (the
+    random probe when None), and its drift over time steps."""
+    calls = calls or [random_call(float_mod)]
+    cell = isinstance(float_mod, nn.RNNCellBase)
+    expected = [call_output(float_mod, c, cell)[0] for c in calls]
+    got = [call_output(ref_mod, c, cell)[0] for c in calls]
+    return calls_result(expected, got, probe_shape(float_mod, calls))
+
+
+def _unrolled(cell: nn.Module, x: torch.Tensor, hx: Any) -> tuple[torch.Tensor, tuple]:
+    outputs = []
+    for step in x:
+        hx = cell(step, hx)
+        outputs.append(hx[0] if isinstance(hx, tuple) else hx)
+    return torch.stack(outputs), hx if isinstance(hx, tuple) else (hx,)
+
+
+def call_output(module: nn.Module, call: Call, cell: bool) -> tuple[torch.Tensor, tuple]:
+    """The output sequence (time-major) and the final states (``(h_n,)`` or ``(h_n, c_n)``)
+    of ``module`` on one calibration call, from the call's initial states (zeros where it has
+    none); a cell unrolled over the call's steps."""
+    # a reference module stands for its float type, which it does not subclass
+    lstm = issubclass(getattr(type(module), "_FLOAT_TYPE", type(module)), (nn.LSTM, nn.LSTMCell))
+    h_0, c_0 = call.h_0, call.c_0
+    with torch.no_grad():
+        if lstm and (h_0 is None) != (c_0 is None):
+            h_0 = (
+                torch.zeros_like(_state_like(module, call, cell, proj=True)) if h_0 is None else h_0
+            )
+            c_0 = (
+                torch.zeros_like(_state_like(module, call, cell, proj=False))
+                if c_0 is None
+                else c_0
+            )
+        hx = None if h_0 is None else ((h_0, c_0) if lstm else h_0)
+        if cell:
+            return _unrolled(module, call.input, hx)
+        batch_first = getattr(module, "batch_first", False)
+        x = call.input.transpose(0, 1) if batch_first else call.input
+        output, state = module(x, hx)
+        output = output.transpose(0, 1) if batch_first else output
+        return output, state if isinstance(state, tuple) else (state,)
+
+
+def _state_like(module: nn.Module, call: Call, cell: bool, *, proj: bool) -> torch.Tensor:
+    """An initial state's shape for ``module`` on ``call``, as an empty tensor."""
+    size = (getattr(module, "proj_size", 0) or module.hidden_size) if proj else module.hidden_size
+    if cell:
+        return call.input.new_empty(call.sequences, size)
+    layers = module.num_layers * (1 + module.bidirectional)
+    return call.input.new_empty(layers, call.sequences, size)
+
+
+def calls_result(
+    expected: Sequence[torch.Tensor], got: Sequence[torch.Tensor], shape: list[int]
+) -> ProbeResult:
+    """The report's probe entries over several calls (time-major outputs): the SQNR over all
+    of them, the error per step the largest of the calls that reach that step; ``shape`` the
+    probe's shape as the report gives it."""
+    steps = max(e.shape[0] for e in expected)
+    per_step = torch.zeros(steps, dtype=torch.float64)
+    for e, g in zip(expected, got, strict=True):
+        error = (e - g).abs().flatten(1).amax(dim=1).double()
+        per_step[: error.shape[0]] = torch.maximum(per_step[: error.shape[0]], error)
     return {
-        "probe_shape": list(x.shape),
-        "output_sqnr_db": finite(sqnr_db(expected, got)),
+        "probe_shape": shape,
+        "output_sqnr_db": finite(sqnr_db(_joined(expected), _joined(got))),
         "output_max_abs_error": per_step.max().item(),
         "hidden_error_per_step": [round(v, 9) for v in per_step.tolist()],
     }
 
 
-def _unroll(cell: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    hx = None
-    outputs = []
-    for step in x:
-        hx = cell(step, hx)
-        outputs.append(hx[0] if isinstance(hx, tuple) else hx)
-    return torch.stack(outputs)
+def _joined(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def calibration_result(
+    masks: Sequence[torch.Tensor],
+    runs: Mapping[str, Sequence[torch.Tensor]],
+    finals: Mapping[str, Sequence[Sequence[tuple]]],
+) -> CalibrationResult:
+    """The output and hidden-state SQNR on the fit calls' sequences (``masks``: per call, which
+    of its sequences were fit on) and on the held-out ones: ``runs`` the time-major outputs of
+    ``float``, ``quantized`` (and ``nearest``), ``finals`` their final states per layer."""
+
+    def part(keep: Sequence[torch.Tensor]) -> CalibrationPart | None:
+        if not any(bool(k.any()) for k in keep):
+            return None
+
+        def outputs(kind: str) -> torch.Tensor:
+            return _joined([o[:, k] for o, k in zip(runs[kind], keep, strict=True)])
+
+        def hidden(kind: str) -> torch.Tensor:
+            return _joined(
+                [
+                    s[:, k] if s.dim() == 3 else s[k]
+                    for layers, k in zip(finals[kind], keep, strict=True)
+                    for states in layers
+                    for s in states
+                ]
+            )
+
+        result: CalibrationPart = {
+            "sequences": sum(int(k.sum()) for k in keep),
+            "rows": sum(
+                int(k.sum()) * o.shape[0] for o, k in zip(runs["float"], keep, strict=True)
+            ),
+        }
+        for kind, prefix in (("quantized", ""), ("nearest", "nearest_")):
+            if kind in runs:
+                result[f"{prefix}output_sqnr_db"] = finite(sqnr_db(outputs("float"), outputs(kind)))  # type: ignore[literal-required]
+                result[f"{prefix}hidden_sqnr_db"] = finite(sqnr_db(hidden("float"), hidden(kind)))  # type: ignore[literal-required]
+        return result
+
+    fit = part(masks)
+    assert fit is not None
+    return {"fit": fit, "held_out": part([~k for k in masks])}

@@ -13,8 +13,9 @@ from typing import Any, NotRequired, TypedDict
 
 from refq_cli import __version__
 from refq_cli.errors import markdown_cell, plural, printable
+from refq_cli.pipeline.calibration import HELD_OUT_EVERY
 from refq_cli.pipeline.gate import GateRecord, gate_line
-from refq_cli.pipeline.probe import ProbeResult
+from refq_cli.pipeline.probe import CalibrationPart, CalibrationResult, ProbeResult
 from refq_cli.quant.statistics import WeightStats
 
 
@@ -39,6 +40,7 @@ class WeightRow(WeightStats):
     module: str  # the module's name (kinds.display_path: <root> at the root)
     weight: str
     observer: str
+    rounding: NotRequired[str]  # gptq; absent for rounding to nearest
 
 
 class _ModuleRowBase(TypedDict):
@@ -53,6 +55,7 @@ class ModuleRow(_ModuleRowBase, ProbeResult, total=False):
 
     reference_type: str
     probe: str  # random | calibration
+    calibration: CalibrationResult  # with calibration inputs: the error on fit and held-out parts
 
 
 class Totals(TypedDict):
@@ -167,7 +170,8 @@ def to_markdown(report: Report) -> str:
         lines.append(
             f"| {markdown_cell(w['module'])} | {w['weight']} | "
             f"{'x'.join(map(str, w['shape']))} | "
-            f"{w['qscheme']} | {w['dtype']} | {w['observer']} | {scale} | {zp} | "
+            f"{w['qscheme']} | {w['dtype']} | {w['observer']}"
+            f"{' + ' + w['rounding'] if 'rounding' in w else ''} | {scale} | {zp} | "
             f"{_fmt(w['sqnr_db'])} | "
             f"{_fmt(w['max_abs_error'])} | {w['clipped_fraction']:.2%} |"
         )
@@ -188,9 +192,51 @@ def to_markdown(report: Report) -> str:
             f"{_fmt(m['output_sqnr_db'])} | {_fmt(m['output_max_abs_error'])} | "
             f"{_fmt(m['hidden_error_per_step'][-1])} |"
         )
+    lines += _calibration_lines(report["modules"])
     if "gate" in report:
         lines += ["", gate_line(report["gate"])]
     return "\n".join(lines) + "\n"
+
+
+def _calibration_lines(modules: Sequence[ModuleRow]) -> list[str]:
+    """Per module with calibration inputs: its output and final-state SQNR on the sequences
+    the Hessians came from and on those held out, and nearest rounding's beside GPTQ's."""
+    calibrated = [m for m in modules if "calibration" in m]
+    if not calibrated:
+        return []
+    lines = [
+        "",
+        f"## Calibration inputs (SQNR dB; held out: every {HELD_OUT_EVERY}th sequence, not "
+        "fitted on)",
+        "",
+        "| module | part | sequences | output | hidden state | nearest: output | "
+        "nearest: hidden state |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for m in calibrated:
+        parts: list[tuple[str, CalibrationPart | None]] = [
+            ("fit", m["calibration"]["fit"]),
+            ("held out", m["calibration"]["held_out"]),
+        ]
+        for name, part in parts:
+            if part is None:
+                lines.append(f"| {markdown_cell(m['path'])} | {name} | 0 | | | | |")
+                continue
+            cells = [
+                _fmt(part[key]) if key in part else ""  # type: ignore[literal-required]
+                for key in (
+                    "output_sqnr_db",
+                    "hidden_sqnr_db",
+                    "nearest_output_sqnr_db",
+                    "nearest_hidden_sqnr_db",
+                )
+            ]
+            lines.append(
+                f"| {markdown_cell(m['path'])} | {name} | {part['sequences']} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    return lines
 
 
 def _assumed_lines(assumed: dict[str, dict[str, Any]]) -> list[str]:

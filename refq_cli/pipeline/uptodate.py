@@ -1,6 +1,7 @@
 """Whether a job's outputs are up to date (``--skip-unchanged``): its artifact records this
 input's sha256 (a sharded checkpoint's: its index's and each shard's), this spec and this
-format version, and did not miss the gate it was converted with. Reads headers only: no torch."""
+format version (and, when its codes depend on one, this calibration file's sha256), and did not
+miss the gate it was converted with. Reads headers only: no torch."""
 
 from __future__ import annotations
 
@@ -90,5 +91,21 @@ def unchanged_metadata(job: Job, strip_prefix: str | None = None) -> dict[str, A
         and source_unchanged(metadata["refq.source"], job.input)
         and metadata["refq.spec"]
         == json.loads(json.dumps(load_spec(job.spec).stripping(strip_prefix).to_dict()))
+        and calibration_unchanged(metadata.get("refq.calibration"), job.calibration)
     )
     return metadata if unchanged else None
+
+
+def calibration_unchanged(recorded: str | None, path: Path | None) -> bool:
+    """Whether the calibration file an artifact's codes were chosen on (``refq.calibration``,
+    when they depend on one) is the job's: the same sha256. No record: the codes depend on
+    none, and the probe inputs only change the report."""
+    from refq_cli.io.digest import sha256_of
+
+    if recorded is None:
+        return True
+    try:
+        sha256 = json.loads(recorded).get("sha256")
+        return path is not None and sha256 == sha256_of(path)
+    except (ValueError, AttributeError, RecursionError, RefqError, OSError):
+        return False

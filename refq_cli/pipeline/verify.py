@@ -9,9 +9,11 @@ from refq_cli.errors import CheckpointError
 from refq_cli.io.checkpoint import load_checkpoint
 from refq_cli.kinds import display_path, facts_of, module_path
 from refq_cli.pipeline.artifact import ArtifactError, check_module_matches, load_artifact
-from refq_cli.pipeline.convert import check_calibration_names, read_calibration
+from refq_cli.pipeline.calibration import calls_for, read_calibration_file, without_prefix
+from refq_cli.pipeline.convert import check_calibration_names
 from refq_cli.pipeline.gate import OUTPUT_SQNR, gate_record, named_below
-from refq_cli.pipeline.probe import probe_for, probe_module
+from refq_cli.pipeline.probe import probe_calls
+from refq_cli.spec.spec import with_dot
 
 
 def verify(
@@ -44,7 +46,8 @@ def verify(
                 "checkpoint it came from)"
             ) from None
         raise
-    inputs = read_calibration(calibration)
+    prefix = with_dot(strip_prefix) if strip_prefix else None
+    inputs = without_prefix(read_calibration_file(calibration), prefix)
     check_calibration_names(calibration, inputs, artifact.modules)
     rows = []
     for name, ref in artifact.modules.items():
@@ -65,13 +68,14 @@ def verify(
                 f"{checkpoint_path}: {display_path(path)} differs from the artifact: "
                 + "; ".join(problems)
             )
-        x = probe_for(float_module, inputs.get(display_path(path)), path)
+        given = inputs.get(display_path(path))
+        calls = None if given is None else calls_for(float_module, given, display_path(path))
         rows.append(
             {
                 "path": name,
                 "float_type": info["float_type"],
-                "probe": "calibration" if display_path(path) in inputs else "random",
-                **probe_module(float_module, ref.train(False), x),  # no dropout: repeatable
+                "probe": "random" if calls is None else "calibration",
+                **probe_calls(float_module, ref.train(False), calls),  # no dropout: repeatable
             }
         )
     recorded, source = artifact.metadata["refq.source"], checkpoint.source

@@ -35,6 +35,7 @@ from refq_cli.quant.numerics import (
     QuantizedWeight,
     WeightQParams,
     canonical_name,
+    dequantize,
     fake_quantize,
     quantize_with_values,
     traceable_dequantize,
@@ -353,6 +354,22 @@ class QuantizedWeightsMixin:
         with its ``is_decomposed``: the converter passes the dequantized codes it writes.
         """
         self._computation_weights(known=weights)
+
+    def set_quantized_weights(self, codes: Mapping[str, torch.Tensor]) -> None:
+        """Make these integer codes the weights: each weight becomes its codes' values (in the
+        module's dtype), and the codes are cached as they are. What loading an artifact does,
+        and converting with codes chosen elsewhere (GPTQ's)."""
+        known = {}
+        for name, q in codes.items():
+            qp = self.weight_qparams(name)
+            assert qp is not None, name
+            dtype = getattr(self, name).dtype
+            value = dequantize(q, qp, decomposed=self.is_decomposed).to(dtype)
+            setattr(
+                self, name, nn.Parameter(value, requires_grad=getattr(self, name).requires_grad)
+            )
+            known[name] = (q, getattr(self, name).detach())
+        self.use_quantized(known)
 
     def _quantized(
         self, name: str, known: tuple[torch.Tensor | None, torch.Tensor] | None
