@@ -47,6 +47,8 @@ class HessianSum:
 
     def add(self, x: torch.Tensor) -> None:
         """Add the rows of ``x`` (any shape whose last dimension is the features)."""
+        # float64: inputs with a large mean and a small spread (a bias-like feature) keep
+        # their spread, which float32 products lose
         rows = x.detach().reshape(-1, self.sum.shape[0]).to(self.sum.device, torch.float64)
         for chunk in rows.split(_CHUNK_ROWS):
             self.sum.addmm_(chunk.T, chunk)
@@ -58,7 +60,7 @@ def output_errors(
 ) -> torch.Tensor:
     """``e_i H e_iᵀ`` for each row ``e_i`` of ``w - values`` (float64, one per row of ``w``),
     with ``H`` scaled to a mean diagonal of 1 (the same order of rows, whatever the inputs'
-    magnitude). In float32 for a search; ``exact``: in float64, for a promise."""
+    magnitude). In float32 for a search; ``exact``: in float64."""
     dtype = torch.float64 if exact else torch.float32
     h = hessian.to(w.device, torch.float64)
     mean = float(h.diagonal().mean())
@@ -67,6 +69,20 @@ def output_errors(
     he = e @ h
     # in place in the working dtype: a sum the thread count does not change
     return row_sums(he.mul_(e), in_place=True).double()
+
+
+def error_gain(
+    w: torch.Tensor, values: torch.Tensor, other: torch.Tensor, hessian: torch.Tensor
+) -> torch.Tensor:
+    """Per row, how much larger the output error of ``values`` is than that of ``other``:
+    ``e H eᵀ - f H fᵀ = (e - f) H (e + f)ᵀ``, in float64 (one product, and ``e - f`` is the
+    exact difference of the two roundings), on H scaled to a mean diagonal of 1."""
+    w64 = w.detach().double()
+    e, f = w64 - values.detach().double(), w64 - other.detach().double()
+    h = hessian.to(w.device, torch.float64)
+    mean = float(h.diagonal().mean())
+    h = h / mean if mean > 0 else h
+    return row_sums(((e - f) @ h).mul_(e + f), in_place=True)
 
 
 def check_hessian(w: torch.Tensor, hessian: torch.Tensor | None, where: str, what: str) -> None:
@@ -108,8 +124,8 @@ def gptq_candidates(
     damping: float = GPTQ_DAMPING,
     where: str = "weight",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`gptq_values` and their :func:`output_errors` for each of several quantization
-    parameters (an observer's candidates): one inverse Hessian for all, their rows run
+    """:func:`gptq_values`, and which rows kept nearest rounding, for each of several
+    quantization parameters (an observer's candidates): one inverse Hessian for all, their rows run
     together, as many as fit :data:`GPTQ_BATCH_ELEMENTS` at a time. Rows do not interact in
     GPTQ: each row's result is what it would be alone."""
     check_hessian(w, hessian, where, "rounding gptq")
@@ -127,13 +143,8 @@ def gptq_candidates(
         for qp, q in zip(batch, codes.split(weight.shape[0]), strict=True):
             values = dequantize(q.to(qp.storage), qp)
             nearest = fake_quantize(weight, qp)
-            errors = output_errors(weight, values, hessian, exact=True)
-            nearest_errors = output_errors(weight, nearest, hessian, exact=True)
-            worse = nearest_errors < errors
-            yield (
-                torch.where(worse.unsqueeze(1), nearest, values),
-                torch.where(worse, nearest_errors, errors),
-            )
+            worse = error_gain(weight, values, nearest, hessian) > 0
+            yield torch.where(worse.unsqueeze(1), nearest, values), worse
 
 
 GPTQ_BATCH_ELEMENTS = 1 << 22  # weight values GPTQ runs at once, candidates' rows stacked

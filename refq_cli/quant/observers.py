@@ -182,7 +182,8 @@ def output(
     def errors(ratios: list[torch.Tensor]) -> list[torch.Tensor]:
         qps = [_from_range(lo * r, hi * r, spec, where) for r in ratios]
         if spec.rounding == "gptq":
-            rows = [errors for _, errors in gptq_candidates(w, qps, hessian, where=where)]
+            candidates = gptq_candidates(w, qps, hessian, where=where)
+            rows = [output_errors(w, values, hessian) for values, _ in candidates]
         else:
             rows = [output_errors(w, fake_quantize(w, qp), hessian) for qp in qps]
         return rows if by_row else [torch.tensor([total(r)], dtype=torch.float64) for r in rows]
