@@ -60,7 +60,6 @@ def test_output_errors_are_e_h_e_per_row_on_h_scaled_to_a_mean_diagonal_of_1():
     h = hessian(x)
     expected = ((w - values).double() @ x.double().T).pow(2).sum(1) / h.diagonal().mean()
     assert torch.allclose(output_errors(w, values, h), expected, rtol=1e-5)
-    assert torch.allclose(output_errors(w, values, h, exact=True), expected, rtol=1e-12)
     for scale in (1e-30, 1e20):  # the same errors whatever the inputs' magnitude
         assert torch.allclose(output_errors(w, values, h * scale), expected, rtol=1e-5)
 

@@ -30,7 +30,7 @@ from refq_cli.errors import QParamsError, RefqError
 from refq_cli.quant.numerics import WeightQParams, dequantize, fake_quantize, row_sums
 
 GPTQ_DAMPING = 0.01  # of the Hessian's mean diagonal, added to its diagonal
-GPTQ_BLOCK = 128  # columns updated lazily together (the result does not depend on it)
+GPTQ_BLOCK = 128  # columns updated lazily together (the same math for any size; last bits vary)
 _CHUNK_ROWS = 4096
 _OVERFLOW = (
     "the calibration inputs' XᵀX overflows (values near the end of the float range); record "
@@ -55,17 +55,14 @@ class HessianSum:
         self.rows += rows.shape[0]
 
 
-def output_errors(
-    w: torch.Tensor, values: torch.Tensor, hessian: torch.Tensor, *, exact: bool = False
-) -> torch.Tensor:
+def output_errors(w: torch.Tensor, values: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
     """``e_i H e_iᵀ`` for each row ``e_i`` of ``w - values`` (float64, one per row of ``w``),
     with ``H`` scaled to a mean diagonal of 1 (the same order of rows, whatever the inputs'
-    magnitude). In float32 for a search; ``exact``: in float64."""
-    dtype = torch.float64 if exact else torch.float32
+    magnitude); in float32, for a search (:func:`error_gain` compares exactly)."""
     h = hessian.to(w.device, torch.float64)
     mean = float(h.diagonal().mean())
-    h = (h / mean if mean > 0 else h).to(dtype)
-    e = w.detach().to(dtype) - values.detach().to(dtype)
+    h = (h / mean if mean > 0 else h).float()
+    e = w.detach().float() - values.detach().float()
     he = e @ h
     # in place in the working dtype: a sum the thread count does not change
     return row_sums(he.mul_(e), in_place=True).double()
