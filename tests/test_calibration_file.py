@@ -17,6 +17,7 @@ from refq_cli.pipeline.calibration import (
     HELD_OUT_EVERY,
     Call,
     StoredCall,
+    batched,
     calls_for,
     held_out_masks,
     read_calibration_file,
@@ -324,3 +325,33 @@ def test_split_keeps_every_sequence_once_in_order(batches, every):
     assert _ids(fit) == [i for i in range(total) if i % every != every - 1]
     assert all(c.sequences > 0 for c in fit + held)
     assert HELD_OUT_EVERY == 8
+
+
+def _with_steps(call: Call, steps: int, states: bool) -> Call:
+    x = call.input[:1].expand(steps, -1, -1).clone()
+    return Call(x, call.h_0 if states else None, call.c_0 if states else None)
+
+
+@pytest.mark.parametrize("cell", [False, True])
+def test_calls_of_one_length_and_states_are_batched_with_their_masks(cell):
+    shapes = [(3, True), (5, True), (3, True), (3, False), (5, True), (3, False)]
+    calls = [
+        _with_steps(c, steps, states)
+        for c, (steps, states) in zip(_calls([2, 1, 3, 2, 4, 1], cell), shapes, strict=True)
+    ]
+    masks = held_out_masks(calls, 3)
+    joined, joined_masks = batched(calls, masks)
+    groups = [[0, 2], [1, 4], [3, 5]]  # by steps and states, in the order of their first call
+    assert len(joined) == 3
+    for call, mask, members in zip(joined, joined_masks, groups, strict=True):
+        assert _ids([call]) == [i for m in members for i in _ids([calls[m]])]
+        assert torch.equal(mask, torch.cat([masks[m] for m in members]))
+        assert call.input.shape[0] == calls[members[0]].input.shape[0]
+        for role in ("h_0", "c_0"):
+            got, parts = getattr(call, role), [getattr(calls[m], role) for m in members]
+            if parts[0] is None:
+                assert got is None
+            else:
+                assert torch.equal(got, torch.cat(parts, dim=parts[0].dim() - 2))
+    alone = [Call(torch.zeros(2, 1, 2))]
+    assert batched(alone, [torch.zeros(1, dtype=torch.bool)])[0][0] is alone[0]

@@ -13,6 +13,8 @@ from refq_cli.cli.options import (
     Force,
     JsonOutput,
     ListJobs,
+    ProbeSequences,
+    ProbeSteps,
     Quiet,
     Shard,
     SkipUnchanged,
@@ -35,6 +37,8 @@ def batch_command(
     fail_fast: FailFast = False,
     summary_md: SummaryMarkdown = None,
     strip_prefix: StripPrefix = None,
+    probe_steps: ProbeSteps = None,
+    probe_sequences: ProbeSequences = None,
     device: Device = "cpu",
     force: Force = False,
     trust_code: TrustCode = False,
@@ -45,10 +49,21 @@ def batch_command(
     from refq_cli.cli.runner import run_batch
     from refq_cli.pipeline.jobs import Options, check_device
     from refq_cli.pipeline.manifest import load_manifest
+    from refq_cli.spec.spec import check_probe_setting
+
+    check_probe_setting(probe_steps, probe_sequences)
 
     run_batch(
         load_manifest(manifest),
-        Options(force, skip_unchanged, check_device(device), trust_code, strip_prefix),
+        Options(
+            force,
+            skip_unchanged,
+            check_device(device),
+            trust_code,
+            strip_prefix,
+            probe_steps=probe_steps,
+            probe_sequences=probe_sequences,
+        ),
         inputs=[("manifest", manifest)],
         shard=shard,
         list_jobs=list_jobs,

@@ -19,6 +19,8 @@ from refq_cli.cli.options import (
     Force,
     JsonOutput,
     ListJobs,
+    ProbeSequences,
+    ProbeSteps,
     Quiet,
     Shard,
     SkipUnchanged,
@@ -118,6 +120,8 @@ def convert_command(
         ),
     ] = None,
     strip_prefix: StripPrefix = None,
+    probe_steps: ProbeSteps = None,
+    probe_sequences: ProbeSequences = None,
     device: Device = "cpu",
     force: Force = False,
     trust_code: TrustCode = False,
@@ -142,6 +146,7 @@ def convert_command(
         out_folder,
         output_paths,
     )
+    from refq_cli.spec.spec import check_probe_setting
 
     min_sqnr = checked_min_sqnr(min_sqnr)
     if root is not None and out_dir is None:
@@ -170,7 +175,16 @@ def convert_command(
         )
         for item in found
     ]
-    options = Options(force, skip_unchanged, device, trust_code, strip_prefix)
+    check_probe_setting(probe_steps, probe_sequences)
+    options = Options(
+        force,
+        skip_unchanged,
+        device,
+        trust_code,
+        strip_prefix,
+        probe_steps=probe_steps,
+        probe_sequences=probe_sequences,
+    )
     batch = (
         len(jobs) > 1
         or out_dir is not None
@@ -227,6 +241,8 @@ def _convert_one(job: Any, options: Any, *, json_output: bool, quiet: bool) -> N
                 calibration=job.calibration,
                 min_sqnr=job.min_sqnr,
                 strip_prefix=options.strip_prefix,
+                probe_steps=options.probe_steps,
+                probe_sequences=options.probe_sequences,
                 force=options.force,
                 device=options.device,
                 trust_code=options.trust_code,

@@ -94,6 +94,25 @@ SummaryMarkdown = Annotated[
         show_default=False,
     ),
 ]
+ProbeSteps = Annotated[
+    int | None,
+    typer.Option(
+        "--probe-steps",
+        help="Time steps of the random probe, as a spec's report: probe_steps: says "
+        "\\[default: 16; verify: the conversion's]; 0 makes refq convert measure no output "
+        "error.",
+        show_default=False,
+    ),
+]
+ProbeSequences = Annotated[
+    int | None,
+    typer.Option(
+        "--probe-sequences",
+        help="Sequences of the report's random probe, as a spec's report: probe_sequences: "
+        "says \\[default: 4].",
+        show_default=False,
+    ),
+]
 StripPrefix = Annotated[
     str | None,
     typer.Option(

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from refq_cli.cli.options import JsonOutput, TrustCode
+from refq_cli.cli.options import JsonOutput, ProbeSequences, ProbeSteps, TrustCode
 from refq_cli.errors import ConversionError, strict_json
 from refq_cli.pipeline.gate import checked_min_sqnr, gate_error
 
@@ -36,6 +36,8 @@ def verify_command(
             show_default=False,
         ),
     ] = None,
+    probe_steps: ProbeSteps = None,
+    probe_sequences: ProbeSequences = None,
     trust_code: TrustCode = False,
     json_output: JsonOutput = False,
 ) -> None:
@@ -48,7 +50,13 @@ def verify_command(
 
     min_sqnr = checked_min_sqnr(min_sqnr)
     result = verify(
-        artifact, against, calibration=calibration, trust_code=trust_code, min_sqnr=min_sqnr
+        artifact,
+        against,
+        calibration=calibration,
+        trust_code=trust_code,
+        min_sqnr=min_sqnr,
+        probe_steps=probe_steps,
+        probe_sequences=probe_sequences,
     )
     if json_output:
         typer.echo(strict_json(result))

@@ -71,6 +71,8 @@ def convert(
     calibration: PathLike | None = None,
     min_sqnr: float | None = None,
     strip_prefix: str | None = None,
+    probe_steps: int | None = None,
+    probe_sequences: int | None = None,
     force: bool = False,
     device: str = "cpu",
     trust_code: bool = False,
@@ -84,15 +86,17 @@ def convert(
     With ``min_sqnr``, a conversion with a weight's SQNR (dB) below it still returns, with
     ``passed`` False and its files set aside under ``.rejected`` names (``.output`` says where).
     ``strip_prefix`` removes a wrapper's prefix (``"model."``) from every key, as the spec's
-    ``strip_prefix:`` does. Facts the weights cannot tell that neither the checkpoint nor the
-    spec gave (``batch_first``, ...) are assumed with PyTorch's defaults, with a
+    ``strip_prefix:`` does; ``probe_steps`` and ``probe_sequences`` size the report's random
+    probe as the spec's ``report:`` does (``probe_steps=0``: no output error measured). Facts
+    the weights cannot tell that neither the checkpoint nor the spec gave (``batch_first``,
+    ...) are assumed with PyTorch's defaults, with a
     :class:`~refq_cli.errors.RefqWarning` naming them. The returned conversion holds the
     report (``.report``), the artifact's metadata (``.metadata``) and the runnable modules
     (``.modules[path].reference``).
     """
     _check_switches(force=force, trust_code=trust_code)
     source = _path("checkpoint", checkpoint)
-    spec = as_spec(spec).stripping(_prefix(strip_prefix))
+    spec = as_spec(spec).stripping(_prefix(strip_prefix)).probing(probe_steps, probe_sequences)
     artifact, report_json = output_paths(
         source,
         None if output is None else file_argument("output", output),
@@ -146,12 +150,16 @@ def verify(
     *,
     calibration: PathLike | None = None,
     min_sqnr: float | None = None,
+    probe_steps: int | None = None,
+    probe_sequences: int | None = None,
     trust_code: bool = False,
 ) -> dict[str, Any]:
     """What ``refq verify --json`` prints: per module, the output error of the artifact's
     reference modules against the float ones of ``checkpoint`` on the probe (``calibration``
     inputs, or the seeded random one); ``source_matches``, whether ``checkpoint`` is the file
     the artifact was converted from; and with ``min_sqnr`` the gate, judged on output SQNR.
+    ``probe_steps`` and ``probe_sequences`` size the random probe (by default as the
+    conversion's spec did).
     A prefix the conversion stripped (``strip_prefix``) is taken off ``checkpoint`` again."""
     _check_switches(trust_code=trust_code)
     return verify_artifact(
@@ -160,6 +168,8 @@ def verify(
         calibration=None if calibration is None else _path("calibration", calibration),
         trust_code=trust_code,
         min_sqnr=checked_min_sqnr(_number("min_sqnr", min_sqnr)),
+        probe_steps=probe_steps,
+        probe_sequences=probe_sequences,
     )
 
 

@@ -109,7 +109,7 @@ def _convert_job(
     from refq_cli.pipeline.report import to_markdown
     from refq_cli.spec.spec import load_spec
 
-    spec = (spec or load_spec(job.spec)).stripping(options.strip_prefix)
+    spec = options.spec_of(spec or load_spec(job.spec))
     paths, tests = job_outputs(job, options.by_flags, options.skip_unchanged)
     gate = Gate(float(job.min_sqnr)) if job.min_sqnr is not None else None
     rejected = rejected_job(job)
@@ -198,7 +198,7 @@ def run_job(job: Job, options: Options) -> JobResult:
     try:
         metadata = None
         if options.skip_unchanged and job.input.is_file():
-            metadata = unchanged_metadata(job, options.strip_prefix)
+            metadata = unchanged_metadata(job, options)
         if metadata is None:  # with --skip-unchanged, refq's own outputs out of date are replaced
             result = converted_result(job, convert_job(job, options).report)
         else:

@@ -49,7 +49,8 @@ In memory
 file holds them (a module's layout is known only once its module is); :func:`calls_for` checks
 them against the float module and gives canonical :class:`Call` objects: time-major, on the
 module's device and dtype. :func:`held_out_masks` and :func:`select` take the held-out
-sequences apart; :func:`write_calibration_file` writes a file of this format.
+sequences apart, :func:`batched` stacks calls of one length into one call;
+:func:`write_calibration_file` writes a file of this format.
 """
 
 from __future__ import annotations
@@ -431,6 +432,39 @@ def held_out_masks(calls: Sequence[Call], every: int = HELD_OUT_EVERY) -> list[t
         masks.append(index % every == every - 1)
         start += call.sequences
     return masks
+
+
+def batched(
+    calls: Sequence[Call], masks: Sequence[torch.Tensor]
+) -> tuple[list[Call], list[torch.Tensor]]:
+    """Calls of the same length whose initial states are given alike, stacked along the batch
+    into one call (in the order of their first call), with their sequences' ``masks`` stacked
+    alike: a module then reads its weights once per step for all of them. Sequences do not
+    interact, so each one's outputs are what its own call gives."""
+    groups: dict[tuple[int, bool, bool], list[int]] = {}
+    for i, call in enumerate(calls):
+        groups.setdefault((call.input.shape[0], call.h_0 is None, call.c_0 is None), []).append(i)
+
+    def stacked(tensors: list[torch.Tensor | None]) -> torch.Tensor | None:
+        if tensors[0] is None:
+            return None
+        return torch.cat(tensors, dim=tensors[0].dim() - 2)  # type: ignore[arg-type]
+
+    joined: list[Call] = []
+    joined_masks: list[torch.Tensor] = []
+    for members in groups.values():
+        group = [calls[i] for i in members]
+        joined.append(
+            group[0]
+            if len(group) == 1
+            else Call(
+                torch.cat([c.input for c in group], dim=1),
+                stacked([c.h_0 for c in group]),
+                stacked([c.c_0 for c in group]),
+            )
+        )
+        joined_masks.append(torch.cat([masks[i] for i in members]))
+    return joined, joined_masks
 
 
 def select(call: Call, keep: torch.Tensor) -> Call:

@@ -33,6 +33,7 @@ from refq_cli.pipeline.artifact import (
 )
 from refq_cli.pipeline.calibration import (
     Call,
+    batched,
     calls_for,
     held_out_masks,
     read_calibration_file,
@@ -334,6 +335,7 @@ class _ModuleConversion:
     ) -> None:
         self.checkpoint, self.info, self.plan, self.writer = checkpoint, info, plan, writer
         self.decomposed = spec.is_decomposed
+        self.probe = spec.probe
         facts = {k: s.value for k, s in plan.facts.items()}
         float_module = info.build(checkpoint.tensors, facts).to(dev)
         self.result = ConvertedModule(info, plan, float_module, None)
@@ -355,11 +357,13 @@ class _ModuleConversion:
             return row
         cell = isinstance(module, nn.RNNCellBase)
         batch_first = getattr(module, "batch_first", False)
-        calls = given or [random_call(module)]
-        fit = [~held for held in held_out_masks(calls)]
+        measure = not self.probe.off  # else only Hessians need the float layers run
+        calls = given or ([random_call(module, self.probe)] if measure else [])
+        calls, fit = batched(calls, [~held for held in held_out_masks(calls)])
         runs: dict[str, list[torch.Tensor]] = {"float": [c.input for c in calls]}
-        runs["quantized"] = list(runs["float"])
-        if any(
+        if measure:
+            runs["quantized"] = list(runs["float"])
+        if measure and any(
             self._quantized(n) and self.plan.weights[n].rounding != "nearest"
             for n in info.weight_names
         ):
@@ -417,6 +421,9 @@ class _ModuleConversion:
         check_readable(ref, info.float_type)
         self.result.reference = ref
         row["reference_type"] = ref._get_name()
+        if not measure:
+            row["probe"] = "none"
+            return row
         row["probe"] = "random" if given is None else "calibration"
         sequences = sum(c.sequences for c in calls)
         steps = max(c.input.shape[0] for c in calls)

@@ -11,10 +11,14 @@ import stat
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from refq_cli.errors import RefqError, argument, did_you_mean, names_flags
 from refq_cli.io.outputs import Replaceable, check_outputs, starts_with
 from refq_cli.io.sharded import INDEX_SUFFIX, is_index, read_index
+
+if TYPE_CHECKING:
+    from refq_cli.spec.spec import Spec
 
 ARTIFACT_SUFFIX = ".refq.safetensors"
 # The names refq gives its outputs: a glob never matches them (an artifact is no input, and an
@@ -512,3 +516,9 @@ class Options:
     strip_prefix: str | None = None  # besides the spec's (--strip-prefix)
     protected: tuple[tuple[str, Path], ...] = ()  # every input of the run, besides the job's
     by_flags: bool = True  # messages name outputs by their flags (one job of refq convert)
+    probe_steps: int | None = None  # besides the spec's report: (--probe-steps)
+    probe_sequences: int | None = None  # (--probe-sequences)
+
+    def spec_of(self, spec: Spec) -> Spec:
+        """The job's spec as these options change it (--strip-prefix, --probe-*)."""
+        return spec.stripping(self.strip_prefix).probing(self.probe_steps, self.probe_sequences)

@@ -9,8 +9,9 @@ from typing import Any, TypedDict
 import torch
 from torch import nn
 
-from refq_cli.pipeline.calibration import Call
+from refq_cli.pipeline.calibration import Call, batched
 from refq_cli.quant.statistics import finite, sqnr_db
+from refq_cli.spec.spec import ProbeSetting
 
 
 class ProbeResult(TypedDict):
@@ -39,16 +40,15 @@ class CalibrationResult(TypedDict):
     held_out: CalibrationPart | None  # None: too few sequences to hold any out
 
 
-PROBE_STEPS = 16
-PROBE_BATCH = 4
+DEFAULT_PROBE = ProbeSetting()
 
 
-def random_call(module: nn.Module, seed: int = 0) -> Call:
+def random_call(module: nn.Module, setting: ProbeSetting, seed: int = 0) -> Call:
     """The seeded random probe for ``module`` when no calibration inputs are given: a normal
-    (steps, batch, features) input from zero states."""
+    (steps, sequences, features) input from zero states."""
     gen = torch.Generator().manual_seed(seed)
     weight = next(module.parameters())
-    x = torch.randn(PROBE_STEPS, PROBE_BATCH, module.input_size, generator=gen)
+    x = torch.randn(setting.steps, setting.sequences, module.input_size, generator=gen)
     return Call(x.to(device=weight.device, dtype=weight.dtype), None, None)
 
 
@@ -62,11 +62,15 @@ def probe_shape(module: nn.Module, calls: Sequence[Call]) -> list[int]:
 
 
 def probe_calls(
-    float_mod: nn.Module, ref_mod: nn.Module, calls: Sequence[Call] | None
+    float_mod: nn.Module,
+    ref_mod: nn.Module,
+    calls: Sequence[Call] | None,
+    setting: ProbeSetting = DEFAULT_PROBE,
 ) -> ProbeResult:
     """Output error of the reference module against the float one on calibration calls (the
-    random probe when None), and its drift over time steps."""
-    calls = calls or [random_call(float_mod)]
+    random probe of ``setting``'s size when None), and its drift over time steps."""
+    calls = calls or [random_call(float_mod, setting)]
+    calls, _ = batched(calls, [torch.zeros(c.sequences, dtype=torch.bool) for c in calls])
     cell = isinstance(float_mod, nn.RNNCellBase)
     expected = [call_output(float_mod, c, cell)[0] for c in calls]
     got = [call_output(ref_mod, c, cell)[0] for c in calls]

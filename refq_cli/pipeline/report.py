@@ -54,7 +54,7 @@ class ModuleRow(_ModuleRowBase, ProbeResult, total=False):
     above, a converted one its reference type and its probe's result too."""
 
     reference_type: str
-    probe: str  # random | calibration
+    probe: str  # random | calibration | none (probe_steps 0: no ProbeResult keys)
     calibration: CalibrationResult  # with calibration inputs: the error on fit and held-out parts
 
 
@@ -185,6 +185,12 @@ def to_markdown(report: Report) -> str:
     for m in report["modules"]:
         if m["skipped"]:
             lines.append(f"| {markdown_cell(m['path'])} | {m['float_type']} | kept float | | | |")
+            continue
+        if m["probe"] == "none":
+            lines.append(
+                f"| {markdown_cell(m['path'])} | {m['float_type']} | {m['reference_type']} | "
+                "not measured (probe_steps: 0) | | |"
+            )
             continue
         lines.append(
             f"| {markdown_cell(m['path'])} | {m['float_type']} | "

@@ -11,7 +11,7 @@ from typing import Any
 
 from refq_cli.errors import RefqError
 from refq_cli.kinds import tensor_key
-from refq_cli.pipeline.jobs import Job
+from refq_cli.pipeline.jobs import Job, Options
 
 
 def recorded_gate(metadata: dict[str, Any]) -> dict[str, Any] | None:
@@ -66,14 +66,14 @@ def source_unchanged(recorded: dict[str, Any], path: Path) -> bool:
         return False
 
 
-def is_unchanged(job: Job, strip_prefix: str | None = None) -> bool:
+def is_unchanged(job: Job, options: Options | None = None) -> bool:
     """Whether the job's artifact exists, records this input's sha256, this spec and this
     format version (so converting again would give the same tensors), and did not miss the
     gate it was converted with. Whether it passes the job's gate is :func:`run_job`'s to say."""
-    return unchanged_metadata(job, strip_prefix) is not None
+    return unchanged_metadata(job, options or Options()) is not None
 
 
-def unchanged_metadata(job: Job, strip_prefix: str | None = None) -> dict[str, Any] | None:
+def unchanged_metadata(job: Job, options: Options) -> dict[str, Any] | None:
     """The checked metadata of the job's artifact when :func:`is_unchanged`, else None."""
     from refq_cli.io.header import FORMAT_VERSION, read_artifact
     from refq_cli.spec.spec import load_spec
@@ -90,7 +90,7 @@ def unchanged_metadata(job: Job, strip_prefix: str | None = None) -> dict[str, A
         and (gate is None or gate["passed"])  # a rejected one put in place is never up to date
         and source_unchanged(metadata["refq.source"], job.input)
         and metadata["refq.spec"]
-        == json.loads(json.dumps(load_spec(job.spec).stripping(strip_prefix).to_dict()))
+        == json.loads(json.dumps(options.spec_of(load_spec(job.spec)).to_dict()))
         and calibration_unchanged(metadata.get("refq.calibration"), job.calibration)
     )
     return metadata if unchanged else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from refq_cli.errors import CheckpointError
+from refq_cli.errors import CheckpointError, RefqError, SpecError, argument
 from refq_cli.io.checkpoint import load_checkpoint
 from refq_cli.kinds import display_path, facts_of, module_path
 from refq_cli.pipeline.artifact import ArtifactError, check_module_matches, load_artifact
@@ -13,7 +13,7 @@ from refq_cli.pipeline.calibration import calls_for, read_calibration_file, with
 from refq_cli.pipeline.convert import check_calibration_names
 from refq_cli.pipeline.gate import OUTPUT_SQNR, gate_record, named_below
 from refq_cli.pipeline.probe import probe_calls
-from refq_cli.spec.spec import with_dot
+from refq_cli.spec.spec import ProbeSetting, as_spec, with_dot
 
 
 def verify(
@@ -24,13 +24,19 @@ def verify(
     trust_code: bool = False,
     min_sqnr: float | None = None,
     strip_prefix: str | None = None,
+    probe_steps: int | None = None,
+    probe_sequences: int | None = None,
 ) -> dict[str, Any]:
     """Per-module output error of the artifact's reference modules against the float ones;
     with ``min_sqnr``, the gate those output SQNRs are judged by (``gate``, else None).
     ``checkpoint_path`` may be a sharded checkpoint's index; ``strip_prefix`` is as
     :func:`~refq_cli.io.checkpoint.load_checkpoint` takes it, by default the one the artifact's
-    spec records (the conversion's)."""
+    spec records (the conversion's). The random probe is sized as the conversion's was
+    (its spec's ``report:``) unless ``probe_steps`` or ``probe_sequences`` say otherwise."""
     artifact = load_artifact(artifact_path)
+    setting = _probe_setting(
+        artifact.metadata["refq.spec"], artifact_path, probe_steps, probe_sequences
+    )
     recorded = artifact.metadata["refq.spec"].get("strip_prefix")
     from_artifact = strip_prefix is None and isinstance(recorded, str)
     if from_artifact:
@@ -75,7 +81,8 @@ def verify(
                 "path": name,
                 "float_type": info["float_type"],
                 "probe": "random" if calls is None else "calibration",
-                **probe_calls(float_module, ref.train(False), calls),  # no dropout: repeatable
+                # no dropout: repeatable
+                **probe_calls(float_module, ref.train(False), calls, setting),
             }
         )
     recorded, source = artifact.metadata["refq.source"], checkpoint.source
@@ -92,3 +99,28 @@ def verify(
         "modules": rows,
         "gate": gate,
     }
+
+
+def _probe_setting(
+    recorded: dict[str, Any], artifact_path: str | Path, steps: int | None, sequences: int | None
+) -> ProbeSetting:
+    """The probe's size: the conversion's (its spec's ``report:``), as the caller changes it."""
+    stored = recorded.get("report")
+    try:
+        spec = as_spec({"version": 1, **({} if stored is None else {"report": stored})})
+    except SpecError as exc:
+        raise ArtifactError(
+            f"{artifact_path}: its spec's report: is not one this refq reads ({exc})"
+        ) from None
+    setting = spec.probing(steps, sequences).probe
+    if setting.off and steps == 0:
+        raise RefqError(
+            f"{argument('probe_steps', 0)}: verify measures the output error on a probe; give "
+            "at least 1 step"
+        )
+    if setting.off:
+        raise RefqError(
+            f"{artifact_path} was converted with report: probe_steps: 0, and verify needs a "
+            f"probe of at least 1 step; pass {argument('probe_steps', 16)}"
+        )
+    return setting

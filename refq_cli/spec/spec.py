@@ -102,6 +102,50 @@ BUILTIN_DEFAULTS: dict[str, Any] = {
 }
 
 
+# The report's probe: the seeded random input of modules without calibration inputs.
+REPORT_FIELDS: dict[str, Field] = {
+    "probe_steps": Field(
+        "int",
+        "Time steps of the report's random probe; 0 measures no output error (the report "
+        "then says so) and skips the quantized forward passes on calibration inputs too.",
+        minimum=0,
+        maximum=1_000_000,
+    ),
+    "probe_sequences": Field(
+        "int", "Sequences (the batch) of the report's random probe.", minimum=1, maximum=100_000
+    ),
+}
+
+
+@dataclass(frozen=True)
+class ProbeSetting:
+    """How the report measures a module's output error: ``steps`` x ``sequences`` of seeded
+    random input where there are no calibration inputs; ``steps`` 0 measures nothing."""
+
+    steps: int = 16
+    sequences: int = 4
+
+    @property
+    def off(self) -> bool:
+        return self.steps == 0
+
+
+def check_probe_setting(steps: int | None, sequences: int | None) -> dict[str, int]:
+    """The probe's size a caller gives (``--probe-steps``, ``--probe-sequences``), checked, by
+    its spec key; None: not given."""
+    given = {}
+    for key, value in (("probe_steps", steps), ("probe_sequences", sequences)):
+        if value is None:
+            continue
+        low, high = REPORT_FIELDS[key].minimum, REPORT_FIELDS[key].maximum
+        if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:  # type: ignore[operator]
+            raise SpecError(
+                f"{argument(key, value)}: give a whole number from {low:g} to {high:,.0f}"
+            )
+        given[key] = value
+    return given
+
+
 @dataclass(frozen=True)
 class Rule:
     match: str
@@ -126,6 +170,19 @@ class Spec:
     rules: tuple[Rule, ...] = ()
     modules: dict[str, tuple[Loc, Settings]] = field(default_factory=dict)
     strip_prefix: str | None = None  # a wrapper's prefix every key loses ("model.", with its dot)
+    report: Settings = field(default_factory=dict)  # REPORT_FIELDS
+
+    @property
+    def probe(self) -> ProbeSetting:
+        return ProbeSetting(**{k.removeprefix("probe_"): s.value for k, s in self.report.items()})
+
+    def probing(self, steps: int | None = None, sequences: int | None = None) -> Spec:
+        """This spec, with the probe's size a caller gives beside it (``--probe-steps``,
+        ``--probe-sequences``), which overrides the spec's ``report:``."""
+        report = dict(self.report)
+        for key, value in check_probe_setting(steps, sequences).items():
+            report[key] = Setting(value, Loc(argument(key, value), 0, 0))
+        return replace(self, report=report)
 
     def stripping(self, prefix: str | None) -> Spec:
         """This spec, with the prefix a caller gives beside it (``--strip-prefix``)."""
@@ -164,6 +221,8 @@ class Spec:
         }
         if self.strip_prefix is not None:
             out["strip_prefix"] = self.strip_prefix
+        if self.report:  # only when set: artifacts of specs without it keep their bytes
+            out["report"] = plain(self.report)
         return out
 
 
@@ -257,7 +316,7 @@ class _SpecReader(YamlReader):
     def read(self, root: yaml.Node) -> Spec:
         top = self.mapping(
             root,
-            ["version", "is_decomposed", "strip_prefix", "defaults", "rules", "modules"],
+            ["version", "is_decomposed", "strip_prefix", "defaults", "rules", "modules", "report"],
             "the spec",
         )
         self.version(top, root, SPEC_VERSION)
@@ -290,7 +349,12 @@ class _SpecReader(YamlReader):
             if not value.strip("."):
                 raise self.fail(node, f"strip_prefix {value!r}: give a prefix, such as model.")
             strip_prefix = with_dot(value)
-        return Spec(self.name, is_decomposed, defaults, rules, modules, strip_prefix)
+        report = (
+            self.settings(top["report"][1], REPORT_FIELDS, "report")
+            if "report" in top and not _is_empty(top["report"][1])
+            else {}
+        )
+        return Spec(self.name, is_decomposed, defaults, rules, modules, strip_prefix, report)
 
     def rule(self, node: yaml.Node) -> Rule:
         allowed = ["match", "skip", "weights", *QPARAM_FIELDS]
@@ -506,6 +570,12 @@ def json_schema() -> dict[str, Any]:
                 "type": "object",
                 "description": "Constructor facts weights cannot tell, by module path.",
                 "additionalProperties": {"$ref": "#/$defs/module"},
+            },
+            "report": {
+                "type": "object",
+                "description": "What the report measures.",
+                "additionalProperties": False,
+                "properties": {k: _field_schema(f) for k, f in REPORT_FIELDS.items()},
             },
         },
         "$defs": {
