@@ -6,6 +6,8 @@ import warnings
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 from refq_cli.errors import SpecError
 from refq_cli.quant.observers import observe
@@ -290,3 +292,107 @@ def test_percentile_never_crosses_on_short_channels(values, p):
     want_lo, want_hi = min(lo, 0.0), max(hi, 0.0)
     assert qp.scale.item() == pytest.approx((want_hi - want_lo) / 255, rel=1e-6)
     assert qp.scale.item() > 1e-3
+
+
+# --- the mse search: the exhaustive search's result, found with less work ----------------------
+
+
+def exhaustive_mse(w, s):
+    """The mse observer as first written: every ratio tried on the whole weight, the first of
+    equal errors kept (a strict < over the ratios in order)."""
+    from dataclasses import replace
+
+    from refq_cli.quant import observers
+    from refq_cli.quant.numerics import fake_quantize, row_sums_of_squares
+
+    rows = observers._channels(w, s, observers._per_channel(s), "w")
+    lo, hi = observers._row_range(rows)
+    best_err = torch.full_like(lo, float("inf"), dtype=torch.float64)
+    best_lo, best_hi = lo.clone(), hi.clone()
+    for r in torch.linspace(1.0, 0.01, observers.MSE_CANDIDATES).tolist():
+        qp = observers._from_range(lo * r, hi * r, replace(s, axis=0), "w")
+        err = row_sums_of_squares(fake_quantize(rows, qp).double().sub_(rows), in_place=True)
+        better = err < best_err
+        best_err = torch.where(better, err, best_err)
+        best_lo, best_hi = (
+            torch.where(better, lo * r, best_lo),
+            torch.where(better, hi * r, best_hi),
+        )
+    return observers._from_range(best_lo, best_hi, s, "w")
+
+
+MSE_SCHEMES = [
+    ("qint8", "per_channel_symmetric", {}),
+    ("quint8", "per_channel_affine", {}),
+    ("quint8", "per_channel_symmetric", {}),
+    ("int4", "per_channel_symmetric", {}),
+    ("int4", "per_channel_affine", {}),
+    ("uint4", "per_channel_affine", {}),
+    ("int4", "per_channel_symmetric", {"quant_min": -4, "quant_max": 3}),
+    ("qint8", "per_tensor_affine", {}),
+    ("qint32", "per_channel_symmetric", {}),
+]
+
+
+@st.composite
+def mse_weights(draw):
+    rows, cols = draw(st.integers(1, 40)), draw(st.integers(1, 300))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31)))
+    kind = draw(st.sampled_from(["normal", "laplace", "uniform", "outliers", "mixed"]))
+    w = torch.randn(rows, cols, generator=gen)
+    if kind == "laplace":
+        w = torch.sign(w) * torch.rand(rows, cols, generator=gen).log().neg()
+    elif kind == "uniform":
+        w = torch.rand(rows, cols, generator=gen) * 2 - 1
+    elif kind == "outliers":
+        w[:, :: max(1, cols // 3)] *= 40
+    elif kind == "mixed":  # constant, zero, one-sided and tiny rows among normal ones
+        w[0] = 0.5
+        w[rows // 2] = 0.0
+        w[-1] = w[-1].abs()
+        w[rows // 3] *= 1e-30
+    return w * draw(st.sampled_from([1.0, 1e-3, 1e6, 1e16]))
+
+
+@given(mse_weights(), st.sampled_from(MSE_SCHEMES), st.sampled_from([1 << 18, 64, 1]))
+def test_mse_chooses_what_the_exhaustive_search_chooses(w, scheme, block_elements):
+    from refq_cli.quant import observers
+
+    dtype, qscheme, extra = scheme
+    s = spec("mse", dtype, qscheme, **extra)
+    observers_block = observers.MSE_BLOCK_ELEMENTS
+    observers.MSE_BLOCK_ELEMENTS = block_elements  # several blocks, some of one row
+    try:
+        got = observe(w, s, "w")
+    finally:
+        observers.MSE_BLOCK_ELEMENTS = observers_block
+    want = exhaustive_mse(w, s)
+    assert torch.equal(got.scale, want.scale) and torch.equal(got.zero_point, want.zero_point)
+
+
+@pytest.mark.parametrize("block_elements", [1 << 18, 256])
+@pytest.mark.parametrize("ratios", ["grid", "not narrowing"])
+def test_the_search_computes_the_exhaustive_errors_and_stops_only_rows_that_cannot_win(
+    monkeypatch, block_elements, ratios
+):
+    from dataclasses import replace
+
+    from refq_cli.quant import observers
+
+    monkeypatch.setattr(observers, "MSE_BLOCK_ELEMENTS", block_elements)  # 256: a row a block
+    w = torch.cat([laplace(48, 256), torch.rand(48, 256) - 0.5, torch.randn(48, 256)])
+    grid = torch.linspace(1.0, 0.01, observers.MSE_CANDIDATES).tolist()
+    if ratios == "not narrowing":  # a wide range after narrow ones: the bound must see it
+        grid = [1.0, 0.6, 0.5, 0.45, 0.4, 0.35, 0.985, 0.99, 0.3]
+    for dtype in ("qint8", "int4"):
+        s = spec("mse", dtype, "per_channel_symmetric")
+        rows = observers._channels(w, s, True, "w")
+        lo, hi = observers._row_range(rows)
+        qps = [observers._from_range(lo * r, hi * r, replace(s, axis=0), "w") for r in grid]
+        searched, every = observers._searched_errors(rows, qps), observers._all_errors(rows, qps)
+        tried = torch.isfinite(searched)
+        assert torch.equal(searched[tried], every[tried])  # the same numbers, bit for bit
+        best = every.amin(dim=1, keepdim=True)
+        assert bool((every[~tried] > best.expand_as(every)[~tried]).all())  # none would win
+        if ratios == "grid":
+            assert tried.float().mean() < 0.5  # and most of the work is skipped

@@ -470,11 +470,35 @@ def _codes(r: torch.Tensor, qp: WeightQParams, out: torch.Tensor | None) -> torc
     """Clamped integer codes of rounded ``r``, in ``out`` where they fit 8 bits. NaN becomes
     code 0, so that the values stay the codes' values (casting NaN is undefined in C++: on
     x86, PyTorch's per-channel and decomposed 8-bit kernels give 0, others other codes)."""
-    r.nan_to_num_(nan=0.0).clamp_(qp.quant_min, qp.quant_max)
+    _clamped(r, qp)
     if qp.storage != torch.int32:  # whole numbers within 8 bits: the cast is exact
         return out.copy_(r)
     # float32 cannot hold 2**31 - 1: clamp again once the codes are integers
     return r.long().clamp_(qp.quant_min, qp.quant_max).to(qp.storage)
+
+
+def _clamped(r: torch.Tensor, qp: WeightQParams) -> torch.Tensor:
+    return r.nan_to_num_(nan=0.0).clamp_(qp.quant_min, qp.quant_max)
+
+
+def fake_quantized_rows(
+    block: torch.Tensor,
+    s: torch.Tensor,
+    z: torch.Tensor | None,
+    qp: WeightQParams,
+    out: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`fake_quantize`'s values of ``block`` (finite float32 rows of a per-channel
+    weight on the CPU; ``s`` and ``z`` shaped to broadcast against them, ``z`` None where
+    every zero point is 0), computed in ``out`` by the same path with no codes stored, for a
+    search that tries many quantization parameters: the same numbers, but that a zero may
+    come out as -0.0. 8-bit codes only."""
+    assert qp.per_channel and qp.storage != torch.int32 and not block.is_cuda
+    v = torch.mul(block, torch.reciprocal(s), out=out)  # _rounded's per-channel CPU path
+    if z is not None:
+        v.add_(z)
+    v.round_().clamp_(qp.quant_min, qp.quant_max)  # finite: no NaN to make 0
+    return (v if z is None else v.sub_(z)).mul_(s)
 
 
 def _values(
@@ -547,7 +571,9 @@ def dequantize(q: torch.Tensor, qp: WeightQParams, *, decomposed: bool = False) 
     return _values(q, s, z, qp, decomposed)
 
 
-def row_sums_of_squares(rows: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
+def row_sums_of_squares(
+    rows: torch.Tensor, *, in_place: bool = False, as_rows: int | None = None
+) -> torch.Tensor:
     """The sum of squares of each row of a 2-D tensor (as float64), whatever the thread count.
 
     torch's reductions (``sum``, ``dot``) split their work by the number of threads, and so
@@ -559,14 +585,15 @@ def row_sums_of_squares(rows: torch.Tensor, *, in_place: bool = False) -> torch.
     worst: float64 by default (where the squares of float32 values are exact). With
     ``in_place``, ``rows`` is the scratch space and its dtype the working one: a reused
     float32 buffer is twice as fast, and still far more accurate than a float32 dot product
-    (over a block of 262k values: a few 1e-9 against about 1e-6).
+    (over a block of 262k values: a few 1e-9 against about 1e-6). ``as_rows``: sum as for a
+    tensor of that many rows, of which ``rows`` is a part (the same sums, block by block).
     """
     acc = rows if in_place else rows.detach().to(torch.float64, copy=True)
     n = acc.shape[1]
     half = (n + 1) // 2
     acc[:, :half].mul_(acc[:, :half])  # the first fold squares as it goes
     acc[:, : n - half].addcmul_(acc[:, half:n], acc[:, half:n])
-    return _folded_sums(acc, half)
+    return _folded_sums(acc, half, as_rows)
 
 
 def row_sums(rows: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
@@ -576,9 +603,11 @@ def row_sums(rows: torch.Tensor, *, in_place: bool = False) -> torch.Tensor:
     return _folded_sums(acc, acc.shape[1])
 
 
-def _folded_sums(acc: torch.Tensor, n: int) -> torch.Tensor:
-    """The sums of the first ``n`` columns of each row of ``acc``, folded in place."""
-    while n > 1 and acc.shape[0] * n > _EXACT_TAIL:
+def _folded_sums(acc: torch.Tensor, n: int, as_rows: int | None = None) -> torch.Tensor:
+    """The sums of the first ``n`` columns of each row of ``acc``, folded in place (the tail
+    left as for ``as_rows`` rows)."""
+    rows = acc.shape[0] if as_rows is None else as_rows
+    while n > 1 and rows * n > _EXACT_TAIL:
         half = (n + 1) // 2
         acc[:, : n - half].add_(acc[:, half:n])  # disjoint halves, no slice assignment
         n = half

@@ -27,6 +27,7 @@ from refq_cli.quant.numerics import (
     DTYPES,
     WeightQParams,
     fake_quantize,
+    fake_quantized_rows,
     row_sums_of_squares,
 )
 from refq_cli.spec.spec import QParamSpec
@@ -140,23 +141,107 @@ def percentile(w: torch.Tensor, spec: QParamSpec, where: str) -> WeightQParams:
 
 
 def mse(w: torch.Tensor, spec: QParamSpec, where: str) -> WeightQParams:
-    """Search clipping ratios r of the min/max range; keep, per row, the r with least error."""
-    per_channel = _per_channel(spec)
-    rows = _channels(w, spec, per_channel, where)
+    """Search clipping ratios r of the min/max range; keep, per row, the r with least error
+    (the first of equal errors)."""
+    rows = _channels(w, spec, _per_channel(spec), where)
     lo, hi = _row_range(rows)
-    best_err = torch.full_like(lo, float("inf"), dtype=torch.float64)
-    best_lo, best_hi = lo.clone(), hi.clone()
     flat_spec = replace(spec, axis=0)  # rows are channels along axis 0
-    for r in torch.linspace(1.0, 0.01, MSE_CANDIDATES).tolist():
-        qp = _from_range(lo * r, hi * r, flat_spec, where)
-        # summed in an order the thread count does not change: a near tie between two ratios
-        # must not go another way under OMP_NUM_THREADS=1
-        err = row_sums_of_squares(fake_quantize(rows, qp).double().sub_(rows), in_place=True)
-        better = err < best_err
-        best_err = torch.where(better, err, best_err)
-        best_lo = torch.where(better, lo * r, best_lo)
-        best_hi = torch.where(better, hi * r, best_hi)
-    return _from_range(best_lo, best_hi, spec, where)
+    ranges = [(lo * r, hi * r) for r in torch.linspace(1.0, 0.01, MSE_CANDIDATES).tolist()]
+    qps = [_from_range(a, b, flat_spec, where) for a, b in ranges]
+    search = _searched_errors if _searchable(rows, qps[0]) else _all_errors
+    best = search(rows, qps).nan_to_num_(nan=math.inf).argmin(dim=1)  # the first of equals
+    index = torch.arange(len(lo))
+    return _from_range(
+        torch.stack([a for a, _ in ranges], 1)[index, best],
+        torch.stack([b for _, b in ranges], 1)[index, best],
+        spec,
+        where,
+    )
+
+
+def _all_errors(rows: torch.Tensor, qps: list[WeightQParams]) -> torch.Tensor:
+    """The squared error of every row under every candidate, (rows, candidates) float64."""
+    # summed in an order the thread count does not change: a near tie between two ratios
+    # must not go another way under OMP_NUM_THREADS=1
+    return torch.stack(
+        [
+            row_sums_of_squares(fake_quantize(rows, qp).double().sub_(rows), in_place=True)
+            for qp in qps
+        ],
+        1,
+    )
+
+
+def _searchable(rows: torch.Tensor, qp: WeightQParams) -> bool:
+    return (
+        qp.per_channel
+        and not rows.is_cuda
+        and qp.storage != torch.int32
+        and (not rows.numel() or bool(rows.abs().amax() < _MODERATE))  # and finite
+    )
+
+
+MSE_BLOCK_ELEMENTS = 1 << 18  # values a block of rows runs through every candidate at a time
+MSE_CHECK_EVERY = 2  # candidates between two checks of which rows can still win
+_MODERATE = 1e15  # |values| below it: their float32 squares summed over a row stay finite
+
+
+def _searched_errors(rows: torch.Tensor, qps: list[WeightQParams]) -> torch.Tensor:
+    """:func:`_all_errors`, the same numbers (inf where a row can no longer win), in blocks of
+    rows that stay in the cache while the candidates run; a row stops once the error that
+    clipping alone causes at every later candidate exceeds its best so far. No later
+    candidate's codes give a value above ``c_hi``, the largest of their largest values (nor
+    below ``c_lo``), so a row's values beyond it are off by at least ``value - c_hi`` there:
+    summed over the row (in float32, less a margin for its rounding), a lower bound."""
+    channels, n = rows.shape
+    margin = min(0.5, 4 * n * 2**-24)  # float32 sums of n squares: within n roundings
+    scales = torch.stack([qp.scale for qp in qps], 1)
+    zeros = torch.stack([qp.zero_point for qp in qps], 1)
+    top = (qps[0].quant_max - zeros).float().mul_(scales)  # each candidate's largest value
+    bottom = (qps[0].quant_min - zeros).float().mul_(scales)
+    c_hi = top.flip(1).cummax(1).values.flip(1)[:, 1:]  # of the candidates after each
+    c_lo = bottom.flip(1).cummin(1).values.flip(1)[:, 1:]
+    zero_free = not bool(zeros.any())
+    errors = torch.full((channels, len(qps)), math.inf, dtype=torch.float64)
+    step = max(1, MSE_BLOCK_ELEMENTS // max(1, n))
+    values = torch.empty(min(channels, step) * n)
+    scratch = torch.empty(min(channels, step) * n, dtype=torch.float64)
+    for start in range(0, channels, step):
+        live = torch.arange(start, min(channels, start + step))
+        block, block64 = rows[live], rows[live].double()
+        found = torch.full((len(live), len(qps)), math.inf, dtype=torch.float64)
+        at = torch.arange(len(live))  # the live rows' places in the block
+        s, z, hi, lo = (t[live] for t in (scales, zeros, c_hi, c_lo))
+        for k, qp in enumerate(qps):
+            v = fake_quantized_rows(
+                block,
+                s[:, k, None],
+                None if zero_free else z[:, k, None],
+                qp,
+                values[: block.numel()].view(block.shape),
+            )
+            d = scratch[: block.numel()].view(block.shape).copy_(v).sub_(block64)
+            found[at, k] = row_sums_of_squares(d, in_place=True, as_rows=channels)
+            if (k + 1) % MSE_CHECK_EVERY or k + 1 == len(qps):
+                continue
+            over = torch.sub(block, hi[:, k, None], out=v).clamp_(min=0)
+            bound = row_squares(over)
+            under = torch.sub(lo[:, k, None], block, out=v).clamp_(min=0)
+            bound += row_squares(under)
+            best = found[at, : k + 1].amin(1)
+            going = bound.double() * (1 - margin) <= best
+            if not bool(going.all()):
+                at, block, block64 = at[going], block[going], block64[going]
+                s, z, hi, lo = s[going], z[going], hi[going], lo[going]
+                if not len(at):
+                    break
+        errors[start : start + len(found)] = found
+    return errors
+
+
+def row_squares(rows: torch.Tensor) -> torch.Tensor:
+    """float32 sums of squares per row (any order: for a bound with a margin)."""
+    return torch.linalg.vector_norm(rows, dim=1).square_()
 
 
 # Clipping ratios of the min/max range the output observer tries first, then each best ratio's
