@@ -1,6 +1,6 @@
 """Calibrated quantization on a real seq2seq GRU: g2p-en's grapheme-to-phoneme model.
 
-    .venv/bin/python benchmarks/calibrated_g2p.py [--configs NAME ...] [--quick]
+    .venv/bin/python benchmarks/calibrated_g2p.py [--configs NAME ...] [--quick] [--ablate]
 
 What it measures: the share of held-out English words whose greedy-decoded phoneme sequence is
 identical to the float model's, after refq quantizes the recurrent weights (the encoder's
@@ -205,9 +205,23 @@ def record(model: G2pModel, words: list[str], path: Path) -> Path:
     return path
 
 
-def spec_for(config: dict, dtype: dict) -> dict:
+RECURRENT_WEIGHTS = {
+    "encoder": ["weight_ih_l0", "weight_hh_l0"],
+    "decoder": ["weight_ih", "weight_hh"],
+}
+
+
+def spec_for(config: dict, dtype: dict, only: str | None = None) -> dict:
+    """The spec of a config and dtype; with ``only`` (``decoder.weight_hh``), every other
+    recurrent weight is kept float."""
     defaults = {"qscheme": "per_channel_symmetric", **dtype, **config}
-    return {"version": 1, "defaults": defaults, "modules": {"encoder": {"batch_first": True}}}
+    spec = {"version": 1, "defaults": defaults, "modules": {"encoder": {"batch_first": True}}}
+    if only is not None:
+        spec["rules"] = [
+            {"match": m, "weights": {w: {"qscheme": "none"} for w in ws if f"{m}.{w}" != only}}
+            for m, ws in RECURRENT_WEIGHTS.items()
+        ]
+    return spec
 
 
 def quantized(
@@ -231,11 +245,39 @@ def reason(error: Exception) -> str:
     return text if len(text) <= 90 else text[:87] + "..."
 
 
+def ablate(model, checkpoint, calib, tmp_dir, held_out, reference, configs) -> None:
+    """% of held-out words identical to float with one recurrent weight quantized at a time:
+    where the loss sits."""
+    names = [f"{m}.{w}" for m, ws in RECURRENT_WEIGHTS.items() for w in ws]
+    print(
+        "\n| only this weight quantized | "
+        + " | ".join(f"{c} {d}" for c in configs for d in ("int4", "int3"))
+        + " |"
+    )
+    print("|---" * (1 + 2 * len(configs)) + "|")
+    for name in names:
+        cells = []
+        for config in configs:
+            for dtype in ("int4", "int3"):
+                spec = spec_for(CONFIGS[config], DTYPES[dtype], only=name)
+                out = tmp_dir / "ablate.refq.safetensors"
+                q, _ = quantized(model, checkpoint, spec, out, calib, 1)
+                got = decode(q, held_out)
+                hits = sum(a == b for a, b in zip(got, reference, strict=True))
+                cells.append(f"{100 * hits / len(held_out):.2f}")
+        print(f"| {name} | " + " | ".join(cells) + " |", flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     parser.add_argument("--quick", action="store_true", help=f"{QUICK_HELD_OUT} held-out words")
     parser.add_argument("--repeats", type=int, default=3, help="conversions timed per config")
+    parser.add_argument(
+        "--ablate",
+        action="store_true",
+        help="instead: each recurrent weight quantized alone (the others float), int4 and int3",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
 
@@ -263,6 +305,9 @@ def main() -> None:
         calib = record(model, calib_words, tmp_dir / "calib.safetensors")
         warm_up = spec_for(CONFIGS["nearest+minmax"], DTYPES["int8"])  # imports, caches
         refq_cli.convert(checkpoint, warm_up, tmp_dir / "warm-up.safetensors", force=True)
+        if args.ablate:
+            ablate(model, checkpoint, calib, tmp_dir, held_out, reference, args.configs)
+            return
 
         results: dict[tuple[str, str], str] = {}
         seconds: dict[tuple[str, str], float] = {}

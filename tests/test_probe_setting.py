@@ -8,11 +8,12 @@ import json
 import pytest
 import torch
 from safetensors import safe_open
+from torch import nn
 from typer.testing import CliRunner
 
 import refq_cli
 from refq_cli.cli.app import app
-from refq_cli.errors import RefqError, SpecError
+from refq_cli.errors import ConversionError, RefqError, SpecError
 from refq_cli.pipeline.report import to_markdown
 from refq_cli.spec.spec import ProbeSetting, parse_spec
 from tests.checkpoints import speech_calibration, write
@@ -171,3 +172,93 @@ def test_help_gives_the_defaults_the_probe_has():
     text = CliRunner().invoke(app, ["convert", "--help"], env={"COLUMNS": "200"}).output
     default = ProbeSetting()
     assert f"[default: {default.steps};" in text and f"[default: {default.sequences}]" in text
+
+
+def test_a_probe_that_overflows_is_a_failed_conversion_not_an_exact_one(tmp_path):
+    # its NaN output once read as "exact", with NaN errors, and the conversion passed
+    model = nn.Module()
+    model.rnn = nn.RNN(4, 8, nonlinearity="relu")
+    with torch.no_grad():
+        model.rnn.weight_hh_l0.fill_(1e30)  # finite, but h grows past float32 in two steps
+    source = tmp_path / "big.pt"
+    torch.save(model.state_dict(), source)
+    spec = {"version": 1, "modules": {"rnn": {"nonlinearity": "relu", "batch_first": False}}}
+    out = tmp_path / "a.st"
+    with pytest.raises(
+        ConversionError,
+        match=r"^rnn: the float module's output on the random "
+        r"probe holds NaN or infinity .*--probe-steps 0$",
+    ):
+        refq_cli.convert(source, spec, out)
+    assert not list(tmp_path.glob("a.st*"))
+    refq_cli.convert(source, spec, out, probe_steps=0)  # converting without measuring works
+    with pytest.raises(ConversionError, match=r"^rnn: the float module's output"):
+        refq_cli.verify(out, source, probe_steps=16)
+
+
+def test_a_probe_too_big_to_hold_is_refused_wherever_it_is_set(tmp_path, source):
+    # each value alone was in range, and their product allocated 19 TB
+    with pytest.raises(SpecError, match=r"^q.yaml:2:9: a probe of 1,000,000 steps x 100,000 "):
+        parse_spec(
+            "version: 1\nreport: {probe_steps: 1000000, probe_sequences: 100000}\n", "q.yaml"
+        )
+    spec = parse_spec("version: 1\nreport: {probe_sequences: 1000}\n", "q.yaml")
+    with pytest.raises(SpecError, match=r"^probe_steps=1000: a probe of 1,000 steps x 1,000 "):
+        spec.probing(1000, None)
+    with pytest.raises(SpecError, match=r"rows; give at most 100,000 \(probe_steps x probe_seq"):
+        refq_cli.convert(source, SPEC, tmp_path / "a.st", probe_steps=10_000, probe_sequences=11)
+    assert not list(tmp_path.iterdir())
+
+
+def test_the_default_given_as_a_flag_changes_nothing(tmp_path, source):
+    spec = parse_spec("version: 1\n", "q.yaml")
+    assert spec.probing(16, 4).to_dict() == spec.to_dict()  # --skip-unchanged: still up to date
+    assert spec.probing(16, 5).to_dict()["report"] == {"probe_sequences": 5}
+
+
+def _with_stored_report(path, report) -> None:
+    import struct
+
+    raw = path.read_bytes()
+    size = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8 : 8 + size])
+    stored = json.loads(header["__metadata__"]["refq.spec"])
+    header["__metadata__"]["refq.spec"] = json.dumps({**stored, "report": report})
+    text = json.dumps(header).encode()
+    text += b" " * (-len(text) % 8)
+    path.write_bytes(struct.pack("<Q", len(text)) + text + raw[8 + size :])
+
+
+def test_verify_reads_a_hostile_recorded_probe_safely(tmp_path, source):
+    artifact = tmp_path / "a.st"
+    refq_cli.convert(source, SPEC, artifact)
+    for junk, message in [
+        ({"probe_steps": "x"}, r"its spec's report: is not one this refq reads .*probe_steps=16"),
+        ({"probe_steps": 10**6, "probe_sequences": 10**5}, r"a probe of 1,000,000 steps"),
+    ]:
+        _with_stored_report(artifact, junk)
+        with pytest.raises(RefqError, match=message):
+            refq_cli.verify(artifact, source)
+        told = refq_cli.verify(artifact, source, probe_steps=2, probe_sequences=3)  # replaces it
+        assert {len(m["hidden_error_per_step"]) for m in told["modules"]} == {2}
+
+
+def test_an_internal_error_fails_its_job_alone(tmp_path, source, monkeypatch):
+    from refq_cli.pipeline import batch
+    from refq_cli.pipeline.jobs import Job, Options
+
+    spec = tmp_path / "q.yaml"
+    spec.write_text(json.dumps(SPEC))
+    jobs = [Job(source, spec, tmp_path / f"{n}.st", tmp_path / f"{n}.json") for n in "ab"]
+    real = batch.convert_job
+
+    def flaky(job, options, *args, **kwargs):
+        if job.output.name == "a.st":
+            raise RuntimeError("can't allocate memory")
+        return real(job, options, *args, **kwargs)
+
+    monkeypatch.setattr(batch, "convert_job", flaky)
+    first, second = batch.run_jobs(jobs, Options())
+    assert first.status == "failed" and first.exit_code == 1
+    assert first.error == "internal error: RuntimeError: can't allocate memory"
+    assert second.status == "converted" and jobs[1].output.exists()

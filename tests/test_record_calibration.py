@@ -426,3 +426,41 @@ def test_cuda_inputs_are_copied_to_the_cpu(tmp_path):
     (call,) = calls_for(module, read_calibration_file(tmp_path / "c.st")["<root>"], "<root>")
     assert call.input.device.type == "cuda"
     torch.testing.assert_close(module(call.input, (call.h_0, call.c_0))[0], expected)
+
+
+class _PackingGRU(nn.GRU):
+    def forward(self, x, lengths):  # another signature than torch.nn's
+        packed = pack_padded_sequence(x, lengths, enforce_sorted=False)
+        return pad_packed_sequence(super().forward(packed)[0])[0]
+
+
+class _WrongCell(nn.GRUCell):
+    def forward(self, x, scale):
+        return super().forward(x * scale.unsqueeze(1))
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "what"),
+    [
+        (
+            _PackingGRU(4, 8),
+            (torch.randn(5, 3, 4), torch.tensor([5, 3, 2])),
+            r"h_0 of shape \(3,\)",
+        ),
+        (_WrongCell(4, 8), (torch.randn(3, 4), torch.rand(3)), r"h_0 of shape \(3,\)"),
+    ],
+)
+def test_a_subclass_with_another_forward_is_refused_in_one_line(tmp_path, module, args, what):
+    # it once failed with a bare IndexError from deep inside the recorder
+    model = nn.Module()
+    model.rnn = module
+    with (
+        pytest.raises(
+            RefqError,
+            match=rf"^record_calibration: module rnn \(GRU\w*\) was called "
+            rf"with {what}, where its torch.nn forward takes .*cannot be recorded$",
+        ),
+        record_calibration(model, tmp_path / "c.st"),
+    ):
+        model.rnn(*args)
+    assert not (tmp_path / "c.st").exists()

@@ -193,7 +193,8 @@ class _GatedOutputs(Outputs):
 
 
 def run_job(job: Job, options: Options) -> JobResult:
-    """One job, never raising for refq's own errors: they become a failed result."""
+    """One job, never raising for its errors (refq's own, or any other Exception): they
+    become a failed result."""
     started = time.perf_counter()
     try:
         metadata = None
@@ -205,6 +206,9 @@ def run_job(job: Job, options: Options) -> JobResult:
             result = _skipped_result(job, metadata)
     except RefqError as exc:
         result = JobResult.of(job, "failed", error=str(exc), exit_code=exc.exit_code)
+    except Exception as exc:  # a bug or a resource refq did not foresee: this job fails alone
+        error = f"internal error: {type(exc).__name__}: {exc}"
+        result = JobResult.of(job, "failed", error=error, exit_code=1)
     result.seconds = round(time.perf_counter() - started, 3)
     return result
 

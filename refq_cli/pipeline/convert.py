@@ -46,6 +46,7 @@ from refq_cli.pipeline.probe import (
     calibration_result,
     call_output,
     calls_result,
+    check_finite,
     random_call,
 )
 from refq_cli.pipeline.report import ModuleRow, Report, WeightRow, build_report
@@ -425,6 +426,7 @@ class _ModuleConversion:
             row["probe"] = "none"
             return row
         row["probe"] = "random" if given is None else "calibration"
+        check_finite(runs, row["path"], given is not None)
         sequences = sum(c.sequences for c in calls)
         steps = max(c.input.shape[0] for c in calls)
         shape = [sequences, steps] if batch_first else [steps, sequences]

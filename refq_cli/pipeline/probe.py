@@ -9,6 +9,7 @@ from typing import Any, TypedDict
 import torch
 from torch import nn
 
+from refq_cli.errors import ConversionError
 from refq_cli.pipeline.calibration import Call, batched
 from refq_cli.quant.statistics import finite, sqnr_db
 from refq_cli.spec.spec import ProbeSetting
@@ -66,14 +67,18 @@ def probe_calls(
     ref_mod: nn.Module,
     calls: Sequence[Call] | None,
     setting: ProbeSetting = DEFAULT_PROBE,
+    where: str = "module",
 ) -> ProbeResult:
     """Output error of the reference module against the float one on calibration calls (the
-    random probe of ``setting``'s size when None), and its drift over time steps."""
+    random probe of ``setting``'s size when None), and its drift over time steps; ``where``
+    names the module in errors."""
+    calibration = bool(calls)
     calls = calls or [random_call(float_mod, setting)]
     calls, _ = batched(calls, [torch.zeros(c.sequences, dtype=torch.bool) for c in calls])
     cell = isinstance(float_mod, nn.RNNCellBase)
     expected = [call_output(float_mod, c, cell)[0] for c in calls]
     got = [call_output(ref_mod, c, cell)[0] for c in calls]
+    check_finite({"float": expected, "quantized": got}, where, calibration)
     return calls_result(expected, got, probe_shape(float_mod, calls))
 
 
@@ -119,6 +124,22 @@ def _state_like(module: nn.Module, call: Call, cell: bool, *, proj: bool) -> tor
         return call.input.new_empty(call.sequences, size)
     layers = module.num_layers * (1 + module.bidirectional)
     return call.input.new_empty(layers, call.sequences, size)
+
+
+_RUN_NAMES = {"float": "float", "quantized": "reference", "nearest": "nearest-rounded reference"}
+
+
+def check_finite(runs: Mapping[str, Sequence[torch.Tensor]], where: str, calibration: bool) -> None:
+    """Refuse a probe whose outputs hold NaN or infinity, which no SQNR can describe (it once
+    read as exact): ``runs`` the outputs of ``float``, ``quantized`` (and ``nearest``)."""
+    for kind, outputs in runs.items():
+        if not all(bool(torch.isfinite(o).all()) for o in outputs):
+            on = "the calibration inputs" if calibration else "the random probe"
+            raise ConversionError(
+                f"{where}: the {_RUN_NAMES[kind]} module's output on {on} holds NaN or "
+                "infinity (its weights overflow float32 there); probe on the inputs it is "
+                "meant for with --calibration, or measure nothing with --probe-steps 0"
+            )
 
 
 def calls_result(

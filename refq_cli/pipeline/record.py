@@ -257,6 +257,17 @@ class _Recorder:
     def record(self, x: Any, states: tuple[torch.Tensor | None, torch.Tensor | None]) -> None:
         raise NotImplementedError
 
+    def _check(self, what: str, t: torch.Tensor | None, expected: tuple[int, ...]) -> None:
+        """Refuse a tensor torch.nn's forward would not take: a subclass whose forward takes
+        other arguments (``forward(x, lengths)``) gives its own, which refq cannot read."""
+        if t is not None and tuple(t.shape) != expected:
+            raise RefqError(
+                f"record_calibration: module {self.name} ({self.counts.float_type}) was called "
+                f"with {what} of shape {tuple(t.shape)}, where its torch.nn forward takes "
+                f"{expected}; refq records a call's input and hx as torch.nn's forward takes "
+                "them, so a subclass whose forward takes other arguments cannot be recorded"
+            )
+
     def stored(self) -> list[StoredCall]:
         raise NotImplementedError
 
@@ -293,6 +304,11 @@ class _SequenceRecorder(_Recorder):
             steps = [padded.shape[0]] * padded.shape[1]
         else:
             raise self._odd("input", x)
+        m, batch = self.module, padded.shape[1]
+        layers = m.num_layers * (1 + m.bidirectional)
+        self._check("input", padded, (padded.shape[0], batch, m.input_size))
+        self._check("h_0", h, (layers, batch, m.proj_size or m.hidden_size))
+        self._check("c_0", c, (layers, batch, m.hidden_size))
         wanted = []  # (key, batch entry, rows kept)
         for b, length in enumerate(steps):
             self.counts.rows_seen += length
@@ -343,6 +359,10 @@ class _CellRecorder(_Recorder):
             x = x.unsqueeze(0)
             h = None if h is None else h.unsqueeze(0)
             c = None if c is None else c.unsqueeze(0)
+        batch = x.shape[0]
+        self._check("input", x, (batch, self.module.input_size))
+        self._check("h_0", h, (batch, self.module.hidden_size))
+        self._check("c_0", c, (batch, self.module.hidden_size))
         wanted = []
         for b in range(x.shape[0]):
             self.counts.rows_seen += 1

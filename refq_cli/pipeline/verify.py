@@ -82,7 +82,7 @@ def verify(
                 "float_type": info["float_type"],
                 "probe": "random" if calls is None else "calibration",
                 # no dropout: repeatable
-                **probe_calls(float_module, ref.train(False), calls, setting),
+                **probe_calls(float_module, ref.train(False), calls, setting, name),
             }
         )
     recorded, source = artifact.metadata["refq.source"], checkpoint.source
@@ -106,11 +106,14 @@ def _probe_setting(
 ) -> ProbeSetting:
     """The probe's size: the conversion's (its spec's ``report:``), as the caller changes it."""
     stored = recorded.get("report")
+    if steps is not None and sequences is not None:
+        stored = None  # the caller's size replaces all of it
     try:
         spec = as_spec({"version": 1, **({} if stored is None else {"report": stored})})
     except SpecError as exc:
         raise ArtifactError(
-            f"{artifact_path}: its spec's report: is not one this refq reads ({exc})"
+            f"{artifact_path}: its spec's report: is not one this refq reads ({exc}); give the "
+            f"probe's size with {argument('probe_steps', 16)} and {argument('probe_sequences', 4)}"
         ) from None
     setting = spec.probing(steps, sequences).probe
     if setting.off and steps == 0:

@@ -174,7 +174,8 @@ def _all_errors(rows: torch.Tensor, qps: list[WeightQParams]) -> torch.Tensor:
 
 def _searchable(rows: torch.Tensor, qp: WeightQParams) -> bool:
     return (
-        qp.per_channel
+        rows.shape[1] >= MSE_SEARCH_COLUMNS
+        and qp.per_channel
         and not rows.is_cuda
         and qp.storage != torch.int32
         and (not rows.numel() or bool(rows.abs().amax() < _MODERATE))  # and finite
@@ -182,6 +183,7 @@ def _searchable(rows: torch.Tensor, qp: WeightQParams) -> bool:
 
 
 MSE_BLOCK_ELEMENTS = 1 << 18  # values a block of rows runs through every candidate at a time
+MSE_SEARCH_COLUMNS = 16  # narrower rows: trying every ratio costs less than the bookkeeping
 MSE_CHECK_EVERY = 2  # candidates between two checks of which rows can still win
 _MODERATE = 1e15  # |values| below it: their float32 squares summed over a row stay finite
 

@@ -117,6 +117,9 @@ REPORT_FIELDS: dict[str, Field] = {
 }
 
 
+MAX_PROBE_ROWS = 100_000  # steps x sequences of the random probe: its memory is rows x features
+
+
 @dataclass(frozen=True)
 class ProbeSetting:
     """How the report measures a module's output error: ``steps`` x ``sequences`` of seeded
@@ -128,6 +131,15 @@ class ProbeSetting:
     @property
     def off(self) -> bool:
         return self.steps == 0
+
+    def check(self, where: str) -> None:
+        """Refuse a probe too big to hold (``where`` names what set it)."""
+        if self.steps * self.sequences > MAX_PROBE_ROWS:
+            raise SpecError(
+                f"{where}: a probe of {self.steps:,} steps x {self.sequences:,} sequences is "
+                f"{self.steps * self.sequences:,} rows; give at most {MAX_PROBE_ROWS:,} "
+                "(probe_steps x probe_sequences)"
+            )
 
 
 def check_probe_setting(steps: int | None, sequences: int | None) -> dict[str, int]:
@@ -179,10 +191,15 @@ class Spec:
     def probing(self, steps: int | None = None, sequences: int | None = None) -> Spec:
         """This spec, with the probe's size a caller gives beside it (``--probe-steps``,
         ``--probe-sequences``), which overrides the spec's ``report:``."""
-        report = dict(self.report)
-        for key, value in check_probe_setting(steps, sequences).items():
-            report[key] = Setting(value, Loc(argument(key, value), 0, 0))
-        return replace(self, report=report)
+        report, current = dict(self.report), self.probe
+        given = check_probe_setting(steps, sequences)
+        for key, value in given.items():
+            if value != getattr(current, key.removeprefix("probe_")):  # the default: no change
+                report[key] = Setting(value, Loc(argument(key, value), 0, 0))
+        probed = replace(self, report=report)
+        named = [f"{argument(k, v)}" for k, v in given.items()]
+        probed.probe.check(" and ".join(named) if named else self.path)
+        return probed
 
     def stripping(self, prefix: str | None) -> Spec:
         """This spec, with the prefix a caller gives beside it (``--strip-prefix``)."""
@@ -354,7 +371,10 @@ class _SpecReader(YamlReader):
             if "report" in top and not _is_empty(top["report"][1])
             else {}
         )
-        return Spec(self.name, is_decomposed, defaults, rules, modules, strip_prefix, report)
+        spec = Spec(self.name, is_decomposed, defaults, rules, modules, strip_prefix, report)
+        if report:
+            spec.probe.check(str(self.loc(top["report"][1])))
+        return spec
 
     def rule(self, node: yaml.Node) -> Rule:
         allowed = ["match", "skip", "weights", *QPARAM_FIELDS]
