@@ -11,20 +11,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from batch_conversion import REFQ, SPEC, make_checkpoints
-
-
-def timed(args: list[str]) -> float:
-    start = time.perf_counter()
-    subprocess.run(args, check=True, capture_output=True)
-    return time.perf_counter() - start
+from batch_conversion import REFQ, SPEC, make_checkpoints, timed
 
 
 def main() -> None:
