@@ -105,7 +105,7 @@ def _probe_setting(
     recorded: dict[str, Any], artifact_path: str | Path, steps: int | None, sequences: int | None
 ) -> ProbeSetting:
     """The probe's size: the conversion's (its spec's ``report:``), as the caller changes it."""
-    stored = recorded.get("report")
+    stored, default = recorded.get("report"), ProbeSetting()
     if steps is not None and sequences is not None:
         stored = None  # the caller's size replaces all of it
     try:
@@ -113,7 +113,8 @@ def _probe_setting(
     except SpecError as exc:
         raise ArtifactError(
             f"{artifact_path}: its spec's report: is not one this refq reads ({exc}); give the "
-            f"probe's size with {argument('probe_steps', 16)} and {argument('probe_sequences', 4)}"
+            f"probe's size with {argument('probe_steps', default.steps)} and "
+            f"{argument('probe_sequences', default.sequences)}"
         ) from None
     setting = spec.probing(steps, sequences).probe
     if setting.off and steps == 0:
@@ -124,6 +125,6 @@ def _probe_setting(
     if setting.off:
         raise RefqError(
             f"{artifact_path} was converted with report: probe_steps: 0, and verify needs a "
-            f"probe of at least 1 step; pass {argument('probe_steps', 16)}"
+            f"probe of at least 1 step; pass {argument('probe_steps', default.steps)}"
         )
     return setting

@@ -227,9 +227,9 @@ def _searched_errors(rows: torch.Tensor, qps: list[WeightQParams]) -> torch.Tens
             if (k + 1) % MSE_CHECK_EVERY or k + 1 == len(qps):
                 continue
             over = torch.sub(block, hi[:, k, None], out=v).clamp_(min=0)
-            bound = row_squares(over)
+            bound = _row_squares(over)
             under = torch.sub(lo[:, k, None], block, out=v).clamp_(min=0)
-            bound += row_squares(under)
+            bound += _row_squares(under)
             best = found[at, : k + 1].amin(1)
             going = bound.double() * (1 - margin) <= best
             if not bool(going.all()):
@@ -241,7 +241,7 @@ def _searched_errors(rows: torch.Tensor, qps: list[WeightQParams]) -> torch.Tens
     return errors
 
 
-def row_squares(rows: torch.Tensor) -> torch.Tensor:
+def _row_squares(rows: torch.Tensor) -> torch.Tensor:
     """float32 sums of squares per row (any order: for a bound with a margin)."""
     return torch.linalg.vector_norm(rows, dim=1).square_()
 

@@ -197,7 +197,7 @@ class Spec:
             if value != getattr(current, key.removeprefix("probe_")):  # the default: no change
                 report[key] = Setting(value, Loc(argument(key, value), 0, 0))
         probed = replace(self, report=report)
-        named = [f"{argument(k, v)}" for k, v in given.items()]
+        named = [argument(k, v) for k, v in given.items()]
         probed.probe.check(" and ".join(named) if named else self.path)
         return probed
 
