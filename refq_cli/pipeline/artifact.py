@@ -4,7 +4,9 @@ For each converted module at path ``P`` and quantized weight ``W``: ``P.W`` (int
 float weight's shape), ``P.W_scale`` (float32, 0-d or 1-d) and ``P.W_zero_point`` (int32, same
 shape). Biases, weights kept float and every other tensor are stored as they were. Metadata
 (strings): ``format``, ``refq.format_version``, ``refq.modules``, ``refq.spec``,
-``refq.source``, ``refq.producer``, the last four as JSON. Tensors are stored module by module
+``refq.source``, ``refq.producer``, the last four as JSON, and ``refq.calibration`` (the
+calibration file's name and sha256, JSON) when the codes depend on one; a weight's entry in
+``refq.modules`` names its ``rounding`` when it is not nearest. Tensors are stored module by module
 as they are converted, then every other tensor in the checkpoint's order. No timestamps: the same
 input and spec give byte-identical files.
 """

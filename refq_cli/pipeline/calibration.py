@@ -129,15 +129,33 @@ class Call:
 # --- reading ------------------------------------------------------------------------------------
 
 
-def read_calibration_file(path: str | Path | None) -> dict[str, list[StoredCall]]:
+@dataclass(frozen=True, eq=False)
+class CalibrationInputs(Mapping[str, list[StoredCall]]):
+    """Each module's calls, by module name, and the sha256 of the file's bytes they were read
+    from (None: no file)."""
+
+    calls: dict[str, list[StoredCall]]
+    sha256: str | None = None
+
+    def __getitem__(self, name: str) -> list[StoredCall]:
+        return self.calls[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.calls)
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+
+def read_calibration_file(path: str | Path | None) -> CalibrationInputs:
     """Each module's calls in the calibration file ``path`` (none for None), in call order, by
     module name; keys and metadata checked, tensors as stored (:func:`calls_for` checks them
     against a module). Messages name the argument (``--calibration PATH``)."""
     if path is None:
-        return {}
+        return CalibrationInputs({})
     where = argument("calibration", path)
     try:
-        fmt, _, tensors = read_tensors(path, what="calibration")
+        fmt, sha256, tensors = read_tensors(path, what="calibration")
         metadata = _metadata(Path(path)) if fmt == "safetensors" else {}
     except CheckpointError as exc:
         text, named = str(exc), str(path)
@@ -174,12 +192,12 @@ def read_calibration_file(path: str | Path | None) -> dict[str, list[StoredCall]
             calls[module] = [StoredCall(tensors[module], key=module, source=path)]
             continue
         calls[module] = _numbered_calls(where, path, module, numbered)
-    return _with_recorded(calls, metadata.get(MODULES_KEY))
+    return CalibrationInputs(_with_recorded(calls, metadata.get(MODULES_KEY)), sha256)
 
 
 def without_prefix(
-    calls: dict[str, list[StoredCall]], prefix: str | None
-) -> dict[str, list[StoredCall]]:
+    calls: Mapping[str, list[StoredCall]], prefix: str | None
+) -> Mapping[str, list[StoredCall]]:
     """The calls with a wrapper's prefix (``model.``, the spec's ``strip_prefix``) taken off
     the names that start with it: recorded from the wrapper, named as its checkpoint's keys
     are once stripped."""
@@ -435,12 +453,12 @@ def held_out_masks(calls: Sequence[Call], every: int = HELD_OUT_EVERY) -> list[t
 
 
 def batched(
-    calls: Sequence[Call], masks: Sequence[torch.Tensor]
+    calls: Sequence[Call], masks: Sequence[torch.Tensor] = ()
 ) -> tuple[list[Call], list[torch.Tensor]]:
     """Calls of the same length whose initial states are given alike, stacked along the batch
-    into one call (in the order of their first call), with their sequences' ``masks`` stacked
-    alike: a module then reads its weights once per step for all of them. Sequences do not
-    interact, so each one's outputs are what its own call gives."""
+    into one call (in the order of their first call), with their sequences' ``masks`` (if
+    any) stacked alike: a module then reads its weights once per step for all of them.
+    Sequences do not interact, so each one's outputs are what its own call gives."""
     groups: dict[tuple[int, bool, bool], list[int]] = {}
     for i, call in enumerate(calls):
         groups.setdefault((call.input.shape[0], call.h_0 is None, call.c_0 is None), []).append(i)
@@ -463,7 +481,8 @@ def batched(
                 stacked([c.c_0 for c in group]),
             )
         )
-        joined_masks.append(torch.cat([masks[i] for i in members]))
+        if masks:
+            joined_masks.append(torch.cat([masks[i] for i in members]))
     return joined, joined_masks
 
 

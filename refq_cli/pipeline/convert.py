@@ -20,7 +20,6 @@ from torch import nn
 
 from refq_cli.errors import CheckpointError, QParamsError, RefqError, SpecError, argument
 from refq_cli.io.checkpoint import Checkpoint, load_checkpoint
-from refq_cli.io.digest import sha256_of
 from refq_cli.io.outputs import Outputs
 from refq_cli.io.recurrent import RecurrentModule
 from refq_cli.io.safetensors_writer import SafetensorsWriter, check_header_fits
@@ -47,6 +46,7 @@ from refq_cli.pipeline.probe import (
     call_output,
     calls_result,
     check_finite,
+    probe_shape,
     random_call,
 )
 from refq_cli.pipeline.report import ModuleRow, Report, WeightRow, build_report
@@ -159,7 +159,8 @@ def convert_checkpoint(
     step = progress or (lambda what, done, total: None)
     spec = as_spec(spec)
     dev = resolve_device(device)
-    calibration_inputs = without_prefix(read_calibration_file(calibration), spec.strip_prefix)
+    calibration_file = read_calibration_file(calibration)
+    calibration_inputs = without_prefix(calibration_file, spec.strip_prefix)
     step("loading the checkpoint", 0, None)
     checkpoint = load_checkpoint(input_path, trust_code=trust_code, strip_prefix=spec.strip_prefix)
     checkpoint.check_has_modules()
@@ -174,7 +175,8 @@ def convert_checkpoint(
     if calibration is not None and any(
         w.needs_calibration for p in plans.values() if not p.skip for w in p.weights.values()
     ):
-        calibration_source = {"name": Path(calibration).name, "sha256": sha256_of(calibration)}
+        # the bytes the calls were read from: a file that changes afterwards is out of date
+        calibration_source = {"name": Path(calibration).name, "sha256": calibration_file.sha256}
     for kind in dict.fromkeys(m.float_type for m in checkpoint.modules.values()):
         check_converter(getattr(nn, kind))
     _check_no_collisions(checkpoint, plans)
@@ -347,7 +349,9 @@ class _ModuleConversion:
 
     def run(self, given: list[Call] | None) -> ModuleRow:
         """Convert the module on its calibration calls (checked, time-major), or on the seeded
-        random probe when there are none; returns its row of the report."""
+        random probe when there are none (with ``probe_steps: 0``, on the calibration calls
+        only where calibrated weights need them, else on nothing); returns its row of the
+        report."""
         info, module = self.info, self.result.float_module
         row: ModuleRow = {"path": display_path(info.path), "float_type": info.float_type}  # type: ignore[typeddict-item]
         row["skipped"] = self.plan.skip
@@ -357,9 +361,13 @@ class _ModuleConversion:
             self._release(info.tensor_names)
             return row
         cell = isinstance(module, nn.RNNCellBase)
-        batch_first = getattr(module, "batch_first", False)
         measure = not self.probe.off  # else only Hessians need the float layers run
+        calibrated = any(
+            self._quantized(n) and self.plan.weights[n].needs_calibration for n in info.weight_names
+        )
         calls = given or ([random_call(module, self.probe)] if measure else [])
+        if not (measure or calibrated):
+            calls = []
         calls, fit = batched(calls, [~held for held in held_out_masks(calls)])
         runs: dict[str, list[torch.Tensor]] = {"float": [c.input for c in calls]}
         if measure:
@@ -385,14 +393,18 @@ class _ModuleConversion:
                 for n in names
                 if self._quantized(n) and self.plan.weights[n].needs_calibration
             ]
-            hessians = layer_hessians(
-                float_layer,
-                [select(c, keep) for c, keep in zip(inputs["float"], fit, strict=True)],
-                [
-                    select(Call(output, None, None), keep).input
-                    for (output, _), keep in zip(outputs["float"], fit, strict=True)
-                ],
-                needed,
+            hessians = (
+                layer_hessians(
+                    float_layer,
+                    [select(c, keep) for c, keep in zip(inputs["float"], fit, strict=True)],
+                    [
+                        output[:, keep.to(output.device)]
+                        for (output, _), keep in zip(outputs["float"], fit, strict=True)
+                    ],
+                    needed,
+                )
+                if needed
+                else {}
             )
             values = {
                 _layer_name(n): self._quantize(n, hessians.get(_layer_name(n)))
@@ -427,12 +439,7 @@ class _ModuleConversion:
             return row
         row["probe"] = "random" if given is None else "calibration"
         check_finite(runs, row["path"], given is not None)
-        sequences = sum(c.sequences for c in calls)
-        steps = max(c.input.shape[0] for c in calls)
-        shape = [sequences, steps] if batch_first else [steps, sequences]
-        row.update(
-            calls_result(runs["float"], runs["quantized"], [*shape, calls[0].input.shape[-1]])
-        )
+        row.update(calls_result(runs["float"], runs["quantized"], probe_shape(module, calls)))
         if given is not None:
             row["calibration"] = calibration_result(fit, runs, finals)
         return row

@@ -74,7 +74,7 @@ def probe_calls(
     names the module in errors."""
     calibration = bool(calls)
     calls = calls or [random_call(float_mod, setting)]
-    calls, _ = batched(calls, [torch.zeros(c.sequences, dtype=torch.bool) for c in calls])
+    calls, _ = batched(calls)
     cell = isinstance(float_mod, nn.RNNCellBase)
     expected = [call_output(float_mod, c, cell)[0] for c in calls]
     got = [call_output(ref_mod, c, cell)[0] for c in calls]
@@ -93,21 +93,11 @@ def _unrolled(cell: nn.Module, x: torch.Tensor, hx: Any) -> tuple[torch.Tensor, 
 def call_output(module: nn.Module, call: Call, cell: bool) -> tuple[torch.Tensor, tuple]:
     """The output sequence (time-major) and the final states (``(h_n,)`` or ``(h_n, c_n)``)
     of ``module`` on one calibration call, from the call's initial states (zeros where it has
-    none); a cell unrolled over the call's steps."""
-    # a reference module stands for its float type, which it does not subclass
-    lstm = issubclass(getattr(type(module), "_FLOAT_TYPE", type(module)), (nn.LSTM, nn.LSTMCell))
+    none); a cell unrolled over the call's steps. An LSTM's call has both states or neither
+    (:func:`~refq_cli.pipeline.calibration.calls_for` sees to it)."""
     h_0, c_0 = call.h_0, call.c_0
     with torch.no_grad():
-        if lstm and (h_0 is None) != (c_0 is None):
-            h_0 = (
-                torch.zeros_like(_state_like(module, call, cell, proj=True)) if h_0 is None else h_0
-            )
-            c_0 = (
-                torch.zeros_like(_state_like(module, call, cell, proj=False))
-                if c_0 is None
-                else c_0
-            )
-        hx = None if h_0 is None else ((h_0, c_0) if lstm else h_0)
+        hx = h_0 if c_0 is None else (h_0, c_0)
         if cell:
             return _unrolled(module, call.input, hx)
         batch_first = getattr(module, "batch_first", False)
@@ -115,15 +105,6 @@ def call_output(module: nn.Module, call: Call, cell: bool) -> tuple[torch.Tensor
         output, state = module(x, hx)
         output = output.transpose(0, 1) if batch_first else output
         return output, state if isinstance(state, tuple) else (state,)
-
-
-def _state_like(module: nn.Module, call: Call, cell: bool, *, proj: bool) -> torch.Tensor:
-    """An initial state's shape for ``module`` on ``call``, as an empty tensor."""
-    size = (getattr(module, "proj_size", 0) or module.hidden_size) if proj else module.hidden_size
-    if cell:
-        return call.input.new_empty(call.sequences, size)
-    layers = module.num_layers * (1 + module.bidirectional)
-    return call.input.new_empty(layers, call.sequences, size)
 
 
 _RUN_NAMES = {"float": "float", "quantized": "reference", "nearest": "nearest-rounded reference"}

@@ -67,9 +67,10 @@ def source_unchanged(recorded: dict[str, Any], path: Path) -> bool:
 
 
 def is_unchanged(job: Job, options: Options | None = None) -> bool:
-    """Whether the job's artifact exists, records this input's sha256, this spec and this
-    format version (so converting again would give the same tensors), and did not miss the
-    gate it was converted with. Whether it passes the job's gate is :func:`run_job`'s to say."""
+    """Whether the job's artifact exists, records this input's sha256, this spec (as the
+    options change it) and this format version, and the calibration file's sha256 where its
+    codes depend on one (so converting again would give the same tensors), and did not miss
+    the gate it was converted with. Whether it passes the job's gate is :func:`run_job`'s to say."""
     return unchanged_metadata(job, options or Options()) is not None
 
 
