@@ -121,6 +121,26 @@ def test_gptq_with_inputs_the_calibration_never_fed():
     values = gptq_values(w, qp, h)
     assert bool(torch.isfinite(values).all())
     assert bool((output_errors(w, values, h) <= output_errors(w, fake_quantize(w, qp), h)).all())
+    # no input fed at all: nothing to spread errors through, so GPTQ is rounding to nearest
+    # (without unit diagonals for dead inputs this was refused as an overflow)
+    assert torch.equal(
+        gptq_values(w, qp, torch.zeros(10, 10, dtype=torch.float64)), fake_quantize(w, qp)
+    )
+
+
+def test_gptq_blocks_are_the_same_math_as_one_column_at_a_time(monkeypatch):
+    # more columns than a block, so the update between blocks matters
+    from refq_cli.quant import calibrated
+
+    w, x = weight(64, 300), correlated(900, 300)
+    h = hessian(x)
+    qp = observe(w, spec(), "w")
+    blocked = gptq_values(w, qp, h)
+    monkeypatch.setattr(calibrated, "GPTQ_BLOCK", 1)
+    one_by_one = gptq_values(w, qp, h)
+    assert (blocked == one_by_one).float().mean() > 0.999  # last bits may round a code apart
+    a, b = total(output_errors(w, blocked, h)), total(output_errors(w, one_by_one, h))
+    assert abs(a - b) <= 1e-3 * b, (a, b)
 
 
 def test_gptq_is_the_same_whatever_the_thread_count():

@@ -31,11 +31,12 @@ from refq_cli.quant.numerics import WeightQParams, dequantize, fake_quantize, ro
 
 GPTQ_DAMPING = 0.01  # of the Hessian's mean diagonal, added to its diagonal
 GPTQ_BLOCK = 128  # columns updated lazily together (the same math for any size; last bits vary)
-_CHUNK_ROWS = 4096
+GPTQ_BATCH_ELEMENTS = 1 << 22  # weight values GPTQ runs at once, candidates' rows stacked
+_CHUNK_ROWS = 4096  # rows added to a Hessian at a time
 _OVERFLOW = (
     "the calibration inputs' XᵀX overflows (values near the end of the float range); record "
     "inputs of the magnitudes the model sees"
-)  # rows added to a Hessian at a time
+)
 
 
 class HessianSum:
@@ -56,9 +57,10 @@ class HessianSum:
 
 
 def output_errors(w: torch.Tensor, values: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
-    """``e_i H e_iᵀ`` for each row ``e_i`` of ``w - values`` (float64, one per row of ``w``),
-    with ``H`` scaled to a mean diagonal of 1 (the same order of rows, whatever the inputs'
-    magnitude); in float32, for a search (:func:`error_gain` compares exactly)."""
+    """``e_i H e_iᵀ`` for each row ``e_i`` of ``w - values``, one per row of ``w``, with ``H``
+    scaled to a mean diagonal of 1 (the same order of rows, whatever the inputs' magnitude):
+    computed in float32, for a search (:func:`error_gain` compares exactly), returned as
+    float64."""
     h = hessian.to(w.device, torch.float64)
     mean = float(h.diagonal().mean())
     h = (h / mean if mean > 0 else h).float()
@@ -105,12 +107,11 @@ def gptq_values(
     qp: WeightQParams,
     hessian: torch.Tensor,
     *,
-    damping: float = GPTQ_DAMPING,
     where: str = "weight",
 ) -> torch.Tensor:
     """The weight's values (float32, on ``qp``'s grid) with GPTQ's roundings: each row GPTQ's
     or the nearest rounding's, whichever has the smaller output error ``e H eᵀ``."""
-    return next(gptq_candidates(w, [qp], hessian, damping=damping, where=where))[0]
+    return next(gptq_candidates(w, [qp], hessian, where=where))
 
 
 def gptq_candidates(
@@ -118,18 +119,17 @@ def gptq_candidates(
     qparams: Sequence[WeightQParams],
     hessian: torch.Tensor,
     *,
-    damping: float = GPTQ_DAMPING,
     where: str = "weight",
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """:func:`gptq_values`, and which rows kept nearest rounding, for each of several
-    quantization parameters (an observer's candidates): one inverse Hessian for all, their rows run
+) -> Iterator[torch.Tensor]:
+    """:func:`gptq_values` for each of several quantization parameters (an observer's
+    candidates), in their order: one inverse Hessian for all, their rows run
     together, as many as fit :data:`GPTQ_BATCH_ELEMENTS` at a time. Rows do not interact in
     GPTQ: each row's result is what it would be alone."""
     check_hessian(w, hessian, where, "rounding gptq")
     weight = w.detach().float()
     for qp in qparams:
         qp.check_weight(weight, where)
-    factor, order = _inverse_factor(hessian, damping, where)
+    factor, order = _inverse_factor(hessian, GPTQ_DAMPING, where)
     per_batch = max(1, GPTQ_BATCH_ELEMENTS // max(1, weight.numel()))
     for start in range(0, len(qparams), per_batch):
         batch = qparams[start : start + per_batch]
@@ -141,10 +141,7 @@ def gptq_candidates(
             values = dequantize(q.to(qp.storage), qp)
             nearest = fake_quantize(weight, qp)
             worse = error_gain(weight, values, nearest, hessian) > 0
-            yield torch.where(worse.unsqueeze(1), nearest, values), worse
-
-
-GPTQ_BATCH_ELEMENTS = 1 << 22  # weight values GPTQ runs at once, candidates' rows stacked
+            yield torch.where(worse.unsqueeze(1), nearest, values)
 
 
 def _inverse_factor(

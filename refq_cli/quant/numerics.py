@@ -470,15 +470,11 @@ def _codes(r: torch.Tensor, qp: WeightQParams, out: torch.Tensor | None) -> torc
     """Clamped integer codes of rounded ``r``, in ``out`` where they fit 8 bits. NaN becomes
     code 0, so that the values stay the codes' values (casting NaN is undefined in C++: on
     x86, PyTorch's per-channel and decomposed 8-bit kernels give 0, others other codes)."""
-    _clamped(r, qp)
+    r.nan_to_num_(nan=0.0).clamp_(qp.quant_min, qp.quant_max)
     if qp.storage != torch.int32:  # whole numbers within 8 bits: the cast is exact
         return out.copy_(r)
     # float32 cannot hold 2**31 - 1: clamp again once the codes are integers
     return r.long().clamp_(qp.quant_min, qp.quant_max).to(qp.storage)
-
-
-def _clamped(r: torch.Tensor, qp: WeightQParams) -> torch.Tensor:
-    return r.nan_to_num_(nan=0.0).clamp_(qp.quant_min, qp.quant_max)
 
 
 def fake_quantized_rows(
@@ -491,8 +487,9 @@ def fake_quantized_rows(
     """:func:`fake_quantize`'s values of ``block`` (finite float32 rows of a per-channel
     weight on the CPU; ``s`` and ``z`` shaped to broadcast against them, ``z`` None where
     every zero point is 0), computed in ``out`` by the same path with no codes stored, for a
-    search that tries many quantization parameters: the same numbers, but that a zero may
-    come out as -0.0. 8-bit codes only."""
+    search that tries many quantization parameters: the same numbers as :func:`_rounded`,
+    :func:`_codes` and :func:`_values` give, but that a zero may come out as -0.0 (which
+    ``tests/test_observers.py`` holds the mse search to). 8-bit codes only."""
     assert qp.per_channel and qp.storage != torch.int32 and not block.is_cuda
     v = torch.mul(block, torch.reciprocal(s), out=out)  # _rounded's per-channel CPU path
     if z is not None:

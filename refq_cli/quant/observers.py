@@ -247,10 +247,11 @@ def _row_squares(rows: torch.Tensor) -> torch.Tensor:
 
 
 # Clipping ratios of the min/max range the output observer tries first, then each best ratio's
-# neighbours OUTPUT_FINE apart, four either side. With GPTQ's rounding, which makes up for
-# rounding errors but not for clipping, the search is GPTQ run per ratio, over the wider half.
+# neighbours OUTPUT_FINE apart, OUTPUT_NEIGHBOURS either side. With GPTQ's rounding, which makes
+# up for rounding errors but not for clipping, the search is GPTQ run per ratio, over the wider
+# half.
 OUTPUT_COARSE = {"nearest": (1.0, 0.05, 20), "gptq": (1.0, 0.5, 11)}
-OUTPUT_FINE = {"nearest": 0.01, "gptq": 0.01}
+OUTPUT_FINE = 0.01
 OUTPUT_NEIGHBOURS = {"nearest": 4, "gptq": 2}
 
 
@@ -270,7 +271,7 @@ def output(
         qps = [_from_range(lo * r, hi * r, spec, where) for r in ratios]
         if spec.rounding == "gptq":
             candidates = gptq_candidates(w, qps, hessian, where=where)
-            rows = [output_errors(w, values, hessian) for values, _ in candidates]
+            rows = [output_errors(w, values, hessian) for values in candidates]
         else:
             rows = [output_errors(w, fake_quantize(w, qp), hessian) for qp in qps]
         return rows if by_row else [torch.tensor([total(r)], dtype=torch.float64) for r in rows]
@@ -287,7 +288,7 @@ def output(
 
     first, last, count = OUTPUT_COARSE[spec.rounding]
     consider([torch.full_like(lo, r) for r in torch.linspace(first, last, count).tolist()])
-    center, step, n = best.clone(), OUTPUT_FINE[spec.rounding], OUTPUT_NEIGHBOURS[spec.rounding]
+    center, step, n = best.clone(), OUTPUT_FINE, OUTPUT_NEIGHBOURS[spec.rounding]
     consider([(center + k * step).clamp(step, 1.0) for k in [*range(-n, 0), *range(1, n + 1)]])
     return _from_range(lo * best, hi * best, spec, where)
 
