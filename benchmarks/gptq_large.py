@@ -11,6 +11,7 @@ rows every layer's Hessians come from). Prints wall seconds, peak RSS and the ra
 
 from __future__ import annotations
 
+import argparse
 import json
 import subprocess
 import sys
@@ -74,4 +75,6 @@ def main(configs: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("configs", nargs="*", help="observer+rounding, e.g. minmax+gptq")
+    main(parser.parse_args().configs)
