@@ -386,6 +386,30 @@ def test_skip_unchanged_sees_the_calibration_the_codes_depend_on(tmp_path, defau
     assert is_unchanged(Job(source, spec, out, conversion.report_json, None)) is not depends
 
 
+def test_the_recorded_sha256_is_of_the_bytes_the_codes_were_fitted_on(tmp_path):
+    # the file was hashed again after the checkpoint loaded: rewritten in between, the artifact
+    # named the new file for codes fitted on the old one, and --skip-unchanged kept it
+    from refq_cli.io.digest import sha256_of
+    from refq_cli.pipeline.api import convert as api_convert
+
+    source, spec, calib = (
+        write(tmp_path, "pt"),
+        spec_file(tmp_path, GPTQ),
+        speech_calibration(tmp_path),
+    )
+    fitted_on = sha256_of(calib)
+
+    def rewrite(what, done, total):
+        if what == "loading the checkpoint":
+            speech_calibration(tmp_path, seed=1)
+
+    conversion = api_convert(
+        source, spec, tmp_path / "m.refq.safetensors", calibration=calib, progress=rewrite
+    )
+    assert sha256_of(calib) != fitted_on  # the file did change during the conversion
+    assert conversion.metadata["refq.calibration"]["sha256"] == fitted_on
+
+
 def test_a_wrappers_recording_converts_with_its_prefix_stripped(tmp_path):
     from refq_cli.pipeline.record import record_calibration
 
