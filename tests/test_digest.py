@@ -178,6 +178,57 @@ def test_digest_does_not_import_torch():
     assert out.stdout.strip() == "False"
 
 
+# In a fresh Python: convert the example, through the CLI or the library, and print the
+# threads that were running when torch was first asked for.
+_THREADS_AT_TORCH = """
+import json, sys, threading
+
+class Watch:
+    threads = None
+
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and Watch.threads is None:
+            Watch.threads = [t.name for t in threading.enumerate()]
+        return None
+
+sys.meta_path.insert(0, Watch())
+how, checkpoint, spec, out = sys.argv[1:]
+if how == "cli":
+    from refq_cli.cli.app import main
+
+    sys.argv = ["refq", "convert", checkpoint, "-q", spec, "-o", out, "--quiet"]
+    try:
+        main()
+    except SystemExit as exc:
+        assert exc.code == 0, exc.code
+else:
+    import refq_cli
+
+    refq_cli.convert(checkpoint, spec, out)
+print(json.dumps(Watch.threads))
+"""
+
+
+@pytest.mark.parametrize("how", ["cli", "library"])
+def test_a_conversion_hashes_its_input_while_torch_imports(tmp_path, how):
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    checkpoint = root / "examples" / "models" / "example.pt"
+    spec = root / "configs" / "int8-per-channel-symmetric.yaml"
+    out = tmp_path / "m.refq.safetensors"
+    command = [sys.executable, "-c", _THREADS_AT_TORCH, how, str(checkpoint), str(spec), str(out)]
+    result = subprocess.run(command, capture_output=True, text=True, check=False, cwd=root)
+    assert result.returncode == 0, result.stderr
+    threads = json.loads(result.stdout.splitlines()[-1])
+    assert threads is not None, "torch was never imported"
+    assert f"sha256 {checkpoint}" in threads, threads
+    assert out.is_file()
+
+
 def _child_digest(path, queue):
     queue.put(digest.sha256_of(path))
 

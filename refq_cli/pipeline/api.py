@@ -11,18 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import os
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from refq_cli.deploy import DEFAULT_OPSET
-from refq_cli.deploy.onnx_files import check_arguments
 from refq_cli.errors import RefqError, RefqWarning, argument, ignore_torch_noise
-from refq_cli.pipeline.artifact import Artifact, load_artifact
 from refq_cli.pipeline.batch import JobResult, convert_job, prepare_run, run_jobs
-from refq_cli.pipeline.convert import Conversion
 from refq_cli.pipeline.gate import checked_min_sqnr
 from refq_cli.pipeline.inspect import describe_artifact, diff_artifacts
 from refq_cli.pipeline.jobs import (
@@ -34,11 +32,13 @@ from refq_cli.pipeline.jobs import (
     output_paths,
 )
 from refq_cli.pipeline.manifest import load_manifest
-from refq_cli.pipeline.record import record_calibration
-from refq_cli.pipeline.report import assumed_facts_warning
 from refq_cli.pipeline.shards import parse_shard
-from refq_cli.pipeline.verify import verify as verify_artifact
 from refq_cli.spec.spec import Spec, as_spec
+
+if TYPE_CHECKING:
+    from refq_cli.pipeline.artifact import Artifact, load_artifact
+    from refq_cli.pipeline.convert import Conversion
+    from refq_cli.pipeline.record import record_calibration
 
 PathLike = str | os.PathLike[str]
 Progress = Callable[[str, int, int | None], None]
@@ -46,6 +46,20 @@ Progress = Callable[[str, int, int | None], None]
 __all__ = ["Artifact", "Conversion", "batch", "convert", "diff", "inspect", "load_artifact"]
 __all__ += ["export", "record_calibration", "verify"]
 F = TypeVar("F", bound=Callable[..., Any])
+# Importing this module imports no torch, so that a conversion starts hashing its input first
+# (refq_cli.io.digest); what needs torch is imported when first used.
+_IMPORTED_LATER = {
+    "Artifact": "refq_cli.pipeline.artifact",
+    "load_artifact": "refq_cli.pipeline.artifact",
+    "Conversion": "refq_cli.pipeline.convert",
+    "record_calibration": "refq_cli.pipeline.record",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _IMPORTED_LATER:
+        return getattr(importlib.import_module(_IMPORTED_LATER[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _quiet(entry_point: F) -> F:
@@ -121,6 +135,8 @@ def convert(
             with contextlib.suppress(OSError):
                 folder.rmdir()
         raise
+    from refq_cli.pipeline.report import assumed_facts_warning
+
     warning = assumed_facts_warning(conversion.report)
     if warning:
         warnings.warn(warning, RefqWarning, stacklevel=3)  # the caller's line, past _quiet
@@ -161,6 +177,8 @@ def verify(
     ``probe_steps`` and ``probe_sequences`` size the random probe (by default as the
     conversion's spec did).
     A prefix the conversion stripped (``strip_prefix``) is taken off ``checkpoint`` again."""
+    from refq_cli.pipeline.verify import verify as verify_artifact
+
     _check_switches(trust_code=trust_code)
     return verify_artifact(
         _path("artifact", artifact),
@@ -187,6 +205,9 @@ def export(
     """What ``refq export --json`` prints, having written one ONNX model per module of
     ``artifact`` (those matching the glob ``module``) into ``out_dir``: see
     :meth:`Artifact.export_onnx`. ``format`` is ``"onnx"``, the one format there is."""
+    from refq_cli.deploy.onnx_files import check_arguments
+    from refq_cli.pipeline.artifact import load_artifact
+
     if format != "onnx":
         raise RefqError(f"{argument('format', format)}: use onnx")
     settings: dict[str, Any] = {
