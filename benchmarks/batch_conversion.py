@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from installed import compile_refq
 from torch import nn
 
 REFQ = Path(sys.executable).with_name("refq")
@@ -43,6 +44,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--count", type=int, default=200)
     args = parser.parse_args()
+    compile_refq()
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         paths = make_checkpoints(folder, args.count)

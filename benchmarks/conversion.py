@@ -28,6 +28,8 @@ import tempfile
 import textwrap
 from pathlib import Path
 
+from installed import compile_refq
+
 ROOT = Path(__file__).resolve().parents[1]
 REFQ = Path(sys.executable).with_name("refq")
 
@@ -114,6 +116,7 @@ def main() -> None:
         "--repeat", type=int, default=3, help="runs of each, interleaved; the best counts"
     )
     args = parser.parse_args()
+    compile_refq()
     bench = Path(__file__).resolve().parent
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)

@@ -18,6 +18,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from installed import compile_refq
+
 ROOT = Path(__file__).resolve().parents[1]
 REFQ = str(Path(sys.executable).with_name("refq"))
 
@@ -32,6 +34,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     args = parser.parse_args()
+    compile_refq()
     with tempfile.TemporaryDirectory() as tmp:
         artifact = Path(tmp) / "example.refq.safetensors"
         subprocess.run(
