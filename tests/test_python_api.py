@@ -234,6 +234,23 @@ def test_batch_runs_a_manifest_and_reports_every_job(tmp_path):
         refq_cli.batch(tmp_path / "jobs.yaml", shard="3/2")
 
 
+def test_batch_sizes_every_jobs_probe_as_refq_batch_does(tmp_path):
+    write(tmp_path, "pt").rename(tmp_path / "a.pt")
+    (tmp_path / "q.yaml").write_text(json.dumps({"version": 1, **SPEECH_FACTS}))
+    (tmp_path / "jobs.yaml").write_text(
+        "version: 1\ndefaults: {spec: q.yaml, out_dir: out}\njobs:\n  - input: a.pt\n"
+    )
+    with pytest.raises(SpecError, match=r"^probe_steps=-1: give a whole number from 0 to"):
+        refq_cli.batch(tmp_path / "jobs.yaml", probe_steps=-1)
+    assert not (tmp_path / "out").exists()
+    (result,) = refq_cli.batch(tmp_path / "jobs.yaml", probe_steps=3, probe_sequences=2)
+    probed = json.loads(Path(result.report_json).read_text())["modules"]
+    assert probed and all(sorted(m["probe_shape"][:2]) == [2, 3] for m in probed)
+    (off,) = refq_cli.batch(tmp_path / "jobs.yaml", probe_steps=0, force=True)
+    modules = json.loads(Path(off.report_json).read_text())["modules"]
+    assert modules and all(m["probe"] == "none" for m in modules)
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [

@@ -33,7 +33,7 @@ from refq_cli.pipeline.jobs import (
 )
 from refq_cli.pipeline.manifest import load_manifest
 from refq_cli.pipeline.shards import parse_shard
-from refq_cli.spec.spec import Spec, as_spec
+from refq_cli.spec.spec import Spec, as_spec, check_probe_setting
 
 if TYPE_CHECKING:
     from refq_cli.pipeline.artifact import Artifact, load_artifact
@@ -249,13 +249,16 @@ def batch(
     device: str = "cpu",
     trust_code: bool = False,
     strip_prefix: str | None = None,
+    probe_steps: int | None = None,
+    probe_sequences: int | None = None,
     on_result: Callable[[JobResult], None] | None = None,
 ) -> list[JobResult]:
     """Run the jobs of a manifest (its path) or a list of :class:`Job`: every job, each reported
     (``on_result`` hears of each as it ends), never raising for a job that fails: its result
     says so (``status``, ``error``, ``exit_code``). ``shard="K/N"`` runs part K of N. Outputs
     are checked against every input of the run before any work, as ``refq batch`` does.
-    ``strip_prefix`` is taken off every job's checkpoint, besides what each spec says.
+    ``strip_prefix`` is taken off every job's checkpoint, besides what each spec says;
+    ``probe_steps`` and ``probe_sequences`` size every job's probe, over its spec's ``report:``.
 
     With ``workers`` > 1 the jobs run in spawned processes, which import the caller's main
     module again: call it under ``if __name__ == "__main__":`` in a script."""
@@ -273,8 +276,15 @@ def batch(
     if shard is not None and not isinstance(shard, str):
         raise RefqError(f"{argument('shard', shard)}: write K/N, for example '2/8'")
     part = parse_shard(shard) if shard is not None else None
+    check_probe_setting(probe_steps, probe_sequences)
     options = Options(
-        force, skip_unchanged, check_device(device), trust_code, _prefix(strip_prefix)
+        force,
+        skip_unchanged,
+        check_device(device),
+        trust_code,
+        _prefix(strip_prefix),
+        probe_steps=probe_steps,
+        probe_sequences=probe_sequences,
     )
     selected, options = prepare_run(list(jobs), options, shard=part, inputs=inputs)
     return run_jobs(selected, options, workers=workers, fail_fast=fail_fast, on_result=on_result)
