@@ -1,12 +1,17 @@
-"""What the report's probe costs on the 576 MB model, with and without huge pages.
+"""What the report's probe costs on the 576 MB model: as refq runs it, and as it ran before.
 
 The probe runs the float and the reference module on the seeded probe input (16 steps of 4
 sequences) for every recurrent module of ``big_checkpoint.build`` (4-layer LSTM(1024, 2048),
-GRU(2048, 1024), LSTMCell(1024, 1024)). Each setting runs in its own process, because PyTorch
-reads ``THP_MEM_ALLOC_ENABLE`` once. The first probe also pays the reference modules' one-time
-fake-quantization and oneDNN's set-up; the best of the ``--repeat`` probes after it is the
-probe's own cost. One call of a one-layer LSTM(2048, 2048) for 1 and for 16 steps shows how much
-of it is per call (oneDNN copies the weights into its layout on every call).
+GRU(2048, 1024), LSTMCell(1024, 1024)), two ways, in the same process:
+
+* refq's: the float and the reference module at once, each on one thread of PyTorch's native
+  recurrent kernels (``refq_cli.pipeline.probe.measured_outputs``);
+* one module after the other on all threads and PyTorch's default kernels (oneDNN for an LSTM):
+  how refq probed before, and how it still probes a module with calibrated weights.
+
+Each THP setting runs in its own process, because PyTorch reads ``THP_MEM_ALLOC_ENABLE`` once.
+The first round also pays the reference modules' one-time fake-quantization; the best of the
+``--repeat`` rounds after it counts.
 
     python benchmarks/probe_cost.py [--repeat 3]
 """
@@ -21,8 +26,8 @@ import time
 from pathlib import Path
 
 
-def probe_seconds(repeat: int) -> tuple[float, float]:
-    """(first, best) seconds of probing every recurrent module, in this process."""
+def probe_seconds(repeat: int) -> dict[str, float]:
+    """Best seconds of probing every recurrent module, each way, in this process."""
     import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,29 +51,14 @@ def probe_seconds(repeat: int) -> tuple[float, float]:
                     "axis": 0,
                 }
         pairs.append((module, converter_for(module)(module, qparams)))
-    times = []
-    for _ in range(repeat + 1):
-        start = time.perf_counter()
-        for float_mod, ref in pairs:
-            probe_calls(float_mod, ref, None)
-        times.append(time.perf_counter() - start)
-    return times[0], min(times[1:])
-
-
-def lstm_call_ms(steps: int, repeat: int) -> float:
-    """Best milliseconds of one call of a one-layer LSTM(2048, 2048) on 4 sequences: how much
-    of a probe's cost is per call rather than per step."""
-    import torch
-
-    lstm = torch.nn.LSTM(2048, 2048).eval()
-    x = torch.randn(steps, 4, 2048)
-    times = []
-    with torch.no_grad():
-        for _ in range(repeat + 1):
+    times: dict[str, list[float]] = {"refq": [], "before": []}
+    for _ in range(repeat + 1):  # interleaved
+        for way, sequential in (("refq", False), ("before", True)):
             start = time.perf_counter()
-            lstm(x)
-            times.append(time.perf_counter() - start)
-    return min(times[1:]) * 1e3
+            for float_mod, ref in pairs:
+                probe_calls(float_mod, ref, None, calibrated=sequential)
+            times[way].append(time.perf_counter() - start)
+    return {way: min(t[1:]) for way, t in times.items()}
 
 
 def main() -> None:
@@ -77,9 +67,8 @@ def main() -> None:
     parser.add_argument("--here", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.here:
-        first, best = probe_seconds(args.repeat)
-        one, sixteen = (lstm_call_ms(steps, args.repeat) for steps in (1, 16))
-        print(f"{first:.3f} {best:.3f} {one:.1f} {sixteen:.1f}")
+        best = probe_seconds(args.repeat)
+        print(best["refq"], best["before"])
         return
     for setting in ("0", "1"):
         env = {**os.environ, "THP_MEM_ALLOC_ENABLE": setting}
@@ -90,10 +79,10 @@ def main() -> None:
             text=True,
             check=True,
         ).stdout.split()
+        refq, before = float(out[0]), float(out[1])
         print(
-            f"THP_MEM_ALLOC_ENABLE={setting}: first probe {float(out[0]):.2f} s, "
-            f"then {float(out[1]):.2f} s (float and reference forwards, every module); "
-            f"one LSTM(2048, 2048) call: {out[2]} ms for 1 step, {out[3]} ms for 16"
+            f"THP_MEM_ALLOC_ENABLE={setting}: refq's probe {refq:.2f} s; one module after the "
+            f"other on the default kernels {before:.2f} s ({refq / before:.2f}x)"
         )
 
 

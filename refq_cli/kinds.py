@@ -203,3 +203,9 @@ FLOAT_TYPES = ("float16", "bfloat16", "float32", "float64")  # torch dtypes recu
 OBSERVER_NAMES = ("minmax", "mse", "percentile", "output", "fixed")
 ROUNDING_NAMES = ("nearest", "gptq")
 CALIBRATED_OBSERVERS = ("output",)  # observers, and roundings other than nearest, need calibration
+
+
+def chosen_on_calibration(observer: str, rounding: str) -> bool:
+    """Whether a quantized weight's scale (its observer) or its rounding is chosen on
+    calibration inputs."""
+    return observer in CALIBRATED_OBSERVERS or rounding != "nearest"

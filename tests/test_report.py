@@ -75,6 +75,26 @@ def test_sqnr_over_full_size_blocks_matches_float64_sums():
     assert stats["sqnr_db"] == pytest.approx(brute_force(w, qp)["sqnr_db"], abs=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+def test_without_values_the_statistics_are_the_same(dtype):
+    """--probe-steps 0 keeps no fake-quantized copy of a weight, and its row of the report (and
+    so the artifact's bytes) stays what it was: the error is still of the values in the
+    weight's dtype."""
+    gen = torch.Generator().manual_seed(5)
+    w = (torch.randn(700, 300, generator=gen) * 0.05).to(dtype)
+    qp = WeightQParams.create(
+        qscheme="per_channel_affine",
+        dtype="quint8",
+        scale=w.float().abs().amax(1) / 100,
+        zero_point=torch.full((700,), 128),
+        axis=0,
+    )
+    values, stats = quantize_and_measure(w, qp, False)
+    assert values is not None and values.dtype == dtype
+    assert stats["max_abs_error"] == (w.float() - values.float()).abs().max().item()
+    assert quantize_and_measure(w, qp, False, values=False) == (None, stats)
+
+
 def test_weights_without_rows_and_bad_axes():
     qp = WeightQParams.create(qscheme="per_tensor_symmetric", dtype="qint8", scale=0.1)
     values, stats = quantize_and_measure(torch.empty(0, 3), qp, False)

@@ -46,6 +46,7 @@ from refq_cli.pipeline.probe import (
     call_output,
     calls_result,
     check_finite,
+    measured_outputs,
     probe_shape,
     random_call,
 )
@@ -386,8 +387,12 @@ class _ModuleConversion:
                 k: [_layer_call(c, x, layer, directions) for c, x in zip(calls, xs, strict=True)]
                 for k, xs in runs.items()
             }
-            # the float layer's outputs first: its Hessians come from them
-            outputs = {"float": [call_output(float_layer, c, cell) for c in inputs["float"]]}
+            # the probe alone runs the float and the reference layer at once; with calibrated
+            # weights, the float layer's outputs come first: its Hessians come from them
+            paired = "quantized" in runs and not calibrated
+            outputs: dict[str, list[tuple[torch.Tensor, tuple]]] = {k: [] for k in runs}
+            if not paired:
+                outputs["float"] = [call_output(float_layer, c, cell) for c in inputs["float"]]
             needed = [
                 _layer_name(n)
                 for n in names
@@ -418,7 +423,12 @@ class _ModuleConversion:
                     with deferred_cache():
                         layers[k] = converted(float_layer, self._qdict(names, _layer_name))
                     layers[k].use_quantized({n: (None, v[pick]) for n, v in values.items()})  # type: ignore[operator]
-                    outputs[k] = [call_output(layers[k], c, cell) for c in inputs[k]]
+                    if not paired:
+                        outputs[k] = [call_output(layers[k], c, cell) for c in inputs[k]]
+            if paired:
+                outputs["float"], outputs["quantized"] = measured_outputs(
+                    float_layer, inputs["float"], layers["quantized"], inputs["quantized"], cell
+                )
             for k in runs:
                 runs[k] = [output for output, _ in outputs[k]]
                 for states, (_, final) in zip(finals[k], outputs[k], strict=True):
@@ -465,9 +475,10 @@ class _ModuleConversion:
 
     def _quantize(
         self, name: str, hessian: torch.Tensor | None
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Observe, quantize and measure one weight; write its codes and parameters; return
-        its fake-quantized values, and those of rounding to nearest with the same scales.
+        its fake-quantized values, and those of rounding to nearest with the same scales
+        (None, None with ``probe_steps: 0``, where no reference layer runs).
         ``hessian``: ``XᵀX`` of its calibration inputs, for the weights whose spec asks for them."""
         weight = getattr(self.result.float_module, name).detach()
         spec = self.plan.weights[name]
@@ -490,14 +501,18 @@ class _ModuleConversion:
             if grid is not None:
                 blocks.append(codes.clone())
 
-        values, stats = quantize_and_measure(weight, qp, self.decomposed, write, grid=grid)
+        measure = not self.probe.off  # else no reference layer runs: no values to keep
+        values, stats = quantize_and_measure(
+            weight, qp, self.decomposed, write, grid=grid, values=measure
+        )
         self.writer.end()
         self.writer.add(key + "_scale", qp.scale)
         self.writer.add(key + "_zero_point", qp.zero_point)
         nearest = values
         if grid is not None:
             self.codes[name] = torch.cat(blocks).reshape(weight.shape)
-            nearest = fake_quantize(weight, qp, decomposed=self.decomposed)
+            if measure:
+                nearest = fake_quantize(weight, qp, decomposed=self.decomposed)
         self.weight_rows.append(
             {
                 "module": display_path(self.info.path),

@@ -3,7 +3,9 @@ calibration data, and the drift of that error over time steps."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypedDict
 
 import torch
@@ -44,6 +46,56 @@ class CalibrationResult(TypedDict):
 DEFAULT_PROBE = ProbeSetting()
 
 
+def measured_outputs(
+    float_mod: nn.Module,
+    float_calls: Sequence[Call],
+    ref_mod: nn.Module,
+    ref_calls: Sequence[Call],
+    cell: bool,
+    calibrated: bool = False,
+) -> tuple[list[tuple[torch.Tensor, tuple]], list[tuple[torch.Tensor, tuple]]]:
+    """:func:`call_output` of the float module on each of ``float_calls`` and of the reference
+    module on each of ``ref_calls``, for a probe to compare.
+
+    On the CPU the two run at once, each on one thread of PyTorch's native recurrent kernels
+    (oneDNN off, which copies an LSTM layer's weights into its own layout on every call): the
+    probe of the 576 MB benchmark checkpoint takes about 0.7x the time of one module after the
+    other on all threads (``benchmarks/probe_cost.py``). One thread's matrix products add in
+    one order, so the figures are the same whatever the machine's thread count (the native
+    kernels on two threads gave other last digits in about one process in ten).
+
+    A module with ``calibrated`` weights, or on a GPU, runs one module after the other on
+    PyTorch's default kernels: a calibrated module's codes come from its float layers'
+    outputs on them, and its report measures on the same outputs. Meanwhile PyTorch runs on
+    one thread, with oneDNN off, for the whole process (they are process-wide settings); oneDNN
+    stays on where PyTorch's flags are frozen (``torch.backends.disable_global_flags``).
+    """
+
+    def run(module: nn.Module, calls: Sequence[Call]) -> list[tuple[torch.Tensor, tuple]]:
+        return [call_output(module, c, cell) for c in calls]
+
+    if calibrated or next(float_mod.parameters()).device.type != "cpu":
+        return run(float_mod, float_calls), run(ref_mod, ref_calls)
+
+    def on_one_thread() -> list[tuple[torch.Tensor, tuple]]:
+        torch.set_num_threads(1)  # in this thread too: PyTorch sets MKL's count per thread
+        return run(ref_mod, ref_calls)
+
+    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
+    torch.set_num_threads(1)
+    try:
+        with contextlib.suppress(RuntimeError):  # frozen flags: oneDNN, on one thread too
+            torch.backends.mkldnn.enabled = False
+        with ThreadPoolExecutor(1, thread_name_prefix="refq probe") as pool:
+            got = pool.submit(on_one_thread)
+            expected = run(float_mod, float_calls)
+            return expected, got.result()
+    finally:
+        torch.set_num_threads(threads)
+        if torch.backends.mkldnn.enabled != onednn:
+            torch.backends.mkldnn.enabled = onednn
+
+
 def random_call(module: nn.Module, setting: ProbeSetting, seed: int = 0) -> Call:
     """The seeded random probe for ``module`` when no calibration inputs are given: a normal
     (steps, sequences, features) input from zero states."""
@@ -68,18 +120,20 @@ def probe_calls(
     calls: Sequence[Call] | None,
     setting: ProbeSetting = DEFAULT_PROBE,
     where: str = "module",
+    calibrated: bool = False,
 ) -> ProbeResult:
     """Output error of the reference module against the float one on calibration calls (the
     random probe of ``setting``'s size when None), and its drift over time steps; ``where``
-    names the module in errors."""
+    names the module in errors; ``calibrated``: whether its codes came from calibration inputs
+    (see :func:`measured_outputs`)."""
     calibration = bool(calls)
     calls = calls or [random_call(float_mod, setting)]
     calls, _ = batched(calls)
     cell = isinstance(float_mod, nn.RNNCellBase)
-    expected = [call_output(float_mod, c, cell)[0] for c in calls]
-    got = [call_output(ref_mod, c, cell)[0] for c in calls]
-    check_finite({"float": expected, "quantized": got}, where, calibration)
-    return calls_result(expected, got, probe_shape(float_mod, calls))
+    expected, got = measured_outputs(float_mod, calls, ref_mod, calls, cell, calibrated)
+    outputs = {"float": [o for o, _ in expected], "quantized": [o for o, _ in got]}
+    check_finite(outputs, where, calibration)
+    return calls_result(outputs["float"], outputs["quantized"], probe_shape(float_mod, calls))
 
 
 def _unrolled(cell: nn.Module, x: torch.Tensor, hx: Any) -> tuple[torch.Tensor, tuple]:

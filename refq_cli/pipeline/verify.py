@@ -7,7 +7,7 @@ from typing import Any
 
 from refq_cli.errors import CheckpointError, RefqError, SpecError, argument
 from refq_cli.io.checkpoint import load_checkpoint
-from refq_cli.kinds import display_path, facts_of, module_path
+from refq_cli.kinds import chosen_on_calibration, display_path, facts_of, module_path
 from refq_cli.pipeline.artifact import ArtifactError, check_module_matches, load_artifact
 from refq_cli.pipeline.calibration import calls_for, read_calibration_file, without_prefix
 from refq_cli.pipeline.convert import check_calibration_names
@@ -82,7 +82,9 @@ def verify(
                 "float_type": info["float_type"],
                 "probe": "random" if calls is None else "calibration",
                 # no dropout: repeatable
-                **probe_calls(float_module, ref.train(False), calls, setting, name),
+                **probe_calls(
+                    float_module, ref.train(False), calls, setting, name, _calibrated(info)
+                ),
             }
         )
     recorded, source = artifact.metadata["refq.source"], checkpoint.source
@@ -99,6 +101,16 @@ def verify(
         "modules": rows,
         "gate": gate,
     }
+
+
+def _calibrated(module: dict[str, Any]) -> bool:
+    """Whether a module's entry in ``refq.modules`` records weights whose codes were chosen on
+    calibration inputs: the conversion measured it on PyTorch's default kernels."""
+    return any(
+        w["qscheme"] != "none"
+        and chosen_on_calibration(w["observer"], w.get("rounding", "nearest"))
+        for w in module["weights"].values()
+    )
 
 
 def _probe_setting(

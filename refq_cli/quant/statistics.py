@@ -52,7 +52,7 @@ def _db(signal: float, noise: float) -> float:
 
 def weight_stats(weight: torch.Tensor, qp: WeightQParams, decomposed: bool) -> WeightStats:
     """SQNR, error and clipping of one weight under its quantization parameters."""
-    return quantize_and_measure(weight, qp, decomposed)[1]
+    return quantize_and_measure(weight, qp, decomposed, values=False)[1]
 
 
 def quantize_and_measure(
@@ -62,8 +62,10 @@ def quantize_and_measure(
     on_codes: Callable[[torch.Tensor], None] | None = None,
     *,
     grid: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, WeightStats]:
-    """The fake-quantized weight (in the weight's dtype) and :func:`weight_stats`, in one pass.
+    values: bool = True,
+) -> tuple[torch.Tensor | None, WeightStats]:
+    """The fake-quantized weight (in the weight's dtype; None without ``values``, which saves
+    writing a copy of the weight) and :func:`weight_stats`, in one pass.
 
     ``on_codes`` hears each block's integer codes, in row-major order: the converter streams
     them into the artifact, so the whole weight's codes never sit in memory. ``grid``: values
@@ -73,7 +75,7 @@ def quantize_and_measure(
     w = weight.detach()
     qp.check_weight(w)
     source = w if grid is None else grid.detach().reshape(w.shape)
-    values = torch.empty_like(w, memory_format=torch.contiguous_format)
+    kept = torch.empty_like(w, memory_format=torch.contiguous_format) if values else None
     # dims along which the parameters do not vary: reducing a block over them bounds its values
     varying = qp.axis % w.dim() if qp.per_channel else None
     flat = tuple(d for d in range(w.dim()) if d != varying)
@@ -83,7 +85,8 @@ def quantize_and_measure(
     for rows, codes, block_values in quantize_blocks(source, qp, decomposed=decomposed):
         if on_codes is not None:
             on_codes(codes)
-        values[rows] = block_values
+        if kept is not None:
+            kept[rows] = block_values
         if not codes.numel():
             continue
         block = w[rows].float()
@@ -93,7 +96,8 @@ def quantize_and_measure(
         pair[0].copy_(block.reshape(-1))
         error = torch.sub(
             block,
-            block_values if values.dtype == torch.float32 else values[rows].float(),
+            # the values as the weight's dtype holds them
+            block_values if w.dtype == torch.float32 else block_values.to(w.dtype).float(),
             out=pair[1].view(block.shape),
         )
         lo, hi = torch.aminmax(error)
@@ -111,7 +115,7 @@ def quantize_and_measure(
             and bool((block.amax(flat, keepdim=True) <= high).all())
         ):
             clipped += int(torch.count_nonzero((block < low) | (block > high)))
-    return values, {
+    return kept, {
         "shape": list(w.shape),
         "qscheme": qp.qscheme,
         "dtype": qp.dtype,

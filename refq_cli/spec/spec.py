@@ -17,13 +17,13 @@ import yaml
 
 from refq_cli.errors import QParamsError, SpecError, argument, shorten
 from refq_cli.kinds import (
-    CALIBRATED_OBSERVERS,
     DTYPE_NAMES,
     FACTS,
     OBSERVER_NAMES,
     QSCHEME_NAMES,
     ROUNDING_NAMES,
     Argument,
+    chosen_on_calibration,
     display_path,
     facts_of,
     kinds_with_fact,
@@ -266,9 +266,7 @@ class QParamSpec:
     @property
     def needs_calibration(self) -> bool:
         """Whether the scale or the rounding is chosen on calibration inputs."""
-        return not self.keeps_float and (
-            self.observer in CALIBRATED_OBSERVERS or self.rounding != "nearest"
-        )
+        return not self.keeps_float and chosen_on_calibration(self.observer, self.rounding)
 
     def error(self, exc: QParamsError, where: str) -> SpecError:
         """Turn a parameter error into a spec error at the setting that caused it."""

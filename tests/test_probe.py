@@ -1,0 +1,132 @@
+"""How the probe runs its modules: the float and the reference module at once, each on one
+thread of PyTorch's native kernels, with torch's settings as they were once it is done; a
+module with calibrated weights one module after the other, as torch is set."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from refq_cli.pipeline.probe import call_output, measured_outputs, probe_calls, random_call
+from refq_cli.reference.registry import converter_for
+from refq_cli.spec.spec import ProbeSetting
+
+
+@pytest.fixture
+def settings() -> Iterator[None]:
+    """Two threads and oneDNN on, as a test sets them; torch's settings back afterwards."""
+    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
+    torch.set_num_threads(2)
+    torch.backends.mkldnn.enabled = True
+    yield
+    torch.set_num_threads(threads)
+    torch.backends.mkldnn.enabled = onednn
+
+
+def _pair() -> tuple[nn.Module, nn.Module]:
+    torch.manual_seed(0)
+    module = nn.LSTM(64, 128, num_layers=2).eval()
+    qparams: dict = {"is_decomposed": False}
+    for name, w in module.named_parameters():
+        if name.startswith("weight"):
+            scale = w.detach().abs().amax(dim=1) / 127.5
+            qparams[name] = {
+                "qscheme": "per_channel_affine",
+                "dtype": "qint8",
+                "scale": scale,
+                "zero_point": torch.zeros_like(scale),
+                "axis": 0,
+            }
+    return module, converter_for(module)(module, qparams).eval()
+
+
+def _record_threads(module: nn.Module, seen: list[tuple[str, int]]) -> None:
+    module.register_forward_pre_hook(
+        lambda *_: seen.append((threading.current_thread().name, torch.get_num_threads()))
+    )
+
+
+def _calls(module: nn.Module):
+    return [random_call(module, ProbeSetting(steps=5, sequences=3))]
+
+
+def test_the_probe_runs_both_modules_at_once_each_on_one_thread(settings):
+    float_mod, ref = _pair()
+    seen: dict[str, list] = {"float": [], "ref": []}
+    _record_threads(float_mod, seen["float"])
+    _record_threads(ref, seen["ref"])
+    calls = _calls(float_mod)
+    measured_outputs(float_mod, calls, ref, calls, cell=False)
+    assert seen["float"] == [(threading.current_thread().name, 1)]
+    [(thread, threads)] = seen["ref"]
+    assert thread.startswith("refq probe") and threads == 1
+    assert torch.get_num_threads() == 2 and torch.backends.mkldnn.enabled
+
+
+def test_the_probe_gives_what_one_thread_of_the_native_kernels_gives(settings):
+    float_mod, ref = _pair()
+    calls = _calls(float_mod)
+    expected, got = measured_outputs(float_mod, calls, ref, calls, cell=False)
+    torch.set_num_threads(1)
+    torch.backends.mkldnn.enabled = False
+    for module, (output, states) in ((float_mod, expected[0]), (ref, got[0])):
+        want, want_states = call_output(module, calls[0], cell=False)
+        assert torch.equal(output, want)
+        assert all(torch.equal(s, w) for s, w in zip(states, want_states, strict=True))
+
+
+def test_a_calibrated_module_is_probed_as_torch_is_set(settings):
+    float_mod, ref = _pair()
+    seen: list[tuple[str, int]] = []
+    _record_threads(float_mod, seen)
+    _record_threads(ref, seen)
+    calls = _calls(float_mod)
+    expected, _ = measured_outputs(float_mod, calls, ref, calls, cell=False, calibrated=True)
+    assert seen == [(threading.current_thread().name, 2)] * 2
+    assert torch.equal(expected[0][0], call_output(float_mod, calls[0], cell=False)[0])
+
+
+def test_a_failing_probe_leaves_torchs_settings_as_they_were(settings):
+    float_mod, ref = _pair()
+
+    def fail(*_):
+        raise ValueError("broken module")
+
+    ref.register_forward_pre_hook(fail)
+    calls = _calls(float_mod)
+    with pytest.raises(ValueError, match="broken module"):
+        measured_outputs(float_mod, calls, ref, calls, cell=False)
+    assert torch.get_num_threads() == 2 and torch.backends.mkldnn.enabled
+
+
+def test_the_probe_runs_where_torchs_flags_are_frozen():
+    code = (
+        "import torch\n"
+        "from tests.test_probe import _pair\n"
+        "from refq_cli.pipeline.probe import probe_calls\n"
+        "torch.backends.disable_global_flags()\n"
+        "float_mod, ref = _pair()\n"
+        "row = probe_calls(float_mod, ref, None)\n"
+        "assert 20 < row['output_sqnr_db'] < 80, row\n"
+        "assert torch.backends.mkldnn.enabled\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1]
+    )
+    assert result.returncode == 0, result.stderr
+
+
+def test_both_ways_measure_the_same_error(settings):
+    float_mod, ref = _pair()
+    paired = probe_calls(float_mod, ref, None)
+    sequential = probe_calls(float_mod, ref, None, calibrated=True)
+    assert paired["probe_shape"] == sequential["probe_shape"]
+    # the same error, measured on other kernels: close, not necessarily equal
+    assert paired["output_sqnr_db"] == pytest.approx(sequential["output_sqnr_db"], abs=1e-3)
