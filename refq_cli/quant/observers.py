@@ -182,21 +182,27 @@ def _searchable(rows: torch.Tensor, qp: WeightQParams) -> bool:
     )
 
 
-MSE_BLOCK_ELEMENTS = 1 << 18  # values a block of rows runs through every candidate at a time
+MSE_BLOCK_ELEMENTS = 1 << 19  # values a block of rows runs through every candidate at a time
 MSE_SEARCH_COLUMNS = 16  # narrower rows: trying every ratio costs less than the bookkeeping
-MSE_CHECK_EVERY = 2  # candidates between two checks of which rows can still win
+MSE_CHECK_EVERY = 8  # candidates between two checks of which rows can still win
 _MODERATE = 1e15  # |values| below it: their float32 squares summed over a row stay finite
 
 
 def _searched_errors(rows: torch.Tensor, qps: list[WeightQParams]) -> torch.Tensor:
-    """:func:`_all_errors`, the same numbers (inf where a row can no longer win), in blocks of
-    rows that stay in the cache while the candidates run; a row stops once the error that
-    clipping alone causes at every later candidate exceeds its best so far. No later
-    candidate's codes give a value above ``c_hi``, the largest of their largest values (nor
-    below ``c_lo``), so a row's values beyond it are off by at least ``value - c_hi`` there:
-    summed over the row (in float32, less a margin for its rounding), a lower bound."""
+    """:func:`_all_errors`, the same numbers where a row can still have its least error there
+    (inf elsewhere), in blocks of rows that stay in the cache while the candidates run.
+
+    Two passes over a block. The first estimates every candidate's error in float32, within
+    a margin for its rounding, and stops a row once the error that clipping alone causes at
+    every later candidate exceeds its best so far: no later candidate's codes give a value
+    above ``c_hi``, the largest of their largest values (nor below ``c_lo``), so a row's
+    values beyond it are off by at least ``value - c_hi`` there. The second computes the exact
+    float64 sum only where the estimate's lower end is within reach of the row's least
+    estimate's upper end: every other candidate's error is larger than that one's, so the
+    least error, and the first of equal ones, stay where they were."""
     channels, n = rows.shape
     margin = min(0.5, 4 * n * 2**-24)  # float32 sums of n squares: within n roundings
+    tiny = n * 2**-149  # squares below float32's normal range round by up to 2**-150 each
     scales = torch.stack([qp.scale for qp in qps], 1)
     zeros = torch.stack([qp.zero_point for qp in qps], 1)
     top = (qps[0].quant_max - zeros).float().mul_(scales)  # each candidate's largest value
@@ -208,36 +214,43 @@ def _searched_errors(rows: torch.Tensor, qps: list[WeightQParams]) -> torch.Tens
     step = max(1, MSE_BLOCK_ELEMENTS // max(1, n))
     values = torch.empty(min(channels, step) * n)
     scratch = torch.empty(min(channels, step) * n, dtype=torch.float64)
+
+    def quantized(
+        block: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None, k: int
+    ) -> torch.Tensor:
+        out = values[: block.numel()].view(block.shape)
+        return fake_quantized_rows(block, s, z, qps[k], out)
+
     for start in range(0, channels, step):
-        live = torch.arange(start, min(channels, start + step))
-        block, block64 = rows[live], rows[live].double()
-        found = torch.full((len(live), len(qps)), math.inf, dtype=torch.float64)
-        at = torch.arange(len(live))  # the live rows' places in the block
-        s, z, hi, lo = (t[live] for t in (scales, zeros, c_hi, c_lo))
-        for k, qp in enumerate(qps):
-            v = fake_quantized_rows(
-                block,
-                s[:, k, None],
-                None if zero_free else z[:, k, None],
-                qp,
-                values[: block.numel()].view(block.shape),
-            )
-            d = scratch[: block.numel()].view(block.shape).copy_(v).sub_(block64)
-            found[at, k] = row_sums_of_squares(d, in_place=True, as_rows=channels)
+        part = slice(start, min(channels, start + step))
+        whole, s_all, z_all = rows[part], scales[part], None if zero_free else zeros[part]
+        estimates = torch.full((len(whole), len(qps)), math.inf)
+        at, block = torch.arange(len(whole)), whole  # the rows still searched, their places
+        s, z, hi, lo = s_all, z_all, c_hi[part], c_lo[part]
+        for k in range(len(qps)):
+            zk = None if z is None else z[:, k, None]
+            estimates[at, k] = _row_squares(quantized(block, s[:, k, None], zk, k).sub_(block))
             if (k + 1) % MSE_CHECK_EVERY or k + 1 == len(qps):
                 continue
-            over = torch.sub(block, hi[:, k, None], out=v).clamp_(min=0)
-            bound = _row_squares(over)
-            under = torch.sub(lo[:, k, None], block, out=v).clamp_(min=0)
-            bound += _row_squares(under)
-            best = found[at, : k + 1].amin(1)
-            going = bound.double() * (1 - margin) <= best
+            v = values[: block.numel()].view(block.shape)
+            bound = _row_squares(torch.sub(block, hi[:, k, None], out=v).clamp_(min=0))
+            bound += _row_squares(torch.sub(lo[:, k, None], block, out=v).clamp_(min=0))
+            best = estimates[at, : k + 1].amin(1) * (1 + margin) + tiny
+            going = bound * (1 - margin) <= best
             if not bool(going.all()):
-                at, block, block64 = at[going], block[going], block64[going]
-                s, z, hi, lo = s[going], z[going], hi[going], lo[going]
+                at, block, s, hi, lo = at[going], block[going], s[going], hi[going], lo[going]
+                z = None if z is None else z[going]
                 if not len(at):
                     break
-        errors[start : start + len(found)] = found
+        reach = estimates.amin(1, keepdim=True) * (1 + margin) + tiny
+        exact = estimates * (1 - margin) - tiny <= reach  # a row past float32's range: all
+        for k in torch.nonzero(exact.any(0)).flatten().tolist():
+            at = torch.nonzero(exact[:, k]).flatten()
+            block = whole[at]
+            zk = None if z_all is None else z_all[at, k, None]
+            d = scratch[: block.numel()].view(block.shape)
+            d.copy_(quantized(block, s_all[at, k, None], zk, k)).sub_(block.double())
+            errors[start + at, k] = row_sums_of_squares(d, in_place=True, as_rows=channels)
     return errors
 
 
