@@ -130,3 +130,36 @@ def test_both_ways_measure_the_same_error(settings):
     assert paired["probe_shape"] == sequential["probe_shape"]
     # the same error, measured on other kernels: close, not necessarily equal
     assert paired["output_sqnr_db"] == pytest.approx(sequential["output_sqnr_db"], abs=1e-3)
+
+
+def test_probes_in_two_threads_leave_torchs_settings_as_they_were(settings):
+    """A program that converts in two threads: the second probe starts while the first runs
+    and ends after it; torch's thread count and oneDNN are as they were before either."""
+    first, first_ref = _pair()
+    second, second_ref = _pair()
+    first_done = threading.Event()
+    failures: list[BaseException] = []
+
+    def second_probe() -> None:
+        try:
+            calls = _calls(second)
+            measured_outputs(second, calls, second_ref, calls, cell=False)
+        except BaseException as exc:  # reported by the test
+            failures.append(exc)
+
+    other = threading.Thread(target=second_probe)
+
+    def wait_for_the_first(*_) -> None:
+        first_done.wait(timeout=5)
+
+    def start_the_second(*_) -> None:
+        other.start()
+
+    second.register_forward_pre_hook(wait_for_the_first)
+    first.register_forward_pre_hook(start_the_second)
+    calls = _calls(first)
+    measured_outputs(first, calls, first_ref, calls, cell=False)
+    first_done.set()
+    other.join(timeout=30)
+    assert not other.is_alive() and not failures
+    assert torch.get_num_threads() == 2 and torch.backends.mkldnn.enabled

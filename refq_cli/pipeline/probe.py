@@ -4,6 +4,7 @@ calibration data, and the drift of that error over time steps."""
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypedDict
@@ -67,8 +68,9 @@ def measured_outputs(
     A module with ``calibrated`` weights, or on a GPU, runs one module after the other on
     PyTorch's default kernels: a calibrated module's codes come from its float layers'
     outputs on them, and its report measures on the same outputs. Meanwhile PyTorch runs on
-    one thread, with oneDNN off, for the whole process (they are process-wide settings); oneDNN
-    stays on where PyTorch's flags are frozen (``torch.backends.disable_global_flags``).
+    one thread, with oneDNN off, for the whole process (they are process-wide settings, and a
+    probe in another thread waits for this one); oneDNN stays on where PyTorch's flags are
+    frozen (``torch.backends.disable_global_flags``).
     """
 
     def run(module: nn.Module, calls: Sequence[Call]) -> list[tuple[torch.Tensor, tuple]]:
@@ -81,19 +83,23 @@ def measured_outputs(
         torch.set_num_threads(1)  # in this thread too: PyTorch sets MKL's count per thread
         return run(ref_mod, ref_calls)
 
-    threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
-    torch.set_num_threads(1)
-    try:
-        with contextlib.suppress(RuntimeError):  # frozen flags: oneDNN, on one thread too
-            torch.backends.mkldnn.enabled = False
-        with ThreadPoolExecutor(1, thread_name_prefix="refq probe") as pool:
-            got = pool.submit(on_one_thread)
-            expected = run(float_mod, float_calls)
-            return expected, got.result()
-    finally:
-        torch.set_num_threads(threads)
-        if torch.backends.mkldnn.enabled != onednn:
-            torch.backends.mkldnn.enabled = onednn
+    with _PROBING:  # probes in other threads of this process wait: torch's settings are one
+        threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
+        torch.set_num_threads(1)
+        try:
+            with contextlib.suppress(RuntimeError):  # frozen flags: oneDNN, on one thread too
+                torch.backends.mkldnn.enabled = False
+            with ThreadPoolExecutor(1, thread_name_prefix="refq probe") as pool:
+                got = pool.submit(on_one_thread)
+                expected = run(float_mod, float_calls)
+                return expected, got.result()
+        finally:
+            torch.set_num_threads(threads)
+            if torch.backends.mkldnn.enabled != onednn:
+                torch.backends.mkldnn.enabled = onednn
+
+
+_PROBING = threading.Lock()
 
 
 def random_call(module: nn.Module, setting: ProbeSetting, seed: int = 0) -> Call:
