@@ -82,6 +82,23 @@ def test_the_probe_gives_what_one_thread_of_the_native_kernels_gives(settings):
         assert all(torch.equal(s, w) for s, w in zip(states, want_states, strict=True))
 
 
+def test_with_one_thread_the_probe_runs_one_module_after_the_other_to_the_same_figures(settings):
+    float_mod, ref = _pair()
+    calls = _calls(float_mod)
+    paired = measured_outputs(float_mod, calls, ref, calls, cell=False)
+    seen: list[tuple[str, int]] = []
+    _record_threads(float_mod, seen)
+    _record_threads(ref, seen)
+    torch.set_num_threads(1)
+    alone = measured_outputs(float_mod, calls, ref, calls, cell=False)
+    assert seen == [(threading.current_thread().name, 1)] * 2
+    for side in (0, 1):  # the float module's outputs, then the reference module's
+        (output, states), (again, again_states) = paired[side][0], alone[side][0]
+        assert torch.equal(output, again)
+        assert all(torch.equal(a, b) for a, b in zip(states, again_states, strict=True))
+    assert torch.get_num_threads() == 1 and torch.backends.mkldnn.enabled
+
+
 def test_a_calibrated_module_is_probed_as_torch_is_set(settings):
     float_mod, ref = _pair()
     seen: list[tuple[str, int]] = []

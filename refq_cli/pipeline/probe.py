@@ -59,18 +59,19 @@ def measured_outputs(
     module on each of ``ref_calls``, for a probe to compare.
 
     On the CPU the two run at once, each on one thread of PyTorch's native recurrent kernels
-    (oneDNN off, which copies an LSTM layer's weights into its own layout on every call): the
-    probe of the 576 MB benchmark checkpoint takes about 0.7x the time of one module after the
-    other on all threads (``benchmarks/probe_cost.py``). One thread's matrix products add in
-    one order, so the figures are the same whatever the machine's thread count (the native
-    kernels on two threads gave other last digits in about one process in ten).
+    (oneDNN off, which copies an LSTM layer's weights into its own layout on every call), or
+    one after the other where torch has one thread (a ``--jobs`` worker's): the probe of the
+    576 MB benchmark checkpoint takes about 0.7x the time of one module after the other on all
+    threads (``benchmarks/probe_cost.py``). One thread's matrix products add in one order, so
+    the figures are the same whatever the machine's thread count (the native kernels on two
+    threads gave other last digits in about one process in ten). Meanwhile torch runs on one
+    thread, with oneDNN off, for the whole process (process-wide settings, restored after; a
+    probe in another thread waits for this one); oneDNN stays on where PyTorch's flags are
+    frozen (``torch.backends.disable_global_flags``).
 
     A module with ``calibrated`` weights, or on a GPU, runs one module after the other on
     PyTorch's default kernels: a calibrated module's codes come from its float layers'
-    outputs on them, and its report measures on the same outputs. Meanwhile PyTorch runs on
-    one thread, with oneDNN off, for the whole process (they are process-wide settings, and a
-    probe in another thread waits for this one); oneDNN stays on where PyTorch's flags are
-    frozen (``torch.backends.disable_global_flags``).
+    outputs on them, and its report measures on the same outputs.
     """
 
     def run(module: nn.Module, calls: Sequence[Call]) -> list[tuple[torch.Tensor, tuple]]:
@@ -89,6 +90,8 @@ def measured_outputs(
         try:
             with contextlib.suppress(RuntimeError):  # frozen flags: oneDNN, on one thread too
                 torch.backends.mkldnn.enabled = False
+            if threads < 2:  # one thread given (a --jobs worker's): one module at a time
+                return run(float_mod, float_calls), run(ref_mod, ref_calls)
             with ThreadPoolExecutor(1, thread_name_prefix="refq probe") as pool:
                 got = pool.submit(on_one_thread)
                 expected = run(float_mod, float_calls)

@@ -63,9 +63,11 @@ def quantize_and_measure(
     *,
     grid: torch.Tensor | None = None,
     values: bool = True,
+    out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor | None, WeightStats]:
     """The fake-quantized weight (in the weight's dtype; None without ``values``, which saves
-    writing a copy of the weight) and :func:`weight_stats`, in one pass.
+    writing a copy of the weight) and :func:`weight_stats`, in one pass. ``out``: a
+    contiguous tensor of the weight's shape and dtype to write the values into.
 
     ``on_codes`` hears each block's integer codes, in row-major order: the converter streams
     them into the artifact, so the whole weight's codes never sit in memory. ``grid``: values
@@ -75,7 +77,10 @@ def quantize_and_measure(
     w = weight.detach()
     qp.check_weight(w)
     source = w if grid is None else grid.detach().reshape(w.shape)
-    kept = torch.empty_like(w, memory_format=torch.contiguous_format) if values else None
+    kept = None
+    if values:
+        kept = torch.empty_like(w, memory_format=torch.contiguous_format) if out is None else out
+        assert kept.shape == w.shape and kept.dtype == w.dtype and kept.is_contiguous()
     # dims along which the parameters do not vary: reducing a block over them bounds its values
     varying = qp.axis % w.dim() if qp.per_channel else None
     flat = tuple(d for d in range(w.dim()) if d != varying)
