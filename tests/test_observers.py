@@ -71,6 +71,22 @@ def laplace(rows=64, cols=256, seed=0):
     return -torch.sign(u) * torch.log1p(-2 * u.abs()) * 0.05
 
 
+@pytest.mark.parametrize("observer", ["mse", "output"])
+def test_the_searched_ratios_do_not_follow_torchs_default_dtype(observer):
+    """A program that sets float64 as torch's default dtype gets the scales others get."""
+    w = torch.randn(64, 300, generator=torch.Generator().manual_seed(0))
+    s = spec(observer, "int4", "per_channel_affine")
+    hessian = torch.eye(300, dtype=torch.float64) if observer == "output" else None
+    want = observe(w, s, "w", hessian)
+    before = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        got = observe(w, s, "w", hessian)
+    finally:
+        torch.set_default_dtype(before)
+    assert torch.equal(got.scale, want.scale) and torch.equal(got.zero_point, want.zero_point)
+
+
 @pytest.mark.parametrize(
     ("dtype", "qscheme"),
     [

@@ -14,7 +14,13 @@ import pytest
 import torch
 from torch import nn
 
-from refq_cli.pipeline.probe import call_output, measured_outputs, probe_calls, random_call
+from refq_cli.pipeline.probe import (
+    call_output,
+    default_outputs,
+    measured_outputs,
+    probe_calls,
+    random_call,
+)
 from refq_cli.reference.registry import converter_for
 from refq_cli.spec.spec import ProbeSetting
 
@@ -64,10 +70,52 @@ def test_the_probe_runs_both_modules_at_once_each_on_one_thread(settings):
     _record_threads(ref, seen["ref"])
     calls = _calls(float_mod)
     measured_outputs(float_mod, calls, ref, calls, cell=False)
-    assert seen["float"] == [(threading.current_thread().name, 1)]
-    [(thread, threads)] = seen["ref"]
-    assert thread.startswith("refq probe") and threads == 1
+    [(float_thread, float_threads)], [(ref_thread, ref_threads)] = seen["float"], seen["ref"]
+    assert float_thread != ref_thread and float_thread.startswith("refq probe")
+    assert ref_thread.startswith("refq probe") and float_threads == ref_threads == 1
     assert torch.get_num_threads() == 2 and torch.backends.mkldnn.enabled
+
+
+def test_a_thread_that_starts_using_torch_during_a_probe_gets_torchs_thread_count(settings):
+    float_mod, ref = _pair()
+    seen: list[int] = []
+
+    def first_use() -> None:
+        seen.append(torch.get_num_threads())
+
+    def start_a_thread(*_) -> None:
+        newcomer = threading.Thread(target=first_use)
+        newcomer.start()
+        newcomer.join()
+
+    float_mod.register_forward_pre_hook(start_a_thread)
+    calls = _calls(float_mod)
+    measured_outputs(float_mod, calls, ref, calls, cell=False)
+    assert seen == [2]
+
+
+def test_a_default_kernel_pass_in_another_thread_waits_for_a_probe(settings):
+    """A calibrated conversion in one thread while another probes: its float layers run on
+    oneDNN, as its codes were always fitted, not on the probe's kernels."""
+    float_mod, ref = _pair()
+    other_mod, _ = _pair()
+    seen: list[bool] = []
+
+    def record(*_) -> None:
+        seen.append(torch.backends.mkldnn.enabled)
+
+    other_mod.register_forward_pre_hook(record)
+    other = threading.Thread(target=default_outputs, args=(other_mod, _calls(other_mod), False))
+
+    def start_the_other(*_) -> None:
+        other.start()
+        other.join(timeout=0.5)  # it waits for the probe, so it is still waiting here
+
+    float_mod.register_forward_pre_hook(start_the_other)
+    calls = _calls(float_mod)
+    measured_outputs(float_mod, calls, ref, calls, cell=False)
+    other.join(timeout=30)
+    assert seen == [True]
 
 
 def test_the_probe_gives_what_one_thread_of_the_native_kernels_gives(settings):
@@ -123,6 +171,41 @@ def test_a_failing_probe_leaves_torchs_settings_as_they_were(settings):
     assert torch.get_num_threads() == 2 and torch.backends.mkldnn.enabled
 
 
+def _in_a_fresh_python(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1]
+    )
+
+
+def test_a_probe_runs_once_the_interpreter_is_shutting_down():
+    """From a thread still converting when the main script has ended."""
+    code = (
+        "import threading, time\n"
+        "from tests.test_probe import _pair\n"
+        "from refq_cli.pipeline.probe import probe_calls\n"
+        "float_mod, ref = _pair()\n"
+        "def late():\n"
+        "    time.sleep(0.5)\n"
+        "    print(probe_calls(float_mod, ref, None)['output_sqnr_db'] > 20)\n"
+        "threading.Thread(target=late).start()\n"
+    )
+    result = _in_a_fresh_python(code)
+    assert result.returncode == 0 and result.stdout.strip() == "True", result.stderr
+
+
+def test_flags_frozen_during_a_probe_do_not_fail_it():
+    code = (
+        "import torch\n"
+        "from tests.test_probe import _pair\n"
+        "from refq_cli.pipeline.probe import probe_calls\n"
+        "float_mod, ref = _pair()\n"
+        "float_mod.register_forward_pre_hook(lambda *_: torch.backends.disable_global_flags())\n"
+        "assert 20 < probe_calls(float_mod, ref, None)['output_sqnr_db'] < 80\n"
+    )
+    result = _in_a_fresh_python(code)
+    assert result.returncode == 0, result.stderr
+
+
 def test_the_probe_runs_where_torchs_flags_are_frozen():
     code = (
         "import torch\n"
@@ -134,9 +217,7 @@ def test_the_probe_runs_where_torchs_flags_are_frozen():
         "assert 20 < row['output_sqnr_db'] < 80, row\n"
         "assert torch.backends.mkldnn.enabled\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1]
-    )
+    result = _in_a_fresh_python(code)
     assert result.returncode == 0, result.stderr
 
 

@@ -43,9 +43,9 @@ from refq_cli.pipeline.gate import Gate
 from refq_cli.pipeline.layer_inputs import layer_hessians
 from refq_cli.pipeline.probe import (
     calibration_result,
-    call_output,
     calls_result,
     check_finite,
+    default_outputs,
     measured_outputs,
     probe_shape,
     random_call,
@@ -397,7 +397,7 @@ class _ModuleConversion:
             paired = "quantized" in runs and not calibrated
             outputs: dict[str, list[tuple[torch.Tensor, tuple]]] = {k: [] for k in runs}
             if not paired:
-                outputs["float"] = [call_output(float_layer, c, cell) for c in inputs["float"]]
+                outputs["float"] = default_outputs(float_layer, inputs["float"], cell)
             needed = [
                 _layer_name(n)
                 for n in names
@@ -429,7 +429,7 @@ class _ModuleConversion:
                         layers[k] = converted(float_layer, self._qdict(names, _layer_name))
                     layers[k].use_quantized({n: (None, v[pick]) for n, v in values.items()})  # type: ignore[operator]
                     if not paired:
-                        outputs[k] = [call_output(layers[k], c, cell) for c in inputs[k]]
+                        outputs[k] = default_outputs(layers[k], inputs[k], cell)
             if paired:
                 outputs["float"], outputs["quantized"] = measured_outputs(
                     float_layer, inputs["float"], layers["quantized"], inputs["quantized"], cell

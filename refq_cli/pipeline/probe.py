@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypedDict
 
 import torch
@@ -47,6 +46,9 @@ class CalibrationResult(TypedDict):
 DEFAULT_PROBE = ProbeSetting()
 
 
+Outputs = list[tuple[torch.Tensor, tuple]]  # call_output of each call: output, final states
+
+
 def measured_outputs(
     float_mod: nn.Module,
     float_calls: Sequence[Call],
@@ -54,55 +56,113 @@ def measured_outputs(
     ref_calls: Sequence[Call],
     cell: bool,
     calibrated: bool = False,
-) -> tuple[list[tuple[torch.Tensor, tuple]], list[tuple[torch.Tensor, tuple]]]:
+) -> tuple[Outputs, Outputs]:
     """:func:`call_output` of the float module on each of ``float_calls`` and of the reference
     module on each of ``ref_calls``, for a probe to compare.
 
-    On the CPU the two run at once, each on one thread of PyTorch's native recurrent kernels
-    (oneDNN off, which copies an LSTM layer's weights into its own layout on every call), or
-    one after the other where torch has one thread (a ``--jobs`` worker's): the probe of the
-    576 MB benchmark checkpoint takes about 0.7x the time of one module after the other on all
-    threads (``benchmarks/probe_cost.py``). One thread's matrix products add in one order, so
-    the figures are the same whatever the machine's thread count (the native kernels on two
-    threads gave other last digits in about one process in ten). Meanwhile torch runs on one
-    thread, with oneDNN off, for the whole process (process-wide settings, restored after; a
-    probe in another thread waits for this one); oneDNN stays on where PyTorch's flags are
-    frozen (``torch.backends.disable_global_flags``).
+    On the CPU the two run at once, each in a thread of its own on one thread of PyTorch's
+    native recurrent kernels (oneDNN off, which copies an LSTM layer's weights into its own
+    layout on every call), or one after the other where torch has one thread (a ``--jobs``
+    worker's): the probe of the 576 MB benchmark checkpoint takes about 0.8x the time of one
+    module after the other on all threads (``benchmarks/probe_cost.py``). One thread's matrix
+    products add in one order, so the figures are the same whatever the machine's thread count
+    (the native kernels on two threads gave other last digits in about one process in ten).
+    Meanwhile oneDNN is off for the whole process (PyTorch has one switch; it stays on where
+    PyTorch's flags are frozen, ``torch.backends.disable_global_flags``), and torch's thread
+    count is 1 only while the two threads take theirs.
 
     A module with ``calibrated`` weights, or on a GPU, runs one module after the other on
-    PyTorch's default kernels: a calibrated module's codes come from its float layers'
-    outputs on them, and its report measures on the same outputs.
+    PyTorch's default kernels (:func:`default_outputs`): a calibrated module's codes come from
+    its float layers' outputs on them, and its report measures on the same outputs.
     """
-
-    def run(module: nn.Module, calls: Sequence[Call]) -> list[tuple[torch.Tensor, tuple]]:
-        return [call_output(module, c, cell) for c in calls]
-
     if calibrated or next(float_mod.parameters()).device.type != "cpu":
-        return run(float_mod, float_calls), run(ref_mod, ref_calls)
-
-    def on_one_thread() -> list[tuple[torch.Tensor, tuple]]:
-        torch.set_num_threads(1)  # in this thread too: PyTorch sets MKL's count per thread
-        return run(ref_mod, ref_calls)
-
-    with _PROBING:  # probes in other threads of this process wait: torch's settings are one
+        return (
+            default_outputs(float_mod, float_calls, cell),
+            default_outputs(ref_mod, ref_calls, cell),
+        )
+    runs = [(float_mod, float_calls), (ref_mod, ref_calls)]
+    with _KERNELS:  # no other thread's probe or default-kernel pass meanwhile
         threads, onednn = torch.get_num_threads(), torch.backends.mkldnn.enabled
-        torch.set_num_threads(1)
         try:
             with contextlib.suppress(RuntimeError):  # frozen flags: oneDNN, on one thread too
                 torch.backends.mkldnn.enabled = False
             if threads < 2:  # one thread given (a --jobs worker's): one module at a time
-                return run(float_mod, float_calls), run(ref_mod, ref_calls)
-            with ThreadPoolExecutor(1, thread_name_prefix="refq probe") as pool:
-                got = pool.submit(on_one_thread)
-                expected = run(float_mod, float_calls)
-                return expected, got.result()
+                return _run(*runs[0], cell), _run(*runs[1], cell)
+            return _each_in_a_thread(runs, cell, threads)
+        finally:
+            if torch.backends.mkldnn.enabled != onednn:
+                with contextlib.suppress(RuntimeError):  # frozen meanwhile: it stays off
+                    torch.backends.mkldnn.enabled = onednn
+
+
+def default_outputs(module: nn.Module, calls: Sequence[Call], cell: bool) -> Outputs:
+    """:func:`call_output` of ``module`` on each of ``calls`` on PyTorch's default kernels,
+    once no probe in another thread has oneDNN off: what calibrated weights are fitted and
+    measured on."""
+    with _KERNELS:
+        return _run(module, calls, cell)
+
+
+def _run(module: nn.Module, calls: Sequence[Call], cell: bool) -> Outputs:
+    return [call_output(module, c, cell) for c in calls]
+
+
+def _each_in_a_thread(
+    runs: Sequence[tuple[nn.Module, Sequence[Call]]], cell: bool, threads: int
+) -> tuple[Outputs, Outputs]:
+    """Each ``(module, calls)`` of ``runs`` in a thread of its own at one torch thread; torch's
+    count is back to ``threads`` as soon as both have taken theirs, so that a thread that first
+    uses torch meanwhile does not keep one thread for good. Errors are raised once both are
+    done (a KeyboardInterrupt at once: the threads are daemons)."""
+    results: list[Any] = [None] * len(runs)
+    ready = [threading.Event() for _ in runs]
+    go = threading.Event()  # once torch's count is back
+
+    def work(i: int) -> None:
+        try:
+            torch.set_num_threads(1)  # also MKL's count, which PyTorch sets per thread
+            torch.get_num_threads()  # this thread's count is taken: no later lazy start at 2
+        finally:
+            ready[i].set()
+        go.wait()
+        try:
+            results[i] = (True, _run(*runs[i], cell))
+        except BaseException as exc:  # raised by the caller
+            results[i] = (False, exc)
+
+    workers = [
+        threading.Thread(target=work, args=(i,), name=f"refq probe {i}", daemon=True)
+        for i in range(len(runs))
+    ]
+    started = []
+    try:
+        try:
+            for worker in workers:
+                worker.start()
+                started.append(worker)
+        except RuntimeError:  # no new threads: the interpreter is shutting down
+            pass
+        for event, worker in zip(ready, workers, strict=True):
+            if worker in started:
+                event.wait()
+    finally:
+        torch.set_num_threads(threads)
+        go.set()
+    for worker in started:
+        worker.join()
+    if len(started) < len(workers):  # here instead, one module after the other
+        torch.set_num_threads(1)
+        try:
+            return _run(*runs[0], cell), _run(*runs[1], cell)
         finally:
             torch.set_num_threads(threads)
-            if torch.backends.mkldnn.enabled != onednn:
-                torch.backends.mkldnn.enabled = onednn
+    for ok, value in results:
+        if not ok:
+            raise value
+    return results[0][1], results[1][1]
 
 
-_PROBING = threading.Lock()
+_KERNELS = threading.RLock()  # held while torch's kernels are as a probe or a fit needs them
 
 
 def random_call(module: nn.Module, setting: ProbeSetting, seed: int = 0) -> Call:

@@ -146,7 +146,8 @@ def mse(w: torch.Tensor, spec: QParamSpec, where: str) -> WeightQParams:
     rows = _channels(w, spec, _per_channel(spec), where)
     lo, hi = _row_range(rows)
     flat_spec = replace(spec, axis=0)  # rows are channels along axis 0
-    ranges = [(lo * r, hi * r) for r in torch.linspace(1.0, 0.01, MSE_CANDIDATES).tolist()]
+    ratios = torch.linspace(1.0, 0.01, MSE_CANDIDATES, dtype=torch.float32).tolist()
+    ranges = [(lo * r, hi * r) for r in ratios]
     qps = [_from_range(a, b, flat_spec, where) for a, b in ranges]
     search = _searched_errors if _searchable(rows, qps[0]) else _all_errors
     best = search(rows, qps).nan_to_num_(nan=math.inf).argmin(dim=1)  # the first of equals
@@ -174,7 +175,7 @@ def _all_errors(rows: torch.Tensor, qps: list[WeightQParams]) -> torch.Tensor:
 
 def _searchable(rows: torch.Tensor, qp: WeightQParams) -> bool:
     return (
-        rows.shape[1] >= MSE_SEARCH_COLUMNS
+        MSE_SEARCH_COLUMNS <= rows.shape[1] <= MSE_SEARCH_MAX_COLUMNS
         and qp.per_channel
         and not rows.is_cuda
         and qp.storage != torch.int32
@@ -184,6 +185,7 @@ def _searchable(rows: torch.Tensor, qp: WeightQParams) -> bool:
 
 MSE_BLOCK_ELEMENTS = 1 << 19  # values a block of rows runs through every candidate at a time
 MSE_SEARCH_COLUMNS = 16  # narrower rows: trying every ratio costs less than the bookkeeping
+MSE_SEARCH_MAX_COLUMNS = 2**21  # longer rows: the float32 estimates' margin would pass a half
 MSE_CHECK_EVERY = 8  # candidates between two checks of which rows can still win
 _MODERATE = 1e15  # |values| below it: their float32 squares summed over a row stay finite
 
@@ -201,7 +203,7 @@ def _searched_errors(rows: torch.Tensor, qps: list[WeightQParams]) -> torch.Tens
     estimate's upper end: every other candidate's error is larger than that one's, so the
     least error, and the first of equal ones, stay where they were."""
     channels, n = rows.shape
-    margin = min(0.5, 4 * n * 2**-24)  # float32 sums of n squares: within n roundings
+    margin = 4 * n * 2**-24  # float32 sums of n squares: within n roundings (at most a half)
     tiny = n * 2**-149  # squares below float32's normal range round by up to 2**-150 each
     scales = torch.stack([qp.scale for qp in qps], 1)
     zeros = torch.stack([qp.zero_point for qp in qps], 1)
@@ -300,7 +302,8 @@ def output(
             best = torch.where(better, ratio, best)
 
     first, last, count = OUTPUT_COARSE[spec.rounding]
-    consider([torch.full_like(lo, r) for r in torch.linspace(first, last, count).tolist()])
+    coarse = torch.linspace(first, last, count, dtype=torch.float32).tolist()
+    consider([torch.full_like(lo, r) for r in coarse])
     center, step, n = best.clone(), OUTPUT_FINE, OUTPUT_NEIGHBOURS[spec.rounding]
     consider([(center + k * step).clamp(step, 1.0) for k in [*range(-n, 0), *range(1, n + 1)]])
     return _from_range(lo * best, hi * best, spec, where)
