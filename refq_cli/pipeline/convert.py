@@ -347,7 +347,7 @@ class _ModuleConversion:
         self.codes: dict[str, torch.Tensor] = {}  # GPTQ's codes, by weight name
         # Fake-quantized values live in tensors that a later layer's weights of the same shape
         # reuse once the layer's probe is done: fresh memory costs a page fault every 4 kB
-        # (half a second of a default conversion of the 576 MB benchmark checkpoint).
+        # (about 0.3 s of a default conversion of the 576 MB benchmark checkpoint).
         self.spare: dict[tuple, list[torch.Tensor]] = {}  # by (shape, dtype)
         self.lent: list[torch.Tensor] = []  # to the layer being converted
         if dev.type != "cpu":  # the module works on its copies on the device

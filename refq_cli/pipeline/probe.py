@@ -46,7 +46,7 @@ class CalibrationResult(TypedDict):
 DEFAULT_PROBE = ProbeSetting()
 
 
-Outputs = list[tuple[torch.Tensor, tuple]]  # call_output of each call: output, final states
+CallOutputs = list[tuple[torch.Tensor, tuple]]  # call_output of each call: output, final states
 
 
 def measured_outputs(
@@ -56,7 +56,7 @@ def measured_outputs(
     ref_calls: Sequence[Call],
     cell: bool,
     calibrated: bool = False,
-) -> tuple[Outputs, Outputs]:
+) -> tuple[CallOutputs, CallOutputs]:
     """:func:`call_output` of the float module on each of ``float_calls`` and of the reference
     module on each of ``ref_calls``, for a probe to compare.
 
@@ -95,7 +95,7 @@ def measured_outputs(
                     torch.backends.mkldnn.enabled = onednn
 
 
-def default_outputs(module: nn.Module, calls: Sequence[Call], cell: bool) -> Outputs:
+def default_outputs(module: nn.Module, calls: Sequence[Call], cell: bool) -> CallOutputs:
     """:func:`call_output` of ``module`` on each of ``calls`` on PyTorch's default kernels,
     once no probe in another thread has oneDNN off: what calibrated weights are fitted and
     measured on."""
@@ -103,13 +103,13 @@ def default_outputs(module: nn.Module, calls: Sequence[Call], cell: bool) -> Out
         return _run(module, calls, cell)
 
 
-def _run(module: nn.Module, calls: Sequence[Call], cell: bool) -> Outputs:
+def _run(module: nn.Module, calls: Sequence[Call], cell: bool) -> CallOutputs:
     return [call_output(module, c, cell) for c in calls]
 
 
 def _each_in_a_thread(
     runs: Sequence[tuple[nn.Module, Sequence[Call]]], cell: bool, threads: int
-) -> tuple[Outputs, Outputs]:
+) -> tuple[CallOutputs, CallOutputs]:
     """Each ``(module, calls)`` of ``runs`` in a thread of its own at one torch thread; torch's
     count is back to ``threads`` as soon as both have taken theirs, so that a thread that first
     uses torch meanwhile does not keep one thread for good. Errors are raised once both are
