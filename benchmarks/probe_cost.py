@@ -28,13 +28,16 @@ from pathlib import Path
 
 def probe_seconds(repeat: int) -> dict[str, float]:
     """Best seconds of probing every recurrent module, each way, in this process."""
-    import torch
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from big_checkpoint import build
 
     from refq_cli.pipeline.probe import probe_calls
+    from refq_cli.quant.observers import observe
     from refq_cli.reference.registry import converter_for
+    from refq_cli.spec.spec import QParamSpec
+
+    int8 = QParamSpec("qint8", "per_channel_symmetric", 0, "minmax", 99.99)
 
     model = build(4).eval()
     pairs = []
@@ -42,14 +45,7 @@ def probe_seconds(repeat: int) -> dict[str, float]:
         qparams: dict = {"is_decomposed": False}
         for name, w in module.named_parameters():
             if name.startswith("weight"):
-                scale = w.detach().abs().amax(dim=1).clamp(min=1e-12) / 127.5
-                qparams[name] = {
-                    "qscheme": "per_channel_affine",
-                    "dtype": "qint8",
-                    "scale": scale,
-                    "zero_point": torch.zeros_like(scale),
-                    "axis": 0,
-                }
+                qparams[name] = observe(w, int8, name)
         pairs.append((module, converter_for(module)(module, qparams)))
     times: dict[str, list[float]] = {"refq": [], "before": []}
     for _ in range(repeat + 1):  # interleaved

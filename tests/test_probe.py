@@ -21,8 +21,11 @@ from refq_cli.pipeline.probe import (
     probe_calls,
     random_call,
 )
+from refq_cli.quant.observers import observe
 from refq_cli.reference.registry import converter_for
-from refq_cli.spec.spec import ProbeSetting
+from refq_cli.spec.spec import ProbeSetting, QParamSpec
+
+INT8 = QParamSpec("qint8", "per_channel_symmetric", 0, "minmax", 99.99)
 
 
 @pytest.fixture
@@ -42,14 +45,7 @@ def _pair() -> tuple[nn.Module, nn.Module]:
     qparams: dict = {"is_decomposed": False}
     for name, w in module.named_parameters():
         if name.startswith("weight"):
-            scale = w.detach().abs().amax(dim=1) / 127.5
-            qparams[name] = {
-                "qscheme": "per_channel_affine",
-                "dtype": "qint8",
-                "scale": scale,
-                "zero_point": torch.zeros_like(scale),
-                "axis": 0,
-            }
+            qparams[name] = observe(w, INT8, name)
     return module, converter_for(module)(module, qparams).eval()
 
 

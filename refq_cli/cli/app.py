@@ -127,8 +127,7 @@ def main() -> None:
     # PyTorch's CPU allocator backs tensors of 2 MB and more with transparent huge pages when
     # this is set before torch loads (and the kernel allows it): one page fault per 2 MB instead
     # of per 4 kB. The fake-quantized weights of the probe's reference modules are such tensors
-    # (the probe no longer runs oneDNN, whose per-call weight copies made it worth a sixth of
-    # a conversion; the 576 MB benchmark now converts about 1% faster with it).
+    # (`benchmarks/probe_cost.py` times the probe with and without it).
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
     streams = sys.stdout, sys.stderr
     quiet = [None if stream is None else QuietPipe(stream) for stream in streams]
